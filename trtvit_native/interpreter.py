@@ -1,0 +1,279 @@
+"""A CPU interpreter of a built TensorRT ``INetworkDefinition``.
+
+It walks the real network TensorRT compiles, layer by layer, reading each layer's type,
+parameters and weights back from TensorRT, and executes it with torch on the CPU. Parity
+tests therefore check the network itself, not a second description of it.
+
+Precision emulation: every tensor is kept in the dtype TensorRT gives it. A layer reads
+its inputs, computes in fp32 (float64 is not needed: TensorRT accumulates fp16 math in
+fp32) and rounds its output to the output tensor's dtype, so an fp16 network sees fp16
+rounding at every layer boundary, as on the GPU. (Inside fused kernels TensorRT may keep
+intermediates in higher precision; that only makes the GPU closer to fp32.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .network import INPUT_NAME, OUTPUT_NAME, BuiltNetwork
+
+__all__ = ["interpret", "InterpreterError", "run_network"]
+
+
+class InterpreterError(RuntimeError):
+    """A layer the interpreter cannot execute, or inputs that do not fit the network."""
+
+
+_Handler = Callable[[Any, Any, List[torch.Tensor]], torch.Tensor]
+_HANDLERS: Dict[str, Tuple[str, _Handler]] = {}
+
+
+def _handles(layer_type: str, cls: str) -> Callable[[_Handler], _Handler]:
+    def register(fn: _Handler) -> _Handler:
+        _HANDLERS[layer_type] = (cls, fn)
+        return fn
+
+    return register
+
+
+def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+             trt.int64: torch.int64, trt.bool: torch.bool}
+    if dtype not in table:
+        raise InterpreterError(f"unsupported tensor dtype {dtype}")
+    return table[dtype]
+
+
+def _axes(mask: int, rank: int) -> List[int]:
+    return [i for i in range(rank) if mask & (1 << i)]
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
+@_handles("CONSTANT", "IConstantLayer")
+def _constant(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    values = np.array(layer.weights, copy=True)
+    return torch.from_numpy(values).reshape(tuple(layer.shape))
+
+
+@_handles("CONVOLUTION", "IConvolutionLayer")
+def _convolution(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    x = _f32(inputs[0])
+    cout, groups = layer.num_output_maps, layer.num_groups
+    kh, kw = tuple(layer.kernel_size_nd)
+    kernel = torch.from_numpy(np.array(layer.kernel, copy=True)).float().reshape(cout, x.shape[1] // groups, kh, kw)
+    bias_values = np.array(layer.bias, copy=True)
+    bias = torch.from_numpy(bias_values).float() if bias_values.size else None
+    pre, post = tuple(layer.pre_padding), tuple(layer.post_padding)
+    if pre != post:
+        x = F.pad(x, (pre[1], post[1], pre[0], post[0]))
+        pad = (0, 0)
+    else:
+        pad = pre
+    return F.conv2d(x, kernel, bias, tuple(layer.stride_nd), pad, tuple(layer.dilation_nd), groups)
+
+
+@_handles("ACTIVATION", "IActivationLayer")
+def _activation(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    x = _f32(inputs[0])
+    kind = layer.type
+    if kind == trt.ActivationType.RELU:
+        return F.relu(x)
+    if kind == trt.ActivationType.GELU_ERF:
+        return F.gelu(x)
+    if kind == trt.ActivationType.GELU_TANH:
+        return F.gelu(x, approximate="tanh")
+    if kind == trt.ActivationType.SIGMOID:
+        return torch.sigmoid(x)
+    if kind == trt.ActivationType.TANH:
+        return torch.tanh(x)
+    raise InterpreterError(f"layer {layer.name!r}: activation {kind} is not supported by the interpreter")
+
+
+@_handles("POOLING", "IPoolingLayer")
+def _pooling(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    x = _f32(inputs[0])
+    window, stride = tuple(layer.window_size_nd), tuple(layer.stride_nd)
+    pre, post = tuple(layer.pre_padding), tuple(layer.post_padding)
+    if pre != post:
+        raise InterpreterError(f"layer {layer.name!r}: asymmetric pooling padding is not supported")
+    if layer.type == trt.PoolingType.MAX:
+        return F.max_pool2d(x, window, stride, pre)
+    if layer.type == trt.PoolingType.AVERAGE:
+        return F.avg_pool2d(x, window, stride, pre, count_include_pad=not layer.average_count_excludes_padding)
+    raise InterpreterError(f"layer {layer.name!r}: pooling {layer.type} is not supported by the interpreter")
+
+
+@_handles("ELEMENTWISE", "IElementWiseLayer")
+def _elementwise(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    a, b = _f32(inputs[0]), _f32(inputs[1])
+    op = trt.ElementWiseOperation
+    table = {op.SUM: torch.add, op.PROD: torch.mul, op.SUB: torch.sub, op.DIV: torch.div,
+             op.MAX: torch.maximum, op.MIN: torch.minimum, op.POW: torch.pow}
+    if layer.op not in table:
+        raise InterpreterError(f"layer {layer.name!r}: elementwise {layer.op} is not supported by the interpreter")
+    return table[layer.op](a, b)
+
+
+@_handles("SHUFFLE", "IShuffleLayer")
+def _shuffle(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    if layer.num_inputs > 1 and layer.get_input(1) is not None:
+        raise InterpreterError(f"layer {layer.name!r}: shuffle with a dynamic shape input is not supported")
+    x = inputs[0]
+    rank = x.dim()
+    x = x.permute(*tuple(layer.first_transpose)[:rank])
+    dims = layer.reshape_dims
+    if dims is not None:
+        shape = list(dims)
+        if layer.zero_is_placeholder:
+            shape = [x.shape[i] if v == 0 else v for i, v in enumerate(shape)]
+        x = x.reshape(shape)
+    return x.permute(*tuple(layer.second_transpose)[:x.dim()])
+
+
+@_handles("MATRIX_MULTIPLY", "IMatrixMultiplyLayer")
+def _matmul(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    ops = (layer.op0, layer.op1)
+    operands = []
+    for t, op in zip(inputs, ops):
+        t = _f32(t)
+        if op == trt.MatrixOperation.TRANSPOSE:
+            t = t.transpose(-1, -2)
+        elif op == trt.MatrixOperation.VECTOR:
+            raise InterpreterError(f"layer {layer.name!r}: vector matrix operations are not supported")
+        operands.append(t)
+    return torch.matmul(*operands)
+
+
+@_handles("NORMALIZATION", "INormalizationLayer")
+def _normalization(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    x, scale, bias = (_f32(t) for t in inputs[:3])
+    if layer.num_groups != 1:
+        raise InterpreterError(f"layer {layer.name!r}: group normalization is not supported by the interpreter")
+    axes = _axes(layer.axes, x.dim())
+    mean = x.mean(dim=axes, keepdim=True)
+    var = (x - mean).square().mean(dim=axes, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + layer.epsilon) * scale + bias
+
+
+@_handles("SOFTMAX", "ISoftMaxLayer")
+def _softmax(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    x = _f32(inputs[0])
+    axes = _axes(layer.axes, x.dim())
+    if len(axes) != 1:
+        raise InterpreterError(f"layer {layer.name!r}: softmax over {len(axes)} axes is not supported")
+    return torch.softmax(x, dim=axes[0])
+
+
+@_handles("CAST", "ICastLayer")
+def _cast(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    return inputs[0]  # the result is rounded to the output dtype like every layer's
+
+
+@_handles("CONCATENATION", "IConcatenationLayer")
+def _concatenation(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([_f32(t) for t in inputs], dim=layer.axis)
+
+
+@_handles("REDUCE", "IReduceLayer")
+def _reduce(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    x = _f32(inputs[0])
+    axes = _axes(layer.axes, x.dim())
+    op = trt.ReduceOperation
+    if layer.op == op.AVG:
+        return x.mean(dim=axes, keepdim=layer.keep_dims)
+    if layer.op == op.SUM:
+        return x.sum(dim=axes, keepdim=layer.keep_dims)
+    if layer.op == op.MAX:
+        return x.amax(dim=axes, keepdim=layer.keep_dims)
+    raise InterpreterError(f"layer {layer.name!r}: reduce {layer.op} is not supported by the interpreter")
+
+
+@_handles("GATHER", "IGatherLayer")
+def _gather(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    data, index = inputs[0], inputs[1].long()
+    if layer.mode != trt.GatherMode.DEFAULT or layer.num_elementwise_dims != 0:
+        raise InterpreterError(f"layer {layer.name!r}: only default-mode gather is supported")
+    axis = layer.axis
+    out = data.index_select(axis, index.reshape(-1))
+    return out.reshape(tuple(data.shape[:axis]) + tuple(index.shape) + tuple(data.shape[axis + 1:]))
+
+
+def _plugin_handler(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    from .trt_plugins import interpret_plugin_layer
+
+    return interpret_plugin_layer(layer, inputs)
+
+
+def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
+                capture: Union[None, str, Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Execute ``built.network`` on CPU. Returns the network outputs and captured layers.
+
+    ``capture``: None (outputs only), ``"all"``, or layer names whose first output to keep.
+    """
+    trt = built.backend.trt
+    network = built.network
+    names = built.layer_names()
+    if capture == "all":
+        wanted = set(names)
+    else:
+        wanted = set(capture or ())
+        unknown = wanted - set(names)
+        if unknown:
+            raise InterpreterError(f"no layer named {', '.join(sorted(unknown))} in the network")
+    values: Dict[str, torch.Tensor] = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name not in feeds:
+            raise InterpreterError(f"missing network input {tensor.name!r}")
+        values[tensor.name] = feeds[tensor.name].to(_torch_dtype(trt, tensor.dtype))
+    captured: Dict[str, torch.Tensor] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        type_name = str(layer.type).split(".")[-1]
+        if type_name in ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN"):
+            handler = _plugin_handler
+        elif type_name in _HANDLERS:
+            cls, handler = _HANDLERS[type_name]
+            layer.__class__ = getattr(trt, cls)
+        else:
+            raise InterpreterError(f"layer {layer.name!r}: layer type {type_name} is not supported by the interpreter")
+        inputs = [values[layer.get_input(j).name] for j in range(layer.num_inputs) if layer.get_input(j) is not None]
+        result = handler(trt, layer, inputs)
+        out = layer.get_output(0)
+        result = result.to(_torch_dtype(trt, out.dtype))
+        values[out.name] = result
+        if layer.name in wanted:
+            captured[layer.name] = result
+    outputs = {network.get_output(i).name: values[network.get_output(i).name] for i in range(network.num_outputs)}
+    return {**captured, **outputs}
+
+
+def interpret(built: BuiltNetwork, images: torch.Tensor,
+              capture: Union[None, str, Sequence[str]] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+    """Run the built network on CPU and return its fp32 logits (B, num_classes).
+
+    With ``capture`` (``"all"`` or a list of layer names) also return ``{name: output}``
+    of those layers, in the dtype the network gives them.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise InterpreterError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    s = built.image_size
+    if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+        raise InterpreterError(f"images must have shape (B, 3, {s}, {s}) for this network, got {tuple(images.shape)}")
+    if not 1 <= images.shape[0] <= built.max_batch:
+        raise InterpreterError(f"batch size {images.shape[0]} is outside this network's profile 1..{built.max_batch}")
+    if not images.is_floating_point():
+        raise InterpreterError(f"images must be floating point, got {images.dtype}")
+    with torch.no_grad():
+        values = run_network(built, {INPUT_NAME: images.detach().cpu().float()}, capture)
+    logits = values.pop(OUTPUT_NAME).float()
+    if capture is None:
+        return logits
+    return logits, values

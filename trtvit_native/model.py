@@ -1,0 +1,424 @@
+"""TRT-ViT: variant configs, a registry of names, and the PyTorch reference model.
+
+The paper (arXiv 2205.09579) published design guidelines but no code and no weights.
+This module fixes the architecture the rest of the package builds engines for:
+
+* a ResNet-style stem and four stages at strides 4, 8, 16, 32 ("C-C-C-M"): stages 1-3
+  are BottleNecks, stage 4 is one down-sampling BottleNeck followed by MixBlockC blocks;
+* MixBlockC ("global then local", serial): a 1x1 reduction C -> d = R*C, a pre-norm
+  Transformer on the d-channel tokens, a local BottleNeck on its output producing
+  C - d channels, and ``x + concat(t, b)``.
+
+The per-variant depths are this project's choice (the paper's table was not available),
+set so that trt-vit-c's backbone has the ~65 M parameters published for it. The module
+names of the reference are the safetensors key names and the TensorRT layer names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "VariantConfig",
+    "VARIANTS",
+    "register_variant",
+    "get_config",
+    "list_variants",
+    "TRTViT",
+    "create_model",
+    "count_parameters",
+    "count_macs",
+    "synthetic_images",
+]
+
+BN_EPS = 1e-5
+LN_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """Everything that defines a TRT-ViT variant's architecture.
+
+    ``depths`` is (BottleNecks in stage 1, stage 2, stage 3, MixBlockC blocks in stage 4);
+    stage 4 always starts with one down-sampling BottleNeck before its MixBlockC blocks.
+    """
+
+    name: str
+    depths: Tuple[int, int, int, int]
+    widths: Tuple[int, int, int, int] = (256, 512, 1024, 2048)
+    stem_width: int = 64
+    mix_ratio: float = 0.5
+    head_dim: int = 32
+    mlp_ratio: int = 3
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.name, str) or not self.name:
+            problems.append("name must be a non-empty string")
+        if len(self.depths) != 4 or any(int(v) != v or v < 0 for v in self.depths):
+            problems.append(f"depths must be 4 non-negative integers, got {self.depths!r}")
+        elif min(self.depths[:3]) < 1:
+            problems.append(f"stages 1-3 need at least one BottleNeck, got depths {self.depths!r}")
+        if len(self.widths) != 4 or any(int(v) != v or v <= 0 or v % 4 for v in self.widths):
+            problems.append(f"widths must be 4 positive multiples of 4, got {self.widths!r}")
+        if self.stem_width <= 0:
+            problems.append(f"stem_width must be positive, got {self.stem_width}")
+        if self.head_dim <= 0 or self.mlp_ratio <= 0:
+            problems.append("head_dim and mlp_ratio must be positive")
+        if not problems and not 0.0 < self.mix_ratio < 1.0:
+            problems.append(f"mix_ratio must lie in (0, 1), got {self.mix_ratio}")
+        if not problems:
+            c = self.widths[3]
+            d = self.mix_ratio * c
+            if d != int(d) or int(d) % 4 or int(d) % self.head_dim:
+                problems.append(
+                    f"mix_ratio {self.mix_ratio} * width {c} = {d} must be an integer "
+                    f"divisible by 4 and by head_dim {self.head_dim}"
+                )
+        if problems:
+            raise ValueError(f"invalid TRT-ViT variant config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def mix_dim(self) -> int:
+        """d = R * C, the channel count the Transformer of a MixBlockC works on."""
+        return int(self.mix_ratio * self.widths[3])
+
+    @property
+    def heads(self) -> int:
+        return self.mix_dim // self.head_dim
+
+    @property
+    def num_features(self) -> int:
+        return self.widths[3]
+
+    def blocks(self) -> Iterator[Tuple[str, str, int, int, int]]:
+        """Yield (module path, kind, cin, cout, stride) for every block of the four stages."""
+        cin = self.stem_width
+        for s in range(4):
+            cout = self.widths[s]
+            n_bottlenecks = self.depths[s] if s < 3 else 1
+            for b in range(n_bottlenecks):
+                stride = 2 if (b == 0 and s > 0) else 1
+                yield f"stages.{s}.{b}", "bottleneck", cin, cout, stride
+                cin = cout
+            if s == 3:
+                for b in range(1, self.depths[3] + 1):
+                    yield f"stages.3.{b}", "mixblock", cout, cout, 1
+
+
+VARIANTS: Dict[str, VariantConfig] = {}
+
+
+def register_variant(config: VariantConfig, overwrite: bool = False) -> VariantConfig:
+    """Make ``config`` available by name to every function that takes a variant name."""
+    if not isinstance(config, VariantConfig):
+        raise TypeError(f"register_variant expects a VariantConfig, got {type(config).__name__}")
+    if config.name in VARIANTS and not overwrite and VARIANTS[config.name] != config:
+        raise ValueError(f"variant {config.name!r} is already registered (pass overwrite=True to replace it)")
+    VARIANTS[config.name] = config
+    return config
+
+
+for _cfg in (
+    VariantConfig("trt-vit-a", (2, 2, 4, 1), description="25.4 M backbone parameters"),
+    VariantConfig("trt-vit-b", (2, 3, 6, 2), description="41.7 M backbone parameters"),
+    VariantConfig("trt-vit-c", (3, 4, 14, 3), description="64.7 M backbone parameters"),
+    VariantConfig("trt-vit-d", (3, 4, 20, 4), description="85.1 M backbone parameters"),
+):
+    register_variant(_cfg)
+
+
+def list_variants() -> List[str]:
+    return sorted(VARIANTS)
+
+
+def get_config(name_or_config: Union[str, VariantConfig]) -> VariantConfig:
+    """Resolve a registered variant name (or pass a config through)."""
+    if isinstance(name_or_config, VariantConfig):
+        return name_or_config
+    if isinstance(name_or_config, str) and name_or_config in VARIANTS:
+        return VARIANTS[name_or_config]
+    raise ValueError(
+        f"unknown TRT-ViT variant {name_or_config!r}; known variants: {', '.join(list_variants())}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Reference modules. Module names are the safetensors keys and the TensorRT layer names.
+# --------------------------------------------------------------------------------------
+
+
+class ConvBN(nn.Module):
+    """Bias-free convolution followed by BatchNorm (folded into one layer in the engine)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class Stem(nn.Module):
+    def __init__(self, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, cout, 7, 2, 3, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.bn(self.conv(x))), 3, 2, 1)
+
+
+class BottleNeck(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        mid = cout // 4
+        self.conv1 = ConvBN(cin, mid, 1)
+        self.conv2 = ConvBN(mid, mid, 3, stride)
+        self.conv3 = ConvBN(mid, cout, 1)
+        self.shortcut = ConvBN(cin, cout, 1, stride) if (cin != cout or stride != 1) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        body = self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        short = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(body + short)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention core: packed qkv (B, N, 3*d) -> (B, N, d), before proj."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        b, n, _ = qkv.shape
+        qkv = qkv.reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+
+
+class Transformer(nn.Module):
+    """Pre-norm Transformer block on tokens (B, N, d); no positional embedding."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn = Attention(dim // head_dim, head_dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z + self.proj(self.attn(self.qkv(self.norm1(z))))
+        return z + self.fc2(F.gelu(self.fc1(self.norm2(z))))
+
+
+class MixBlockC(nn.Module):
+    """Global (Transformer on d = R*C channels) then local (BottleNeck to C - d channels)."""
+
+    def __init__(self, channels: int, mix_dim: int, head_dim: int, mlp_ratio: int):
+        super().__init__()
+        d, m = mix_dim, mix_dim // 4
+        self.reduce = ConvBN(channels, d, 1)
+        self.transformer = Transformer(d, head_dim, mlp_ratio)
+        self.conv1 = ConvBN(d, m, 1)
+        self.conv2 = ConvBN(m, m, 3)
+        self.conv3 = ConvBN(m, channels - d, 1)
+        self.local_residual = channels - d == d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        y = self.reduce(x)
+        d = y.shape[1]
+        t = self.transformer(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, d, h, w)
+        local = self.conv3(F.relu(self.conv2(F.relu(self.conv1(t)))))
+        if self.local_residual:
+            local = F.relu(local + t)
+        return x + torch.cat([t, local], dim=1)
+
+
+class TRTViT(nn.Module):
+    def __init__(self, config: VariantConfig, num_classes: int = 1000):
+        super().__init__()
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.config = config
+        self.num_classes = int(num_classes)
+        self.stem = Stem(config.stem_width)
+        stages: List[List[nn.Module]] = [[], [], [], []]
+        for path, kind, cin, cout, stride in config.blocks():
+            s = int(path.split(".")[1])
+            if kind == "bottleneck":
+                stages[s].append(BottleNeck(cin, cout, stride))
+            else:
+                stages[s].append(MixBlockC(cout, config.mix_dim, config.head_dim, config.mlp_ratio))
+        self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
+        self.head = nn.Linear(config.num_features, self.num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x).mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------------------
+# Seeded initialization
+# --------------------------------------------------------------------------------------
+
+
+def synthetic_images(batch: int, image_size: int = 224, seed: int = 0) -> torch.Tensor:
+    """Deterministic, ImageNet-normalized images with natural-image-like spatial structure.
+
+    Smooth random fields at several scales plus edges; used to calibrate the seeded
+    model's BatchNorm statistics and as "random" test input.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(batch, 3, image_size, image_size)
+    for cells, weight in ((4, 1.0), (16, 0.5), (56, 0.25)):
+        noise = torch.rand(batch, 3, cells, cells, generator=g)
+        out += weight * F.interpolate(noise, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    out = out / 1.75
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (out.clamp(0, 1) - mean) / std
+
+
+@torch.no_grad()
+def _seeded_init(model: TRTViT, seed: int, calibration_batch: int = 8, image_size: int = 224) -> None:
+    """Deterministic untrained weights whose BatchNorm statistics keep activations healthy.
+
+    Convolutions: Kaiming-normal (fan-out, ReLU gain). Linears: normal(0, 1/sqrt(fan_in)),
+    which makes attention logits O(1) so softmax is neither uniform nor saturated.
+    BatchNorm affine parameters are randomized around (1, 0) so BN folding is exercised,
+    the last BN of every residual branch is scaled down (0.25) to keep the residual stream
+    bounded, and the running statistics are then calibrated on synthetic images, one
+    BatchNorm at a time in network order, so every BN sees the statistics it normalizes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            fan_out = mod.out_channels * mod.kernel_size[0] * mod.kernel_size[1]
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * math.sqrt(2.0 / fan_out))
+        elif isinstance(mod, nn.Linear):
+            std = 0.02 if name == "head" else mod.in_features ** -0.5
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+            mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.02)
+        elif isinstance(mod, nn.BatchNorm2d):
+            mod.weight.copy_(1.0 + 0.2 * (torch.rand(mod.weight.shape, generator=g) - 0.5))
+            mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=g))
+            if name.endswith(("conv3.bn", "shortcut.bn")):
+                mod.weight.mul_(0.25 if name.endswith("conv3.bn") else 1.0)
+        elif isinstance(mod, nn.LayerNorm):
+            mod.weight.copy_(1.0 + 0.2 * (torch.rand(mod.weight.shape, generator=g) - 0.5))
+            mod.bias.copy_(0.05 * torch.randn(mod.bias.shape, generator=g))
+
+    # Calibrate running statistics with one train-mode pass over a deterministic batch.
+    # In train mode each BN normalizes with its batch statistics and (momentum=None)
+    # stores exactly those, so in eval mode every later layer sees the activations it saw
+    # during calibration (up to the n/(n-1) factor PyTorch applies to the stored variance).
+    images = synthetic_images(calibration_batch, image_size, seed=seed + 1)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    model(images)
+    model.eval()
+    for bn in bns:
+        bn.momentum = 0.1
+
+
+def create_model(
+    name: Union[str, VariantConfig],
+    num_classes: int = 1000,
+    weights: Union[None, str, "os.PathLike[str]", Dict[str, torch.Tensor]] = None,
+    seed: int = 0,
+) -> TRTViT:
+    """Return the PyTorch reference of a variant, in eval mode.
+
+    With ``weights`` (a safetensors path or a state dict) the model carries those weights
+    (``num_classes`` is taken from the head in the weights). Without, it carries
+    deterministic *untrained* weights from ``seed`` whose BatchNorm statistics are
+    calibrated on synthetic images; such a model computes meaningful-looking but
+    meaningless logits, suited to numerical parity checks and timing only.
+    """
+    config = get_config(name)
+    if weights is not None:
+        from .weights import load_weights, validate_state_dict
+
+        if isinstance(weights, dict):
+            state = validate_state_dict(weights, config)
+        else:
+            state = load_weights(weights, arch=config.name if config.name in VARIANTS else None, config=config)
+        num_classes = int(state["head.weight"].shape[0])
+        model = TRTViT(config, num_classes)
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        return model.eval()
+    model = TRTViT(config, num_classes)
+    _seeded_init(model, seed)
+    return model.eval()
+
+
+def count_parameters(model_or_name: Union[nn.Module, str, VariantConfig], include_head: bool = True,
+                     num_classes: int = 1000) -> int:
+    """Trainable parameters (BatchNorm running statistics are buffers, not counted)."""
+    if isinstance(model_or_name, nn.Module):
+        model = model_or_name
+    else:
+        with torch.device("meta"):
+            model = TRTViT(get_config(model_or_name), num_classes)
+    return sum(p.numel() for n, p in model.named_parameters() if include_head or not n.startswith("head."))
+
+
+def count_macs(name: Union[str, VariantConfig], image_size: int = 224, num_classes: int = 1000,
+               include_attention: bool = True) -> int:
+    """Multiply-accumulates of convolutions and matrix products at batch 1.
+
+    ``include_attention`` counts the two attention products (Q K^T and A V, 2 N^2 d per
+    MixBlockC). The GMACs column of the variant table rounds to the count without them
+    (as per-module counting tools report), so both are available.
+    """
+    config = get_config(name)
+    macs = 0
+
+    def conv(cin: int, cout: int, k: int, hw: int) -> int:
+        return cin * cout * k * k * hw * hw
+
+    hw = image_size // 2
+    macs += conv(3, config.stem_width, 7, hw)
+    hw //= 2
+    for _, kind, cin, cout, stride in config.blocks():
+        if kind == "bottleneck":
+            mid = cout // 4
+            out_hw = hw // stride
+            macs += conv(cin, mid, 1, hw) + conv(mid, mid, 3, out_hw) + conv(mid, cout, 1, out_hw)
+            if cin != cout or stride != 1:
+                macs += conv(cin, cout, 1, out_hw)
+            hw = out_hw
+        else:
+            d, m, n = config.mix_dim, config.mix_dim // 4, hw * hw
+            macs += conv(cout, d, 1, hw)
+            macs += n * d * 3 * d + n * d * d + 2 * n * d * config.mlp_ratio * d
+            if include_attention:
+                macs += 2 * n * n * d
+            macs += conv(d, m, 1, hw) + conv(m, m, 3, hw) + conv(m, cout - d, 1, hw)
+    return macs + config.num_features * num_classes

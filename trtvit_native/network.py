@@ -1,0 +1,383 @@
+"""TRT-ViT as a TensorRT network, built layer by layer with the network-definition API.
+
+One small function per block adds its layers and names every one after the reference
+module path it computes (``stages.2.5.conv2``, ``stages.3.1.transformer.attn``, ...), so a
+parity failure can be traced to one layer. BatchNorm is folded into the preceding
+convolution here, at build time.
+
+Precision: the network is strongly typed. With ``fp16`` the images are cast to fp16 at
+the input, weights are fp16 constants and every tensor is fp16, except LayerNorm and
+softmax, which run in fp32 between casts. The engine's I/O is fp32 in both modes:
+``images`` (B, 3, S, S) and ``logits`` (B, num_classes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .backend import Backend, BackendError, CollectingLogger, get_backend
+from .model import BN_EPS, LN_EPS, VariantConfig, create_model, get_config
+from .weights import WeightsError, load_weights, validate_state_dict
+
+__all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT_NAME", "OUTPUT_NAME",
+           "MAX_BATCH_LIMIT"]
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+MAX_BATCH_LIMIT = 4096
+
+WeightsArg = Union[None, str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
+
+
+class BuildError(RuntimeError):
+    """TensorRT refused the network or the build; the message carries TensorRT's errors."""
+
+
+@dataclass
+class BuiltNetwork:
+    """A TensorRT network definition ready to build, and what it was made from.
+
+    Holds the builder, the network and the builder config, plus the numpy arrays whose
+    memory the network's weights point into (TensorRT does not copy them until build).
+    """
+
+    backend: Backend
+    builder: Any
+    network: Any
+    config: Any
+    logger: Any
+    variant: VariantConfig
+    fp16: bool
+    max_batch: int
+    image_size: int
+    num_classes: int
+    plugins: bool
+    weight_bytes: int
+    weights_source: str
+    definition_seconds: float
+    _keepalive: List[np.ndarray] = field(default_factory=list, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.network.num_layers
+
+    def layer_names(self) -> List[str]:
+        return [self.network.get_layer(i).name for i in range(self.network.num_layers)]
+
+    def build_serialized(self) -> bytes:
+        """Run the TensorRT builder; returns the serialized engine (plan)."""
+        self.logger.messages.clear()
+        plan = self.builder.build_serialized_network(self.network, self.config)
+        if plan is None:
+            errors = self.logger.errors() or ["(TensorRT reported no error message)"]
+            raise BuildError(f"TensorRT could not build {self.variant.name} "
+                             f"({'fp16' if self.fp16 else 'fp32'}): " + " | ".join(errors))
+        return bytes(memoryview(plan))
+
+
+# --------------------------------------------------------------------------------------
+# Layer functions. Each adds TensorRT layers for one reference module and names them.
+# --------------------------------------------------------------------------------------
+
+
+class _Net:
+    """Network under construction: the TensorRT objects, weights and the compute dtype."""
+
+    def __init__(self, backend: Backend, network: Any, state: Mapping[str, np.ndarray], fp16: bool):
+        self.trt = backend.trt
+        self.network = network
+        self.state = state
+        self.fp16 = fp16
+        self.np_dtype = np.float16 if fp16 else np.float32
+        self.dtype = self.trt.float16 if fp16 else self.trt.float32
+        self.keep: List[np.ndarray] = []
+        self.weight_bytes = 0
+
+    def weights(self, array: np.ndarray, dtype: Optional[type] = None) -> Any:
+        array = np.ascontiguousarray(array, dtype=dtype or self.np_dtype)
+        self.keep.append(array)
+        self.weight_bytes += array.nbytes
+        return self.trt.Weights(array)
+
+    def constant(self, name: str, array: np.ndarray, dtype: Optional[type] = None) -> Any:
+        w = self.weights(array, dtype)
+        layer = self.network.add_constant(tuple(array.shape), w)
+        layer.name = name
+        return layer.get_output(0)
+
+    def named(self, layer: Any, name: str) -> Any:
+        if layer is None:
+            raise BuildError(f"TensorRT refused to create layer {name!r}")
+        layer.name = name
+        out = layer.get_output(0)
+        out.name = name
+        return out
+
+
+def conv_bn(net: _Net, x: Any, name: str, stride: int = 1, layer_name: Optional[str] = None) -> Any:
+    """Convolution ``name.conv`` with BatchNorm ``name.bn`` folded into kernel and bias.
+
+    The layer is named ``name`` (the reference's ConvBN module) unless ``layer_name`` says.
+    """
+    w = net.state[f"{name}.conv.weight"].astype(np.float64)
+    gamma, beta = net.state[f"{name}.bn.weight"], net.state[f"{name}.bn.bias"]
+    mean, var = net.state[f"{name}.bn.running_mean"], net.state[f"{name}.bn.running_var"]
+    scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + BN_EPS)
+    kernel = w * scale[:, None, None, None]
+    bias = beta - mean * scale
+    cout, _, kh, kw = w.shape
+    layer = net.network.add_convolution_nd(x, cout, (kh, kw), net.weights(kernel), net.weights(bias))
+    layer.stride_nd = (stride, stride)
+    layer.padding_nd = (kh // 2, kw // 2)
+    return net.named(layer, layer_name or name)
+
+
+def relu(net: _Net, x: Any, name: str) -> Any:
+    return net.named(net.network.add_activation(x, net.trt.ActivationType.RELU), name)
+
+
+def add(net: _Net, a: Any, b: Any, name: str) -> Any:
+    return net.named(net.network.add_elementwise(a, b, net.trt.ElementWiseOperation.SUM), name)
+
+
+def cast(net: _Net, x: Any, dtype: Any, name: str) -> Any:
+    return net.named(net.network.add_cast(x, dtype), name)
+
+
+def shuffle(net: _Net, x: Any, name: str, first: Optional[Tuple[int, ...]] = None,
+            reshape: Optional[Tuple[int, ...]] = None, second: Optional[Tuple[int, ...]] = None) -> Any:
+    layer = net.network.add_shuffle(x)
+    if first is not None:
+        layer.first_transpose = first
+    if reshape is not None:
+        layer.reshape_dims = reshape  # 0 copies the input dimension (the dynamic batch)
+    if second is not None:
+        layer.second_transpose = second
+    return net.named(layer, name)
+
+
+def stem(net: _Net, x: Any) -> Any:
+    x = conv_bn(net, x, "stem", stride=2, layer_name="stem.conv_bn")
+    x = relu(net, x, "stem.relu")
+    pool = net.network.add_pooling_nd(x, net.trt.PoolingType.MAX, (3, 3))
+    pool.stride_nd = (2, 2)
+    pool.padding_nd = (1, 1)
+    return net.named(pool, "stem")
+
+
+def bottleneck(net: _Net, x: Any, name: str, cin: int, cout: int, stride: int) -> Any:
+    body = relu(net, conv_bn(net, x, f"{name}.conv1"), f"{name}.relu1")
+    body = relu(net, conv_bn(net, body, f"{name}.conv2", stride), f"{name}.relu2")
+    body = conv_bn(net, body, f"{name}.conv3")
+    short = conv_bn(net, x, f"{name}.shortcut", stride) if (cin != cout or stride != 1) else x
+    return relu(net, add(net, body, short, f"{name}.add"), name)
+
+
+def linear(net: _Net, x: Any, name: str) -> Any:
+    """``x @ W^T + b`` on (B, N, in) tokens or (B, in) vectors; W is a (1,) in x out constant."""
+    w = net.state[f"{name}.weight"]
+    b = net.state[f"{name}.bias"]
+    rank = len(x.shape)
+    wt = w.T.reshape((1,) * (rank - 2) + w.T.shape)
+    weight = net.constant(f"{name}.weight", wt)
+    mm = net.network.add_matrix_multiply(x, net.trt.MatrixOperation.NONE, weight, net.trt.MatrixOperation.NONE)
+    y = net.named(mm, f"{name}.matmul")
+    bias = net.constant(f"{name}.bias", b.reshape((1,) * (rank - 1) + b.shape))
+    return add(net, y, bias, name)
+
+
+def layer_norm(net: _Net, x: Any, name: str) -> Any:
+    """LayerNorm over the last axis with fp32 statistics (fp16 tensors cast around it)."""
+    d = net.state[f"{name}.weight"].shape[0]
+    f32 = net.trt.float32
+    src = cast(net, x, f32, f"{name}.cast_in") if net.fp16 else x
+    scale = net.constant(f"{name}.weight", net.state[f"{name}.weight"].reshape(1, 1, d), np.float32)
+    bias = net.constant(f"{name}.bias", net.state[f"{name}.bias"].reshape(1, 1, d), np.float32)
+    layer = net.network.add_normalization(src, scale, bias, 1 << 2)
+    layer.epsilon = LN_EPS
+    y = net.named(layer, f"{name}.normalize" if net.fp16 else name)
+    return cast(net, y, net.dtype, name) if net.fp16 else y
+
+
+def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
+    """softmax(Q K^T * scale) V from the packed qkv projection (B, N, 3*heads*head_dim).
+
+    MatMul-SoftMax-MatMul on native layers; the scores are scaled and normalized in fp32.
+    Output (B, N, heads*head_dim), ready for the proj matmul.
+    """
+    trt = net.trt
+    packed = shuffle(net, qkv, f"{name}.unpack", reshape=(0, 0, 3, heads, head_dim))
+    parts = []
+    for i, part in enumerate("qkv"):
+        index = net.constant(f"{name}.{part}_index", np.array(i, dtype=np.int32), np.int32)
+        g = net.named(net.network.add_gather(packed, index, 2), f"{name}.{part}")
+        # (B, N, heads, hd) -> q, v: (B, heads, N, hd); k: (B, heads, hd, N)
+        perm = (0, 2, 3, 1) if part == "k" else (0, 2, 1, 3)
+        parts.append(shuffle(net, g, f"{name}.{part}_heads", first=perm))
+    q, k, v = parts
+    mm = trt.MatrixOperation.NONE
+    scores = net.named(net.network.add_matrix_multiply(q, mm, k, mm), f"{name}.scores")
+    if net.fp16:
+        scores = cast(net, scores, trt.float32, f"{name}.scores_fp32")
+    scale = net.constant(f"{name}.scale", np.full((1, 1, 1, 1), head_dim ** -0.5, np.float32), np.float32)
+    scaled = net.named(net.network.add_elementwise(scores, scale, trt.ElementWiseOperation.PROD), f"{name}.scaled")
+    sm = net.network.add_softmax(scaled)
+    sm.axes = 1 << 3
+    probs = net.named(sm, f"{name}.softmax")
+    if net.fp16:
+        probs = cast(net, probs, net.dtype, f"{name}.probs")
+    context = net.named(net.network.add_matrix_multiply(probs, mm, v, mm), f"{name}.context")
+    return shuffle(net, context, name, first=(0, 2, 1, 3), reshape=(0, 0, heads * head_dim))
+
+
+def transformer(net: _Net, z: Any, name: str, heads: int, head_dim: int) -> Any:
+    """Pre-norm block on tokens (B, N, d): z + proj(MHSA(LN1 z)), then z + fc2(GELU(fc1(LN2 z)))."""
+    a = attention(net, linear(net, layer_norm(net, z, f"{name}.norm1"), f"{name}.qkv"), f"{name}.attn",
+                  heads, head_dim)
+    z = add(net, z, linear(net, a, f"{name}.proj"), f"{name}.attn_residual")
+    h = linear(net, layer_norm(net, z, f"{name}.norm2"), f"{name}.fc1")
+    h = net.named(net.network.add_activation(h, net.trt.ActivationType.GELU_ERF), f"{name}.gelu")
+    return add(net, z, linear(net, h, f"{name}.fc2"), name)
+
+
+def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig, hw: int) -> Any:
+    """MixBlockC: global (Transformer on d channels) then local (BottleNeck to C - d)."""
+    d, m = config.mix_dim, config.mix_dim // 4
+    y = conv_bn(net, x, f"{name}.reduce")
+    tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, hw * hw), second=(0, 2, 1))
+    tokens = transformer(net, tokens, f"{name}.transformer", config.heads, config.head_dim)
+    t = shuffle(net, tokens, f"{name}.to_map", first=(0, 2, 1), reshape=(0, d, hw, hw))
+    local = relu(net, conv_bn(net, t, f"{name}.conv1"), f"{name}.relu1")
+    local = relu(net, conv_bn(net, local, f"{name}.conv2"), f"{name}.relu2")
+    local = conv_bn(net, local, f"{name}.conv3")
+    if channels - d == d:
+        local = relu(net, add(net, local, t, f"{name}.local_add"), f"{name}.local_relu")
+    cat = net.network.add_concatenation([t, local])
+    cat.axis = 1
+    return add(net, x, net.named(cat, f"{name}.concat"), name)
+
+
+def head(net: _Net, x: Any) -> Any:
+    pool = net.network.add_reduce(x, net.trt.ReduceOperation.AVG, (1 << 2) | (1 << 3), False)
+    return linear(net, net.named(pool, "pool"), "head")
+
+
+def define_network(net: _Net, config: VariantConfig, image_size: int) -> None:
+    """Add the whole TRT-ViT graph to ``net.network``, from ``images`` to ``logits``."""
+    trt = net.trt
+    images = net.network.add_input(INPUT_NAME, trt.float32, (-1, 3, image_size, image_size))
+    x = cast(net, images, net.dtype, "input_cast") if net.fp16 else images
+    x = stem(net, x)
+    hw = image_size // 4
+    for name, kind, cin, cout, stride in config.blocks():
+        if kind == "bottleneck":
+            x = bottleneck(net, x, name, cin, cout, stride)
+            hw //= stride
+        else:
+            x = mixblock(net, x, name, cout, config, hw)
+    logits = head(net, x)
+    if net.fp16:
+        logits = cast(net, logits, trt.float32, OUTPUT_NAME)
+    logits.name = OUTPUT_NAME
+    net.network.mark_output(logits)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+
+
+def _check_arguments(fp16: Any, max_batch: Any, image_size: Any, plugins: Any) -> None:
+    if not isinstance(fp16, bool):
+        raise ValueError(f"fp16 must be True or False, got {fp16!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise ValueError(f"max_batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {max_batch!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
+        raise ValueError(f"image_size must be a positive multiple of 32 (the network's total stride), "
+                         f"got {image_size!r}")
+    if plugins not in ("auto", True, False):
+        raise ValueError(f"plugins must be 'auto', True or False, got {plugins!r}")
+
+
+def _state_as_numpy(weights: WeightsArg, config: VariantConfig, seed: int) -> Tuple[Dict[str, np.ndarray], str]:
+    if weights is None:
+        model = create_model(config, seed=seed)
+        state = model.state_dict()
+        source = f"seeded untrained weights (seed {seed})"
+    elif isinstance(weights, Mapping):
+        state = validate_state_dict(weights, config)
+        source = "state dict"
+    elif isinstance(weights, (str, os.PathLike)):
+        state = load_weights(weights, arch=config)
+        source = os.fspath(weights)
+    else:
+        raise WeightsError(f"weights must be None, a safetensors path or a state dict, got {type(weights).__name__}")
+    arrays = {k: v.detach().cpu().float().numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    return arrays, source
+
+
+def resolve_plugins(backend: Backend, plugins: Union[str, bool]) -> bool:
+    """Decide whether the fused CUDA plugins are used; ``True`` fails clearly when impossible."""
+    from . import trt_plugins
+
+    if plugins is False:
+        return False
+    problem = trt_plugins.unavailable_reason(backend)
+    if problem is None:
+        return True
+    if plugins is True:
+        raise BackendError(f"plugins=True cannot be honoured: {problem}")
+    return False
+
+
+def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
+                  max_batch: int = 32, image_size: int = 224, plugins: Union[str, bool] = "auto",
+                  seed: int = 0, backend: Optional[str] = None) -> BuiltNetwork:
+    """Define the TensorRT network of a variant; nothing is compiled yet.
+
+    ``weights`` is a safetensors path, a state dict, or None for the seeded untrained
+    weights of :func:`trtvit_native.create_model`. The batch dimension is dynamic
+    (optimization profile 1 / max_batch / max_batch); the spatial size is fixed.
+    """
+    config = get_config(name_or_config)
+    _check_arguments(fp16, max_batch, image_size, plugins)
+    be = get_backend(backend)
+    use_plugins = resolve_plugins(be, plugins)
+    state, source = _state_as_numpy(weights, config, seed)
+    start = time.perf_counter()
+    trt = be.trt
+    logger = CollectingLogger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    net = _Net(be, network, state, fp16)
+    if use_plugins:
+        from . import trt_plugins
+
+        trt_plugins.define_network_with_plugins(net, config, image_size)
+    else:
+        define_network(net, config, image_size)
+    builder_config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    shape = (3, image_size, image_size)
+    profile.set_shape(INPUT_NAME, (1,) + shape, (max_batch,) + shape, (max_batch,) + shape)
+    builder_config.add_optimization_profile(profile)
+    return BuiltNetwork(
+        backend=be, builder=builder, network=network, config=builder_config, logger=logger, variant=config,
+        fp16=fp16, max_batch=max_batch, image_size=image_size,
+        num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, weight_bytes=net.weight_bytes,
+        weights_source=source, definition_seconds=time.perf_counter() - start, _keepalive=net.keep,
+    )
+
+
+def build_engine(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
+                 max_batch: int = 32, image_size: int = 224, plugins: Union[str, bool] = "auto",
+                 seed: int = 0, backend: Optional[str] = None) -> bytes:
+    """Build the serialized TensorRT engine of a variant (see :func:`build_network`)."""
+    return build_network(name_or_config, weights, fp16, max_batch, image_size, plugins, seed, backend).build_serialized()
