@@ -1,0 +1,169 @@
+"""The ``trtvit`` command: build engines, list variants, print parity reports."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("variant", help="variant name (see `trtvit info`)")
+    p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded untrained weights)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="fp16 network (default)")
+    prec.add_argument("--fp32", dest="fp16", action="store_false", help="fp32 network")
+    p.add_argument("--image-size", type=int, default=224, metavar="S", help="input size, a multiple of 32 (224)")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="trtvit", description="TRT-ViT TensorRT engines built with the network API.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    build = sub.add_parser("build", help="build a serialized engine")
+    _add_common(build)
+    build.add_argument("--max-batch", type=int, default=32, metavar="N", help="largest batch of the profile (32)")
+    build.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
+                       help="fused CUDA plugins: auto (when available), on (required), off")
+    build.add_argument("--no-parity", action="store_true", help="skip the CPU parity check")
+    build.add_argument("-o", "--output", required=True, metavar="FILE", help="engine file to write")
+    sub.add_parser("info", help="list variants with parameters and GMACs")
+    parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
+    _add_common(parity)
+    parity.add_argument("--batch", type=int, default=2, metavar="N", help="images per check (2)")
+    parity.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (0)")
+    return parser
+
+
+def _reference_and_weights(variant: str, weights: Optional[str]):
+    from .model import create_model
+
+    model = create_model(variant, weights=weights)
+    return model, model.state_dict()
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .model import VARIANTS, count_macs, count_parameters
+
+    print(f"{'variant':12s} {'depths':>14s} {'params (backbone)':>18s} {'params (+head)':>15s} {'GMACs@224':>10s}")
+    for name in sorted(VARIANTS):
+        cfg = VARIANTS[name]
+        print(f"{name:12s} {str(tuple(cfg.depths)):>14s} {count_parameters(name, include_head=False):>18,d} "
+              f"{count_parameters(name):>15,d} {count_macs(name) / 1e9:>10.2f}")
+    print("Depths are this project's choice (the paper published no per-variant table of them); "
+          "GMACs count convolutions and matrix products, attention included.")
+    return 0
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OSError(f"output directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .model import get_config, synthetic_images
+    from .network import build_network
+    from .parity import parity_report
+
+    get_config(args.variant)  # fail fast on an unknown name
+    plugins = {"auto": "auto", "on": True, "off": False}[args.plugins]
+    t0 = time.perf_counter()
+    model, state = _reference_and_weights(args.variant, args.weights)
+    t_weights = time.perf_counter() - t0
+    built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.max_batch,
+                          image_size=args.image_size, plugins=plugins)
+    t1 = time.perf_counter()
+    plan = built.build_serialized()
+    t_build = time.perf_counter() - t1
+    _write_atomically(args.output, plan)
+    precision = "fp16" if args.fp16 else "fp32"
+    print(f"engine     {args.output}  ({args.variant}, {precision}, batch 1..{args.max_batch}, "
+          f"{args.image_size}x{args.image_size}, plugins {'on' if built.plugins else 'off'})")
+    print(f"backend    {built.backend.label}")
+    print(f"weights    {args.weights or 'seeded untrained weights (seed 0): for testing and timing only'}")
+    print(f"layers     {built.num_layers}")
+    print(f"weight     {built.weight_bytes:,d} bytes ({_human(built.weight_bytes)})")
+    print(f"engine     {len(plan):,d} bytes ({_human(len(plan))})")
+    print(f"time       weights {t_weights:.2f} s, network definition {built.definition_seconds:.2f} s, "
+          f"engine build {t_build:.2f} s")
+    if not args.no_parity:
+        images = synthetic_images(min(2, args.max_batch), args.image_size, seed=1)
+        report = parity_report(built, model, images)
+        print(f"parity     {report.summary()} (CPU interpreter of the built network vs PyTorch reference)")
+        if not report.ok:
+            return 1
+    return 0
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from .model import synthetic_images
+    from .network import build_network
+    from .parity import parity_report
+
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    model, state = _reference_and_weights(args.variant, args.weights)
+    built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.batch, image_size=args.image_size,
+                          plugins=False)
+    report = parity_report(built, model, synthetic_images(args.batch, args.image_size, seed=args.seed))
+    print(f"backend {built.backend.label}; {built.num_layers} layers; weights: "
+          f"{args.weights or 'seeded untrained weights (seed 0)'}")
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .backend import BackendError
+    from .interpreter import InterpreterError
+    from .network import BuildError
+
+    try:
+        args = _parser().parse_args(argv)
+        if args.command is None:
+            raise _UsageError("trtvit: a command is required: build, info or parity (see trtvit --help)")
+        return {"build": _cmd_build, "info": _cmd_info, "parity": _cmd_parity}[args.command](args)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, BackendError, BuildError, InterpreterError) as e:
+        # WeightsError is a ValueError: every bad input ends here with its own message.
+        print(f"trtvit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("trtvit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
