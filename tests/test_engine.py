@@ -1,0 +1,208 @@
+"""The network TensorRT compiles, checked against the PyTorch reference on CPU.
+
+Every variant is built by the real TensorRT builder (TensorRT-RTX where full TensorRT is
+absent: it builds engines without a GPU), and the built INetworkDefinition is executed
+by the CPU interpreter, layer by layer, against the reference.
+"""
+
+import pytest
+import torch
+
+import trtvit_native as tv
+from conftest import network, photographs, random_images, reference
+
+VARIANTS = ["trt-vit-a", "trt-vit-b", "trt-vit-c", "trt-vit-d"]
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_builds_and_matches_the_reference(variant, fp16):
+    built = network(variant, fp16)
+    plan = built.build_serialized()
+    assert isinstance(plan, bytes) and len(plan) > built.weight_bytes * 0.9
+    model = reference(variant)
+    for images in (photographs(3), photographs(1), random_images(3, seed=1), random_images(1, seed=2)):
+        with torch.no_grad():
+            ref = model(images)
+        out = tv.interpret(built, images)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        err = (out - ref).abs().max().item() / ref.abs().max().item()
+        if fp16:
+            assert err <= 2e-2, err
+            assert _cosine(out, ref) >= 0.999
+        else:
+            assert err <= 1e-4, err
+
+
+def test_fp16_network_is_strongly_typed_fp16_with_fp32_layernorm_and_softmax():
+    built = network("trt-vit-a", True)
+    trt = built.backend.trt
+    types = {}
+    for i in range(built.network.num_layers):
+        layer = built.network.get_layer(i)
+        types[layer.name] = (str(layer.type).split(".")[-1], layer.get_output(0).dtype)
+    assert built.network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert types["stages.2.1.conv2"] == ("CONVOLUTION", trt.float16)
+    assert types["stages.3.1.transformer.qkv.matmul"] == ("MATRIX_MULTIPLY", trt.float16)
+    assert types["stages.3.1.transformer.norm1.normalize"] == ("NORMALIZATION", trt.float32)
+    assert types["stages.3.1.transformer.norm1"] == ("CAST", trt.float16)
+    assert types["stages.3.1.transformer.attn.softmax"] == ("SOFTMAX", trt.float32)
+    assert types["logits"] == ("CAST", trt.float32)
+    conv = [built.network.get_layer(i) for i in range(built.network.num_layers)
+            if built.network.get_layer(i).name == "stages.0.0.conv1"][0]
+    conv.__class__ = trt.IConvolutionLayer
+    assert conv.kernel.dtype.name == "float16"
+
+
+def test_layer_names_are_unique_and_follow_the_reference():
+    built = network("trt-vit-a", False)
+    names = built.layer_names()
+    assert len(names) == len(set(names))
+    modules = dict(reference("trt-vit-a").named_modules())
+    for name in ("stem", "stages.0.0.conv1", "stages.3.0", "stages.3.0.shortcut", "stages.3.1.reduce",
+                 "stages.3.1.transformer", "stages.3.1.transformer.attn", "stages.3.1.transformer.fc2", "head"):
+        assert name in names and name in modules
+    # BatchNorm is folded: no layer of its own
+    assert not any(n.endswith(".bn") for n in names)
+    assert sum(1 for i in range(built.network.num_layers)
+               if str(built.network.get_layer(i).type).endswith("CONVOLUTION")) == sum(
+        1 for n, m in modules.items() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_batchnorm_is_folded_exactly():
+    built = network("trt-vit-a", False)
+    model = reference("trt-vit-a")
+    _, layers = tv.interpret(built, photographs(2), capture=["stem.conv_bn", "stages.1.0.shortcut"])
+    with torch.no_grad():
+        ref = model.stem.bn(model.stem.conv(photographs(2)))
+    assert (layers["stem.conv_bn"] - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert layers["stages.1.0.shortcut"].shape == (2, 512, 28, 28)
+
+
+def test_dynamic_batch_profile():
+    built = tv.build_network("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=True, max_batch=6)
+    trt = built.backend.trt
+    assert tuple(built.network.get_input(0).shape) == (-1, 3, 224, 224)
+    profile = built.config.get_optimization_profile(0) if hasattr(built.config, "get_optimization_profile") else None
+    if profile is not None:
+        assert [tuple(s) for s in profile.get_shape("images")] == [(1, 3, 224, 224), (6, 3, 224, 224),
+                                                                   (6, 3, 224, 224)]
+    assert built.config.num_optimization_profiles == 1
+    out = tv.interpret(built, photographs(6))
+    assert out.shape == (6, 1000)
+    with pytest.raises(tv.InterpreterError, match="batch size 7 is outside this network's profile 1..6"):
+        tv.interpret(built, photographs(7))
+
+
+def test_other_image_sizes_and_num_classes():
+    model = tv.create_model("trt-vit-a", num_classes=10)
+    built = tv.build_network("trt-vit-a", model.state_dict(), fp16=False, max_batch=2, image_size=256)
+    assert len(built.build_serialized()) > 0
+    images = photographs(2, size=256)
+    with torch.no_grad():
+        ref = model(images)
+    out = tv.interpret(built, images)
+    assert out.shape == (2, 10)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    with pytest.raises(tv.InterpreterError, match=r"images must have shape \(B, 3, 256, 256\)"):
+        tv.interpret(built, photographs(1))
+
+
+def test_weights_from_file_equal_weights_from_state_dict(tmp_weights):
+    path, state = tmp_weights
+    from_file = tv.build_network("trt-vit-a", path, fp16=False, max_batch=1)
+    from_state = network("trt-vit-a", False)
+    x = photographs(1)
+    assert torch.equal(tv.interpret(from_file, x), tv.interpret(from_state, x))
+    assert "a.safetensors" in from_file.weights_source
+
+
+def test_seeded_default_weights():
+    built = tv.build_network("trt-vit-a", fp16=False, max_batch=1)
+    assert "seeded untrained" in built.weights_source
+    with torch.no_grad():
+        ref = reference("trt-vit-a")(photographs(1))
+    assert torch.allclose(tv.interpret(built, photographs(1)), ref, atol=1e-4 * ref.abs().max().item())
+
+
+def test_build_engine_returns_bytes_and_reports_backend():
+    plan = tv.build_engine("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=True, max_batch=2)
+    assert isinstance(plan, bytes) and len(plan) > 40_000_000
+    backend = tv.get_backend()
+    assert backend.name in ("tensorrt", "tensorrt_rtx") and backend.version in backend.label
+
+
+def test_layer_capture_traces_divergence():
+    built = network("trt-vit-a", True)
+    report = tv.parity_report(built, reference("trt-vit-a"), photographs(2))
+    assert report.ok and report.first_divergence() is None
+    names = [p.name for p in report.layers]
+    assert names.index("stem") < names.index("stages.3.1.transformer.attn") < names.index("head")
+    assert len(names) > 50
+    with pytest.raises(tv.InterpreterError, match="no layer named nope"):
+        tv.interpret(built, photographs(1), capture=["nope"])
+
+
+def test_parity_report_finds_the_first_broken_layer():
+    state = dict(reference("trt-vit-a").state_dict())
+    state["stages.2.1.conv2.bn.bias"] = state["stages.2.1.conv2.bn.bias"] + 0.5  # the engine's weights differ
+    built = tv.build_network("trt-vit-a", state, fp16=False, max_batch=2)
+    report = tv.parity_report(built, reference("trt-vit-a"), photographs(2))
+    assert not report.ok
+    assert report.first_divergence().name == "stages.2.1.conv2"
+    assert "first layer outside tolerance: stages.2.1.conv2" in report.table()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=100), "image_size must be a positive multiple of 32"),
+    (dict(image_size=0), "image_size must be a positive multiple of 32"),
+    (dict(max_batch=0), "max_batch must be an integer in 1..4096"),
+    (dict(max_batch=2.5), "max_batch must be an integer"),
+    (dict(fp16="yes"), "fp16 must be True or False"),
+    (dict(plugins="maybe"), "plugins must be 'auto', True or False"),
+])
+def test_bad_build_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tv.build_network("trt-vit-a", **kwargs)
+
+
+def test_unknown_variant_and_bad_weights_argument():
+    with pytest.raises(ValueError, match="unknown TRT-ViT variant 'resnet50'"):
+        tv.build_engine("resnet50")
+    with pytest.raises(tv.WeightsError, match="weights must be None, a safetensors path or a state dict"):
+        tv.build_network("trt-vit-a", weights=42)
+
+
+def test_plugins_true_fails_clearly_where_there_are_none():
+    backend = tv.get_backend()
+    if backend.has_plugin_layers:
+        pytest.skip("this backend has plugin layers; the failure path is for backends without them")
+    with pytest.raises(tv.BackendError, match="plugins=True cannot be honoured: TensorRT-RTX .* has no plugin layers"):
+        tv.build_network("trt-vit-a", plugins=True)
+
+
+def test_interpreter_rejects_unsupported_layers_and_bad_inputs():
+    built = network("trt-vit-a", False)
+    with pytest.raises(tv.InterpreterError, match="must be a torch.Tensor"):
+        tv.interpret(built, [[1.0]])
+    with pytest.raises(tv.InterpreterError, match="floating point"):
+        tv.interpret(built, torch.zeros(1, 3, 224, 224, dtype=torch.int64))
+    # a network with a layer type the interpreter does not know
+    import numpy as np
+    from trtvit_native.interpreter import run_network
+
+    trt = built.backend.trt
+    builder = trt.Builder(trt.Logger())
+    net = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    x = net.add_input("x", trt.float32, (2, 8))
+    topk = net.add_topk(x, trt.TopKOperation.MAX, 2, 1 << 1)
+    topk.name = "my_topk"
+    net.mark_output(topk.get_output(0))
+    fake = tv.BuiltNetwork(built.backend, builder, net, None, None, built.variant, False, 2, 224, 1000, False, 0,
+                           "", 0.0)
+    with pytest.raises(tv.InterpreterError, match="layer 'my_topk': layer type TOPK is not supported"):
+        run_network(fake, {"x": torch.zeros(2, 8)})
