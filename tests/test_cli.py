@@ -1,0 +1,107 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trtvit_native.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_lists_variants(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert "trt-vit-c" in out and "64,663,616" in out and "66,712,616" in out and "7.43" in out
+
+
+def test_build_writes_the_engine_and_reports(capsys, tmp_path):
+    target = tmp_path / "a.engine"
+    code, out, err = run(capsys, "build", "trt-vit-a", "--fp16", "--max-batch", "2", "-o", str(target))
+    assert code == 0, err
+    size = target.stat().st_size
+    assert size > 40_000_000
+    for field in ("backend", "layers", "weight", "time", "network definition", "engine build"):
+        assert field in out
+    assert f"{size:,d} bytes" in out
+    assert "PASS: trt-vit-a fp16" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["a.engine"]  # no temp file left behind
+
+
+def test_build_from_weights_fp32(capsys, tmp_path, tmp_weights):
+    path, _ = tmp_weights
+    target = tmp_path / "a32.engine"
+    code, out, err = run(capsys, "build", "trt-vit-a", "--weights", str(path), "--fp32", "--max-batch", "1",
+                         "--no-parity", "-o", str(target))
+    assert code == 0, err
+    assert target.exists() and str(path) in out and "fp32" in out and "parity" not in out
+
+
+def test_parity_prints_per_layer_report(capsys):
+    code, out, _ = run(capsys, "parity", "trt-vit-a", "--batch", "1")
+    assert code == 0
+    assert "stages.3.1.transformer.attn" in out and "PASS" in out and "max|Δ|" in out
+
+
+def _one_error_line(err):
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["build", "trt-vit-x", "-o", "x.engine"], 1, "unknown TRT-ViT variant 'trt-vit-x'"),
+    (["build", "trt-vit-a", "--image-size", "100", "-o", "x.engine"], 1, "image_size must be a positive multiple of 32"),
+    (["build", "trt-vit-a", "--max-batch", "0", "-o", "x.engine"], 1, "max_batch must be an integer in 1..4096"),
+    (["build", "trt-vit-a", "--max-batch", "many", "-o", "x.engine"], 2, "invalid int value: 'many'"),
+    (["build", "trt-vit-a", "--weights", "missing.safetensors", "-o", "x.engine"], 1, "no such weights file"),
+    (["build", "trt-vit-a"], 2, "the following arguments are required: -o/--output"),
+    (["build", "trt-vit-a", "--fp16", "--fp32", "-o", "x.engine"], 2, "not allowed with argument"),
+    (["build", "trt-vit-a", "-o", "no/such/dir/x.engine"], 1, "output directory"),
+    (["parity", "trt-vit-a", "--batch", "0"], 1, "--batch must be at least 1"),
+    (["parity", "trt-vit-q"], 1, "unknown TRT-ViT variant 'trt-vit-q'"),
+    ([], 2, "a command is required"),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+])
+def test_error_paths_exit_nonzero_with_one_line(capsys, tmp_path, monkeypatch, argv, code, message):
+    monkeypatch.chdir(tmp_path)
+    got, _, err = run(capsys, *argv)
+    assert got == code
+    assert message in _one_error_line(err)
+    assert not any(p.suffix == ".engine" for p in tmp_path.iterdir())
+
+
+def test_bad_weights_files(capsys, tmp_path, tmp_weights):
+    path, _ = tmp_weights
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:1000])
+    code, _, err = run(capsys, "build", "trt-vit-a", "--weights", str(corrupt), "-o", str(tmp_path / "x.engine"))
+    assert code == 1 and "truncated" in _one_error_line(err)
+    code, _, err = run(capsys, "build", "trt-vit-b", "--weights", str(path), "-o", str(tmp_path / "x.engine"))
+    assert code == 1 and "arch mismatch" in _one_error_line(err)
+    code, _, err = run(capsys, "parity", "trt-vit-b", "--weights", str(path))
+    assert code == 1 and "arch mismatch" in _one_error_line(err)
+
+
+def test_plugins_on_without_plugin_layers(capsys, tmp_path):
+    import trtvit_native as tv
+
+    if tv.get_backend().has_plugin_layers:
+        pytest.skip("this backend has plugin layers")
+    code, _, err = run(capsys, "build", "trt-vit-a", "--plugins", "on", "-o", str(tmp_path / "x.engine"))
+    assert code == 1 and "has no plugin layers" in _one_error_line(err)
+
+
+def test_console_entry_point_runs_as_a_process(tmp_path):
+    exe = [sys.executable, "-m", "trtvit_native.cli"]
+    ok = subprocess.run(exe + ["info"], capture_output=True, text=True, cwd=tmp_path,
+                        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert ok.returncode == 0 and "trt-vit-d" in ok.stdout
+    bad = subprocess.run(exe + ["build", "nope", "-o", "x"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert bad.returncode == 1 and _one_error_line(bad.stderr).startswith("trtvit: error: unknown TRT-ViT variant")
