@@ -11,9 +11,6 @@ import torch.nn.functional as F
 import trtvit_native as tv
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped with the reason where there is none)")
-
 
 @functools.lru_cache(maxsize=None)
 def reference(variant: str) -> torch.nn.Module:

@@ -9,19 +9,34 @@ Main entry points: :func:`create_model` (PyTorch reference), :func:`save_weights
 :func:`parity_report` (layer-by-layer comparison with the reference).
 """
 
-from .backend import Backend, BackendError, get_backend
-from .interpreter import InterpreterError, interpret
-from .model import (VARIANTS, TRTViT, VariantConfig, count_macs, count_parameters, create_model, get_config,
-                    list_variants, register_variant, synthetic_images)
-from .network import BuildError, BuiltNetwork, build_engine, build_network
-from .parity import ParityReport, parity_report
-from .weights import WeightsError, expected_shapes, load_weights, save_weights
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Backend", "BackendError", "BuildError", "BuiltNetwork", "InterpreterError", "ParityReport", "TRTViT",
-    "VARIANTS", "VariantConfig", "WeightsError", "build_engine", "build_network", "count_macs",
-    "count_parameters", "create_model", "expected_shapes", "get_backend", "get_config", "interpret",
-    "list_variants", "load_weights", "parity_report", "register_variant", "save_weights", "synthetic_images",
-]
+# Public names and the module each lives in. Imported on first use, so that building an
+# engine from a weights file never imports torch (it needs only numpy and TensorRT).
+_EXPORTS = {
+    "Backend": "backend", "BackendError": "backend", "get_backend": "backend",
+    "VARIANTS": "variants", "VariantConfig": "variants", "count_macs": "variants", "expected_shapes": "variants",
+    "get_config": "variants", "list_variants": "variants", "register_variant": "variants",
+    "WeightsError": "weights", "load_arrays": "weights", "load_weights": "weights", "save_weights": "weights",
+    "BuildError": "network", "BuiltNetwork": "network", "build_engine": "network", "build_network": "network",
+    "TRTViT": "model", "count_parameters": "model", "create_model": "model", "synthetic_images": "model",
+    "InterpreterError": "interpreter", "interpret": "interpreter",
+    "ParityReport": "parity", "parity_report": "parity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trtvit_native' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -64,7 +64,8 @@ def _reference_and_weights(variant: str, weights: Optional[str]):
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .model import VARIANTS, count_macs, count_parameters
+    from .model import count_parameters
+    from .variants import VARIANTS, count_macs
 
     print(f"{'variant':12s} {'depths':>14s} {'params (backbone)':>18s} {'params (+head)':>15s} {'GMACs@224':>10s}")
     for name in sorted(VARIANTS):
@@ -92,7 +93,8 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .model import get_config, synthetic_images
+    from .model import synthetic_images
+    from .variants import get_config
     from .network import build_network
     from .parity import parity_report
 

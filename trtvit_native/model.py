@@ -1,154 +1,21 @@
-"""TRT-ViT: variant configs, a registry of names, and the PyTorch reference model.
+"""The PyTorch reference of TRT-ViT (see :mod:`trtvit_native.variants` for the architecture).
 
-The paper (arXiv 2205.09579) published design guidelines but no code and no weights.
-This module fixes the architecture the rest of the package builds engines for:
-
-* a ResNet-style stem and four stages at strides 4, 8, 16, 32 ("C-C-C-M"): stages 1-3
-  are BottleNecks, stage 4 is one down-sampling BottleNeck followed by MixBlockC blocks;
-* MixBlockC ("global then local", serial): a 1x1 reduction C -> d = R*C, a pre-norm
-  Transformer on the d-channel tokens, a local BottleNeck on its output producing
-  C - d channels, and ``x + concat(t, b)``.
-
-The per-variant depths are this project's choice (the paper's table was not available),
-set so that trt-vit-c's backbone has the ~65 M parameters published for it. The module
-names of the reference are the safetensors key names and the TensorRT layer names.
+Module names are the safetensors key names and the TensorRT layer names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+import os
+from typing import Dict, List, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "VariantConfig",
-    "VARIANTS",
-    "register_variant",
-    "get_config",
-    "list_variants",
-    "TRTViT",
-    "create_model",
-    "count_parameters",
-    "count_macs",
-    "synthetic_images",
-]
+from .variants import BN_EPS, LN_EPS, VARIANTS, VariantConfig, get_config
 
-BN_EPS = 1e-5
-LN_EPS = 1e-5
-
-
-@dataclass(frozen=True)
-class VariantConfig:
-    """Everything that defines a TRT-ViT variant's architecture.
-
-    ``depths`` is (BottleNecks in stage 1, stage 2, stage 3, MixBlockC blocks in stage 4);
-    stage 4 always starts with one down-sampling BottleNeck before its MixBlockC blocks.
-    """
-
-    name: str
-    depths: Tuple[int, int, int, int]
-    widths: Tuple[int, int, int, int] = (256, 512, 1024, 2048)
-    stem_width: int = 64
-    mix_ratio: float = 0.5
-    head_dim: int = 32
-    mlp_ratio: int = 3
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.name, str) or not self.name:
-            problems.append("name must be a non-empty string")
-        if len(self.depths) != 4 or any(int(v) != v or v < 0 for v in self.depths):
-            problems.append(f"depths must be 4 non-negative integers, got {self.depths!r}")
-        elif min(self.depths[:3]) < 1:
-            problems.append(f"stages 1-3 need at least one BottleNeck, got depths {self.depths!r}")
-        if len(self.widths) != 4 or any(int(v) != v or v <= 0 or v % 4 for v in self.widths):
-            problems.append(f"widths must be 4 positive multiples of 4, got {self.widths!r}")
-        if self.stem_width <= 0:
-            problems.append(f"stem_width must be positive, got {self.stem_width}")
-        if self.head_dim <= 0 or self.mlp_ratio <= 0:
-            problems.append("head_dim and mlp_ratio must be positive")
-        if not problems and not 0.0 < self.mix_ratio < 1.0:
-            problems.append(f"mix_ratio must lie in (0, 1), got {self.mix_ratio}")
-        if not problems:
-            c = self.widths[3]
-            d = self.mix_ratio * c
-            if d != int(d) or int(d) % 4 or int(d) % self.head_dim:
-                problems.append(
-                    f"mix_ratio {self.mix_ratio} * width {c} = {d} must be an integer "
-                    f"divisible by 4 and by head_dim {self.head_dim}"
-                )
-        if problems:
-            raise ValueError(f"invalid TRT-ViT variant config {self.name!r}: " + "; ".join(problems))
-
-    @property
-    def mix_dim(self) -> int:
-        """d = R * C, the channel count the Transformer of a MixBlockC works on."""
-        return int(self.mix_ratio * self.widths[3])
-
-    @property
-    def heads(self) -> int:
-        return self.mix_dim // self.head_dim
-
-    @property
-    def num_features(self) -> int:
-        return self.widths[3]
-
-    def blocks(self) -> Iterator[Tuple[str, str, int, int, int]]:
-        """Yield (module path, kind, cin, cout, stride) for every block of the four stages."""
-        cin = self.stem_width
-        for s in range(4):
-            cout = self.widths[s]
-            n_bottlenecks = self.depths[s] if s < 3 else 1
-            for b in range(n_bottlenecks):
-                stride = 2 if (b == 0 and s > 0) else 1
-                yield f"stages.{s}.{b}", "bottleneck", cin, cout, stride
-                cin = cout
-            if s == 3:
-                for b in range(1, self.depths[3] + 1):
-                    yield f"stages.3.{b}", "mixblock", cout, cout, 1
-
-
-VARIANTS: Dict[str, VariantConfig] = {}
-
-
-def register_variant(config: VariantConfig, overwrite: bool = False) -> VariantConfig:
-    """Make ``config`` available by name to every function that takes a variant name."""
-    if not isinstance(config, VariantConfig):
-        raise TypeError(f"register_variant expects a VariantConfig, got {type(config).__name__}")
-    if config.name in VARIANTS and not overwrite and VARIANTS[config.name] != config:
-        raise ValueError(f"variant {config.name!r} is already registered (pass overwrite=True to replace it)")
-    VARIANTS[config.name] = config
-    return config
-
-
-for _cfg in (
-    VariantConfig("trt-vit-a", (2, 2, 4, 1), description="25.4 M backbone parameters"),
-    VariantConfig("trt-vit-b", (2, 3, 6, 2), description="41.7 M backbone parameters"),
-    VariantConfig("trt-vit-c", (3, 4, 14, 3), description="64.7 M backbone parameters"),
-    VariantConfig("trt-vit-d", (3, 4, 20, 4), description="85.1 M backbone parameters"),
-):
-    register_variant(_cfg)
-
-
-def list_variants() -> List[str]:
-    return sorted(VARIANTS)
-
-
-def get_config(name_or_config: Union[str, VariantConfig]) -> VariantConfig:
-    """Resolve a registered variant name (or pass a config through)."""
-    if isinstance(name_or_config, VariantConfig):
-        return name_or_config
-    if isinstance(name_or_config, str) and name_or_config in VARIANTS:
-        return VARIANTS[name_or_config]
-    raise ValueError(
-        f"unknown TRT-ViT variant {name_or_config!r}; known variants: {', '.join(list_variants())}"
-    )
+__all__ = ["TRTViT", "create_model", "count_parameters", "synthetic_images"]
 
 
 # --------------------------------------------------------------------------------------
@@ -363,7 +230,7 @@ def create_model(
     """
     config = get_config(name)
     if weights is not None:
-        from .weights import load_weights, validate_state_dict
+        from .weights import load_weights, validate_state_dict  # weights imports nothing from here
 
         if isinstance(weights, dict):
             state = validate_state_dict(weights, config)
@@ -387,38 +254,3 @@ def count_parameters(model_or_name: Union[nn.Module, str, VariantConfig], includ
         with torch.device("meta"):
             model = TRTViT(get_config(model_or_name), num_classes)
     return sum(p.numel() for n, p in model.named_parameters() if include_head or not n.startswith("head."))
-
-
-def count_macs(name: Union[str, VariantConfig], image_size: int = 224, num_classes: int = 1000,
-               include_attention: bool = True) -> int:
-    """Multiply-accumulates of convolutions and matrix products at batch 1.
-
-    ``include_attention`` counts the two attention products (Q K^T and A V, 2 N^2 d per
-    MixBlockC). The GMACs column of the variant table rounds to the count without them
-    (as per-module counting tools report), so both are available.
-    """
-    config = get_config(name)
-    macs = 0
-
-    def conv(cin: int, cout: int, k: int, hw: int) -> int:
-        return cin * cout * k * k * hw * hw
-
-    hw = image_size // 2
-    macs += conv(3, config.stem_width, 7, hw)
-    hw //= 2
-    for _, kind, cin, cout, stride in config.blocks():
-        if kind == "bottleneck":
-            mid = cout // 4
-            out_hw = hw // stride
-            macs += conv(cin, mid, 1, hw) + conv(mid, mid, 3, out_hw) + conv(mid, cout, 1, out_hw)
-            if cin != cout or stride != 1:
-                macs += conv(cin, cout, 1, out_hw)
-            hw = out_hw
-        else:
-            d, m, n = config.mix_dim, config.mix_dim // 4, hw * hw
-            macs += conv(cout, d, 1, hw)
-            macs += n * d * 3 * d + n * d * d + 2 * n * d * config.mlp_ratio * d
-            if include_attention:
-                macs += 2 * n * n * d
-            macs += conv(d, m, 1, hw) + conv(m, m, 3, hw) + conv(m, cout - d, 1, hw)
-    return macs + config.num_features * num_classes

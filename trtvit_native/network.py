@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
-import torch
 
 from .backend import Backend, BackendError, CollectingLogger, get_backend
-from .model import BN_EPS, LN_EPS, VariantConfig, create_model, get_config
-from .weights import WeightsError, load_weights, validate_state_dict
+from .variants import BN_EPS, LN_EPS, VariantConfig, get_config
+from .weights import WeightsError, load_arrays, validate_arrays
 
 __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT_NAME", "OUTPUT_NAME",
            "MAX_BATCH_LIMIT"]
@@ -33,7 +32,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 MAX_BATCH_LIMIT = 4096
 
-WeightsArg = Union[None, str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
+WeightsArg = Union[None, str, "os.PathLike[str]", Mapping[str, Any]]  # Any: torch.Tensor or np.ndarray
 
 
 class BuildError(RuntimeError):
@@ -101,7 +100,8 @@ class _Net:
         self.weight_bytes = 0
 
     def weights(self, array: np.ndarray, dtype: Optional[type] = None) -> Any:
-        array = np.ascontiguousarray(array, dtype=dtype or self.np_dtype)
+        # Always a private copy: a view would keep the (memory-mapped) source state alive.
+        array = np.array(array, dtype=dtype or self.np_dtype, order="C", copy=True)
         self.keep.append(array)
         self.weight_bytes += array.nbytes
         return self.trt.Weights(array)
@@ -307,20 +307,17 @@ def _check_arguments(fp16: Any, max_batch: Any, image_size: Any, plugins: Any) -
 
 
 def _state_as_numpy(weights: WeightsArg, config: VariantConfig, seed: int) -> Tuple[Dict[str, np.ndarray], str]:
+    """Validated weights as numpy arrays (memory-mapped when they come from a file)."""
     if weights is None:
-        model = create_model(config, seed=seed)
-        state = model.state_dict()
-        source = f"seeded untrained weights (seed {seed})"
-    elif isinstance(weights, Mapping):
-        state = validate_state_dict(weights, config)
-        source = "state dict"
-    elif isinstance(weights, (str, os.PathLike)):
-        state = load_weights(weights, arch=config)
-        source = os.fspath(weights)
-    else:
-        raise WeightsError(f"weights must be None, a safetensors path or a state dict, got {type(weights).__name__}")
-    arrays = {k: v.detach().cpu().float().numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    return arrays, source
+        from .model import create_model  # torch is only needed for the seeded weights
+
+        arrays = validate_arrays(create_model(config, seed=seed).state_dict(), config)
+        return arrays, f"seeded untrained weights (seed {seed})"
+    if isinstance(weights, Mapping):
+        return validate_arrays(weights, config), "state dict"
+    if isinstance(weights, (str, os.PathLike)):
+        return load_arrays(weights, arch=config), os.fspath(weights)
+    raise WeightsError(f"weights must be None, a safetensors path or a state dict, got {type(weights).__name__}")
 
 
 def resolve_plugins(backend: Backend, plugins: Union[str, bool]) -> bool:

@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
-import torch
-from torch import nn
+import numpy as np
 
-from .model import VARIANTS, VariantConfig, get_config
+from .variants import VARIANTS, VariantConfig, expected_shapes, get_config
 
-__all__ = ["WeightsError", "FORMAT_VERSION", "expected_shapes", "save_weights", "load_weights",
-           "validate_state_dict"]
+if TYPE_CHECKING:  # torch is needed only by the functions that return torch tensors
+    import torch
+
+__all__ = ["WeightsError", "FORMAT_VERSION", "expected_shapes", "save_weights", "load_weights", "load_arrays",
+           "validate_arrays", "validate_state_dict"]
 
 FORMAT_VERSION = "trtvit_native/1"
-SUPPORTED_DTYPES = (torch.float32, torch.float16)
 _IGNORED_SUFFIX = ".num_batches_tracked"
 _MAX_LISTED = 12
+# safetensors dtype codes -> the names used in messages; only F32 and F16 are accepted.
+_FILE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                "U8": "uint8", "BOOL": "bool"}
+_SUPPORTED = {"float32": np.float32, "float16": np.float16}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,36 +45,16 @@ def _summarize(keys: Iterable[str]) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + f", ... ({len(keys) - _MAX_LISTED} more, {len(keys)} in total)"
 
 
-def expected_shapes(config: Union[str, VariantConfig], num_classes: int = 1000) -> Dict[str, Tuple[int, ...]]:
-    """Every key a weights file of this variant holds, with its shape."""
-    from .model import TRTViT
-
-    config = get_config(config)
-    with torch.device("meta"):
-        model = TRTViT(config, num_classes)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(_IGNORED_SUFFIX)}
-
-
-def validate_state_dict(state: Mapping[str, torch.Tensor], config: Union[str, VariantConfig],
-                        source: str = "state dict") -> Dict[str, torch.Tensor]:
-    """Check keys, shapes, dtypes and values of ``state`` against ``config``.
-
-    Returns the state dict without ``num_batches_tracked`` entries. ``num_classes`` is
-    whatever the head in ``state`` says; the head's two tensors must agree with each other.
-    """
-    config = get_config(config)
-    bad_types = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad_types:
-        raise WeightsError(f"{source}: values must be torch tensors; not tensors: {_summarize(bad_types)}")
-    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIX)}
+def _check_layout(entries: Mapping[str, Tuple[Tuple[int, ...], str]], config: VariantConfig, source: str) -> None:
+    """Keys, shapes and dtypes, from (shape, dtype name) per key; values are checked later."""
     num_classes = 1000
-    head = state.get("head.weight")
-    if head is not None and head.dim() == 2 and head.shape[0] >= 1:
-        num_classes = int(head.shape[0])
+    head = entries.get("head.weight")
+    if head is not None and len(head[0]) == 2 and head[0][0] >= 1:
+        num_classes = int(head[0][0])
     expected = expected_shapes(config, num_classes)
 
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(entries))
+    unexpected = sorted(set(entries) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -77,40 +63,78 @@ def validate_state_dict(state: Mapping[str, torch.Tensor], config: Union[str, Va
             parts.append(f"{len(unexpected)} unexpected keys: {_summarize(unexpected)}")
         raise WeightsError(f"{source} does not match variant {config.name!r}: " + "; ".join(parts))
 
-    wrong = [f"{k} (expected {list(shape)}, got {list(state[k].shape)})"
-             for k, shape in expected.items() if tuple(state[k].shape) != shape]
+    wrong = [f"{k} (expected {list(shape)}, got {list(entries[k][0])})"
+             for k, shape in expected.items() if tuple(entries[k][0]) != shape]
     if wrong:
         raise WeightsError(f"{source}: {len(wrong)} tensors have the wrong shape for variant "
                            f"{config.name!r}: {_summarize(wrong)}")
 
-    bad_dtype = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in state.items()
-                 if v.dtype not in SUPPORTED_DTYPES]
+    bad_dtype = [f"{k} ({dtype})" for k, (_, dtype) in entries.items() if dtype not in _SUPPORTED]
     if bad_dtype:
         raise WeightsError(f"{source}: unsupported dtype (float32 or float16 expected): {_summarize(bad_dtype)}")
 
-    non_finite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+
+def _check_values(arrays: Mapping[str, np.ndarray], source: str) -> None:
+    non_finite = [k for k, v in arrays.items() if not np.isfinite(v).all()]
     if non_finite:
         raise WeightsError(f"{source}: non-finite values (NaN or Inf) in {_summarize(non_finite)}")
-
-    negative_var = [k for k, v in state.items() if k.endswith(".running_var") and bool((v < 0).any())]
+    negative_var = [k for k, v in arrays.items() if k.endswith(".running_var") and (v < 0).any()]
     if negative_var:
         raise WeightsError(f"{source}: negative BatchNorm running variance in {_summarize(negative_var)}")
-    return state
 
 
-def save_weights(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike,
-                 arch: Union[str, VariantConfig], dtype: Optional[torch.dtype] = None,
+def _dtype_name(value: Any) -> str:
+    return str(value.dtype).replace("torch.", "")
+
+
+def validate_arrays(state: Mapping[str, Any], config: Union[str, VariantConfig],
+                    source: str = "state dict") -> Dict[str, np.ndarray]:
+    """Check a state dict (torch tensors or numpy arrays) and return it as numpy arrays.
+
+    Arrays share memory with the tensors where the dtype allows. ``num_batches_tracked``
+    entries are dropped; ``num_classes`` is whatever the head says.
+    """
+    config = get_config(config)
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"{source}: a state dict (mapping of names to tensors) is required, "
+                           f"got {type(state).__name__}")
+    bad_types = [k for k, v in state.items() if not (hasattr(v, "shape") and hasattr(v, "dtype"))]
+    if bad_types:
+        raise WeightsError(f"{source}: values must be tensors or arrays; not tensors: {_summarize(bad_types)}")
+    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIX)}
+    _check_layout({k: (tuple(v.shape), _dtype_name(v)) for k, v in state.items()}, config, source)
+    arrays = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in state.items()}
+    _check_values(arrays, source)
+    return arrays
+
+
+def validate_state_dict(state: Mapping[str, "torch.Tensor"], config: Union[str, VariantConfig],
+                        source: str = "state dict") -> Dict[str, "torch.Tensor"]:
+    """Check a torch state dict against ``config``; returns it without ``num_batches_tracked``."""
+    import torch
+
+    bad_types = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad_types:
+        raise WeightsError(f"{source}: values must be torch tensors; not tensors: {_summarize(bad_types)}")
+    validate_arrays(state, config, source)
+    return {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIX)}
+
+
+def save_weights(model_or_state_dict: Union["torch.nn.Module", Mapping[str, "torch.Tensor"]], path: PathLike,
+                 arch: Union[str, VariantConfig], dtype: Optional["torch.dtype"] = None,
                  metadata: Optional[Mapping[str, str]] = None) -> None:
     """Validate and write a weights file (atomically: temp file, then rename).
 
     ``dtype`` (``torch.float32`` or ``torch.float16``) converts every tensor; by default
     tensors keep their dtype.
     """
+    import torch
     from safetensors.torch import save_file
 
     config = get_config(arch)
-    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
-    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
+        else dict(model_or_state_dict)
+    if dtype is not None and dtype not in (torch.float32, torch.float16):
         raise WeightsError(f"unsupported dtype {dtype}; weights files hold float32 or float16")
     state = validate_state_dict(state, config)
     tensors = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in state.items()}
@@ -130,7 +154,7 @@ def save_weights(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor
             os.unlink(tmp)
 
 
-def _read_header(path: str) -> dict:
+def _read_header(path: str) -> Tuple[dict, int]:
     """Parse the safetensors header ourselves, so a bad file gets a precise message."""
     try:
         size = os.path.getsize(path)
@@ -161,22 +185,20 @@ def _read_header(path: str) -> dict:
         end = max(end, int(offsets[1]))
     if 8 + n + end > size:
         raise WeightsError(f"{path}: truncated: tensor data needs {8 + n + end} bytes, file has {size}")
-    return header
+    return header, 8 + n
 
 
-def load_weights(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None,
-                 config: Optional[VariantConfig] = None) -> Dict[str, torch.Tensor]:
-    """Load and validate a weights file, memory-mapped: tensors share the file's pages.
+def load_arrays(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None,
+                config: Optional[VariantConfig] = None) -> Dict[str, np.ndarray]:
+    """Load and validate a weights file as numpy arrays memory-mapped from the file.
 
     ``arch`` (a variant name or config) must agree with the file's ``arch`` metadata; when
     omitted the metadata decides. ``config`` lets a custom, unregistered config check a
-    file. Raises :class:`WeightsError` for every problem.
+    file. Raises :class:`WeightsError` for every problem. Needs no torch.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = os.fspath(path)
-    header = _read_header(path)
-    meta = header.get("__metadata__") or {}
+    header, data_start = _read_header(path)
+    meta = header.pop("__metadata__", None) or {}
     file_arch = meta.get("arch") if isinstance(meta, dict) else None
     if isinstance(arch, VariantConfig):
         config, arch = arch, arch.name
@@ -189,9 +211,29 @@ def load_weights(path: PathLike, arch: Optional[Union[str, VariantConfig]] = Non
         if name not in VARIANTS:
             raise WeightsError(f"{path}: unknown arch {name!r}; known variants: {', '.join(sorted(VARIANTS))}")
         config = VARIANTS[name]
-    try:
-        with safe_open(path, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise WeightsError(f"{path}: not a readable safetensors file: {e}") from None
-    return validate_state_dict(state, config, source=path)
+    entries = {k: (tuple(info.get("shape", ())), _FILE_DTYPES.get(info.get("dtype"), str(info.get("dtype"))))
+               for k, info in header.items() if not k.endswith(_IGNORED_SUFFIX)}
+    _check_layout(entries, config, path)
+    # One copy-on-write mapping of the file; every array is a view into it.
+    mapping = np.memmap(path, dtype=np.uint8, mode="c")
+    arrays = {}
+    for key, (shape, dtype) in entries.items():
+        begin, end = header[key]["data_offsets"]
+        itemsize = np.dtype(_SUPPORTED[dtype]).itemsize
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize:
+            raise WeightsError(f"{path}: entry {key!r} has {end - begin} bytes of data, its shape {list(shape)} "
+                               f"and dtype {dtype} need {int(np.prod(shape)) * itemsize}")
+        arrays[key] = mapping[data_start + begin:data_start + end].view(_SUPPORTED[dtype]).reshape(shape)
+    _check_values(arrays, path)
+    return arrays
+
+
+def load_weights(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None,
+                 config: Optional[VariantConfig] = None) -> Dict[str, "torch.Tensor"]:
+    """Load and validate a weights file as torch tensors memory-mapped from the file.
+
+    See :func:`load_arrays` for ``arch`` and ``config``. Raises :class:`WeightsError`.
+    """
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in load_arrays(path, arch, config).items()}
