@@ -84,7 +84,7 @@ setup(
     extras_require={
         "rtx": ["tensorrt-rtx>=1.2"],
         "test": ["pytest>=7", "scikit-image>=0.21"],
-        "bench": ["onnx>=1.14", "psutil>=5"],
+        "bench": ["onnx>=1.14"],
     },
     entry_points={"console_scripts": ["trtvit=trtvit_native.cli:main"]},
     cmdclass={"build_py": BuildPyWithKernels},
