@@ -205,12 +205,6 @@ def _gather(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
     return out.reshape(tuple(data.shape[:axis]) + tuple(index.shape) + tuple(data.shape[axis + 1:]))
 
 
-def _plugin_handler(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
-    from .trt_plugins import interpret_plugin_layer
-
-    return interpret_plugin_layer(layer, inputs)
-
-
 def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
                 capture: Union[None, str, Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """Execute ``built.network`` on CPU. Returns the network outputs and captured layers.
@@ -237,20 +231,22 @@ def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         type_name = str(layer.type).split(".")[-1]
-        if type_name in ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN"):
-            handler = _plugin_handler
+        inputs = [values[layer.get_input(j).name] for j in range(layer.num_inputs) if layer.get_input(j) is not None]
+        if layer.name in built.plugin_layers:  # the project's plugins, by layer name, with their torch reference
+            from .trt_plugins import interpret_plugin_layer
+
+            results = interpret_plugin_layer(*built.plugin_layers[layer.name], inputs)
         elif type_name in _HANDLERS:
             cls, handler = _HANDLERS[type_name]
             layer.__class__ = getattr(trt, cls)
+            results = [handler(trt, layer, inputs)]
         else:
             raise InterpreterError(f"layer {layer.name!r}: layer type {type_name} is not supported by the interpreter")
-        inputs = [values[layer.get_input(j).name] for j in range(layer.num_inputs) if layer.get_input(j) is not None]
-        result = handler(trt, layer, inputs)
-        out = layer.get_output(0)
-        result = result.to(_torch_dtype(trt, out.dtype))
-        values[out.name] = result
+        for j, result in enumerate(results):
+            out = layer.get_output(j)
+            values[out.name] = result.to(_torch_dtype(trt, out.dtype))
         if layer.name in wanted:
-            captured[layer.name] = result
+            captured[layer.name] = values[layer.get_output(0).name]
     outputs = {network.get_output(i).name: values[network.get_output(i).name] for i in range(network.num_outputs)}
     return {**captured, **outputs}
 

@@ -61,6 +61,7 @@ class BuiltNetwork:
     weight_bytes: int
     weights_source: str
     definition_seconds: float
+    plugin_layers: Dict[str, Tuple[str, Dict[str, Any]]] = field(default_factory=dict)
     _keepalive: List[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
@@ -89,8 +90,11 @@ class BuiltNetwork:
 class _Net:
     """Network under construction: the TensorRT objects, weights and the compute dtype."""
 
-    def __init__(self, backend: Backend, network: Any, state: Mapping[str, np.ndarray], fp16: bool):
+    def __init__(self, backend: Backend, network: Any, state: Mapping[str, np.ndarray], fp16: bool,
+                 plugins: bool = False):
         self.trt = backend.trt
+        self.plugins = plugins  # fused CUDA plugins for LayerNorm and attention (full TensorRT only)
+        self.plugin_layers: Dict[str, Tuple[str, Dict[str, Any]]] = {}
         self.network = network
         self.state = state
         self.fp16 = fp16
@@ -195,6 +199,10 @@ def linear(net: _Net, x: Any, name: str) -> Any:
 
 def layer_norm(net: _Net, x: Any, name: str) -> Any:
     """LayerNorm over the last axis with fp32 statistics (fp16 tensors cast around it)."""
+    if net.plugins:
+        from .trt_plugins import add_layer_norm
+
+        return add_layer_norm(net, x, name, eps=LN_EPS)[0]
     d = net.state[f"{name}.weight"].shape[0]
     f32 = net.trt.float32
     src = cast(net, x, f32, f"{name}.cast_in") if net.fp16 else x
@@ -212,6 +220,10 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
     MatMul-SoftMax-MatMul on native layers; the scores are scaled and normalized in fp32.
     Output (B, N, heads*head_dim), ready for the proj matmul.
     """
+    if net.plugins:
+        from .trt_plugins import add_attention
+
+        return add_attention(net, qkv, name, heads, head_dim)
     trt = net.trt
     packed = shuffle(net, qkv, f"{name}.unpack", reshape=(0, 0, 3, heads, head_dim))
     parts = []
@@ -241,8 +253,16 @@ def transformer(net: _Net, z: Any, name: str, heads: int, head_dim: int) -> Any:
     """Pre-norm block on tokens (B, N, d): z + proj(MHSA(LN1 z)), then z + fc2(GELU(fc1(LN2 z)))."""
     a = attention(net, linear(net, layer_norm(net, z, f"{name}.norm1"), f"{name}.qkv"), f"{name}.attn",
                   heads, head_dim)
-    z = add(net, z, linear(net, a, f"{name}.proj"), f"{name}.attn_residual")
-    h = linear(net, layer_norm(net, z, f"{name}.norm2"), f"{name}.fc1")
+    proj = linear(net, a, f"{name}.proj")
+    if net.plugins:  # one kernel: s = z + proj (attention residual), LN2(s)
+        from .trt_plugins import add_layer_norm
+
+        normed, z = add_layer_norm(net, z, f"{name}.norm2", residual=proj, sum_name=f"{name}.attn_residual",
+                                   eps=LN_EPS)
+    else:
+        z = add(net, z, proj, f"{name}.attn_residual")
+        normed = layer_norm(net, z, f"{name}.norm2")
+    h = linear(net, normed, f"{name}.fc1")
     h = net.named(net.network.add_activation(h, net.trt.ActivationType.GELU_ERF), f"{name}.gelu")
     return add(net, z, linear(net, h, f"{name}.fc2"), name)
 
@@ -347,19 +367,23 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     _check_arguments(fp16, max_batch, image_size, plugins)
     be = get_backend(backend)
     use_plugins = resolve_plugins(be, plugins)
+    if use_plugins:
+        from .kernels import attention_max_tokens
+
+        tokens, limit = (image_size // 32) ** 2, attention_max_tokens(config.head_dim)
+        if tokens > limit:
+            if plugins is True:
+                raise ValueError(f"image_size {image_size} gives {tokens} attention tokens; the fused attention "
+                                 f"kernel handles at most {limit} (head_dim {config.head_dim})")
+            use_plugins = False
     state, source = _state_as_numpy(weights, config, seed)
     start = time.perf_counter()
     trt = be.trt
     logger = CollectingLogger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    net = _Net(be, network, state, fp16)
-    if use_plugins:
-        from . import trt_plugins
-
-        trt_plugins.define_network_with_plugins(net, config, image_size)
-    else:
-        define_network(net, config, image_size)
+    net = _Net(be, network, state, fp16, plugins=use_plugins)
+    define_network(net, config, image_size)
     builder_config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
     shape = (3, image_size, image_size)
@@ -369,7 +393,8 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         backend=be, builder=builder, network=network, config=builder_config, logger=logger, variant=config,
         fp16=fp16, max_batch=max_batch, image_size=image_size,
         num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, weight_bytes=net.weight_bytes,
-        weights_source=source, definition_seconds=time.perf_counter() - start, _keepalive=net.keep,
+        weights_source=source, definition_seconds=time.perf_counter() - start, plugin_layers=net.plugin_layers,
+        _keepalive=net.keep,
     )
 
 
