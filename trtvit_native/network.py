@@ -13,7 +13,7 @@ softmax, which run in fp32 between casts. The engine's I/O is fp32 in both modes
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,6 +31,8 @@ __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 MAX_BATCH_LIMIT = 4096
+
+log = logging.getLogger("trtvit_native")
 
 WeightsArg = Union[None, str, "os.PathLike[str]", Mapping[str, Any]]  # Any: torch.Tensor or np.ndarray
 
@@ -74,12 +76,19 @@ class BuiltNetwork:
     def build_serialized(self) -> bytes:
         """Run the TensorRT builder; returns the serialized engine (plan)."""
         self.logger.messages.clear()
+        start = time.perf_counter()
         plan = self.builder.build_serialized_network(self.network, self.config)
         if plan is None:
             errors = self.logger.errors() or ["(TensorRT reported no error message)"]
-            raise BuildError(f"TensorRT could not build {self.variant.name} "
-                             f"({'fp16' if self.fp16 else 'fp32'}): " + " | ".join(errors))
-        return bytes(memoryview(plan))
+            raise BuildError(f"TensorRT could not build {self.describe()}: " + " | ".join(errors))
+        data = bytes(memoryview(plan))
+        log.info("built %s with %s in %.2f s: %d bytes", self.describe(), self.backend.label,
+                 time.perf_counter() - start, len(data))
+        return data
+
+    def describe(self) -> str:
+        return (f"{self.variant.name} {'fp16' if self.fp16 else 'fp32'}, batch 1..{self.max_batch}, "
+                f"{self.image_size}x{self.image_size}, plugins {'on' if self.plugins else 'off'}")
 
 
 # --------------------------------------------------------------------------------------
