@@ -1,0 +1,69 @@
+// Shared device helpers of the trtvit kernels: fp32 <-> storage conversion, 16-byte
+// vector loads and stores, warp reductions.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cmath>
+#include <cstdint>
+
+#include "trtvit_kernels.h"
+
+namespace trtvit {
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// Round an fp32 value to the storage type and back (what storing and reloading does).
+template <typename T> __device__ __forceinline__ float round_to(float v) { return to_float<T>(from_float<T>(v)); }
+
+// Elements of T in one 16-byte vector.
+template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
+
+// Load N consecutive elements (N == 1, or a full 16-byte vector) as floats.
+template <typename T, int N> __device__ __forceinline__ void load(const T* p, float* out) {
+    if constexpr (N == 1) {
+        out[0] = to_float<T>(*p);
+    } else {
+        static_assert(N == Vec16<T>::N, "vector loads are 16 bytes");
+        uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = to_float<T>(e[i]);
+    }
+}
+
+template <typename T, int N> __device__ __forceinline__ void store(T* p, const float* in) {
+    if constexpr (N == 1) {
+        *p = from_float<T>(in[0]);
+    } else {
+        static_assert(N == Vec16<T>::N, "vector stores are 16 bytes");
+        uint4 raw;
+        T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < N; ++i) e[i] = from_float<T>(in[i]);
+        *reinterpret_cast<uint4*>(p) = raw;
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+inline int launch_status() { return cudaGetLastError() == cudaSuccess ? TRTVIT_OK : TRTVIT_ERR_CUDA; }
+
+}  // namespace trtvit
