@@ -83,7 +83,7 @@ setup(
     install_requires=["numpy>=1.22", "safetensors>=0.4", "torch>=2.1"],
     extras_require={
         "rtx": ["tensorrt-rtx>=1.2"],
-        "test": ["pytest>=7", "scikit-image>=0.21"],
+        "test": ["pytest>=7", "scikit-image>=0.21", "nvidia-cuda-cuobjdump"],
         "bench": ["onnx>=1.14"],
     },
     entry_points={"console_scripts": ["trtvit=trtvit_native.cli:main"]},

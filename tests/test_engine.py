@@ -85,12 +85,9 @@ def test_batchnorm_is_folded_exactly():
 
 def test_dynamic_batch_profile():
     built = tv.build_network("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=True, max_batch=6)
-    trt = built.backend.trt
     assert tuple(built.network.get_input(0).shape) == (-1, 3, 224, 224)
-    profile = built.config.get_optimization_profile(0) if hasattr(built.config, "get_optimization_profile") else None
-    if profile is not None:
-        assert [tuple(s) for s in profile.get_shape("images")] == [(1, 3, 224, 224), (6, 3, 224, 224),
-                                                                   (6, 3, 224, 224)]
+    assert [tuple(s) for s in built.profile.get_shape("images")] == [(1, 3, 224, 224), (6, 3, 224, 224),
+                                                                     (6, 3, 224, 224)]
     assert built.config.num_optimization_profiles == 1
     out = tv.interpret(built, photographs(6))
     assert out.shape == (6, 1000)
@@ -192,7 +189,6 @@ def test_interpreter_rejects_unsupported_layers_and_bad_inputs():
     with pytest.raises(tv.InterpreterError, match="floating point"):
         tv.interpret(built, torch.zeros(1, 3, 224, 224, dtype=torch.int64))
     # a network with a layer type the interpreter does not know
-    import numpy as np
     from trtvit_native.interpreter import run_network
 
     trt = built.backend.trt
@@ -202,7 +198,7 @@ def test_interpreter_rejects_unsupported_layers_and_bad_inputs():
     topk = net.add_topk(x, trt.TopKOperation.MAX, 2, 1 << 1)
     topk.name = "my_topk"
     net.mark_output(topk.get_output(0))
-    fake = tv.BuiltNetwork(built.backend, builder, net, None, None, built.variant, False, 2, 224, 1000, False, 0,
-                           "", 0.0)
+    fake = tv.BuiltNetwork(built.backend, builder, net, None, None, None, built.variant, False, 2, 224, 1000, False,
+                           0, "", 0.0)
     with pytest.raises(tv.InterpreterError, match="layer 'my_topk': layer type TOPK is not supported"):
         run_network(fake, {"x": torch.zeros(2, 8)})

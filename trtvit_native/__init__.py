@@ -40,3 +40,26 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _register_plugins_with_full_tensorrt() -> None:
+    """Register the trtvit::LayerNorm and trtvit::Attention plugin creators with full
+    TensorRT when it is installed, so engines holding these plugins deserialize anywhere
+    this package is imported. TensorRT-RTX has no plugin layers: nothing to do there."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return
+    try:
+        import tensorrt
+
+        from .trt_plugins import register_plugins
+
+        register_plugins(tensorrt)
+    except Exception as e:  # a broken TensorRT install must not break the package import
+        import warnings
+
+        warnings.warn(f"trtvit_native: could not register the TensorRT plugins: {e}", RuntimeWarning, stacklevel=2)
+
+
+_register_plugins_with_full_tensorrt()

@@ -13,7 +13,7 @@ intermediates in higher precision; that only makes the GPU closer to fp32.)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Mapping, Union
+from typing import Dict, List, Union
 
 import torch
 import torch.nn.functional as F

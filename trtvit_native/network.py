@@ -53,6 +53,7 @@ class BuiltNetwork:
     builder: Any
     network: Any
     config: Any
+    profile: Any
     logger: Any
     variant: VariantConfig
     fp16: bool
@@ -278,7 +279,7 @@ def transformer(net: _Net, z: Any, name: str, heads: int, head_dim: int) -> Any:
 
 def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig, hw: int) -> Any:
     """MixBlockC: global (Transformer on d channels) then local (BottleNeck to C - d)."""
-    d, m = config.mix_dim, config.mix_dim // 4
+    d = config.mix_dim
     y = conv_bn(net, x, f"{name}.reduce")
     tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, hw * hw), second=(0, 2, 1))
     tokens = transformer(net, tokens, f"{name}.transformer", config.heads, config.head_dim)
@@ -399,7 +400,8 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     profile.set_shape(INPUT_NAME, (1,) + shape, (max_batch,) + shape, (max_batch,) + shape)
     builder_config.add_optimization_profile(profile)
     return BuiltNetwork(
-        backend=be, builder=builder, network=network, config=builder_config, logger=logger, variant=config,
+        backend=be, builder=builder, network=network, config=builder_config, profile=profile, logger=logger,
+        variant=config,
         fp16=fp16, max_batch=max_batch, image_size=image_size,
         num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, weight_bytes=net.weight_bytes,
         weights_source=source, definition_seconds=time.perf_counter() - start, plugin_layers=net.plugin_layers,

@@ -1,0 +1,125 @@
+"""The CUDA kernel library and the C++ example compile, export the C ABI, and validate
+their arguments on the host — all without a GPU."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trtvit_native import kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+CMAKE = shutil.which("cmake")
+
+pytestmark = pytest.mark.skipif(NVCC is None or CMAKE is None, reason="nvcc and cmake are needed to build the kernels")
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            for candidate in Path(base).glob("cu*/bin/cuobjdump"):
+                return str(candidate)
+    except ImportError:
+        pass
+    return None
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmake-build")
+    subprocess.run([CMAKE, "-S", str(ROOT), "-B", str(out), "-DCMAKE_CUDA_ARCHITECTURES=80-real;90-real",
+                    f"-DCMAKE_CUDA_COMPILER={NVCC}"], check=True, capture_output=True)
+    result = subprocess.run([CMAKE, "--build", str(out), "-j", str(os.cpu_count() or 2)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def library(build_dir):
+    return kernels.load_kernel_library(build_dir / kernels.LIBRARY_NAME)
+
+
+def test_library_and_example_are_built(build_dir):
+    assert (build_dir / "libtrtvit_kernels.so").is_file()
+    assert os.access(build_dir / "examples" / "cpp" / "check_kernels", os.X_OK)
+
+
+def test_exports_exactly_the_documented_symbols(build_dir):
+    out = subprocess.run(["nm", "-D", "--defined-only", str(build_dir / kernels.LIBRARY_NAME)], check=True,
+                         capture_output=True, text=True).stdout
+    symbols = sorted(line.split()[-1] for line in out.splitlines() if line.strip())
+    assert symbols == sorted(kernels.EXPORTED_SYMBOLS)
+    header = (ROOT / "plugins" / "trtvit_kernels.h").read_text()
+    for symbol in kernels.EXPORTED_SYMBOLS:
+        assert f" {symbol}(" in header
+
+
+def test_no_cuda_runtime_dependency(build_dir):
+    out = subprocess.run(["ldd", str(build_dir / kernels.LIBRARY_NAME)], capture_output=True, text=True).stdout
+    assert "libcudart" not in out  # the runtime is linked statically: only the driver is needed
+
+
+def test_contains_sm80_and_sm90_code(build_dir):
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+    listing = subprocess.run([tool, "--list-elf", str(build_dir / kernels.LIBRARY_NAME)], capture_output=True,
+                             text=True).stdout
+    assert "sm_80.cubin" in listing and "sm_90.cubin" in listing
+
+
+def test_host_queries_need_no_gpu(library):
+    assert library.version() == 10000
+    assert library.attention_max_tokens(32) == kernels.attention_max_tokens(32) == 256
+    assert library.attention_max_tokens(64) == kernels.attention_max_tokens(64) == 128
+    assert library.attention_max_tokens(48) == kernels.attention_max_tokens(48) == 0
+    assert library.status_string(0) == "ok"
+    assert "invalid argument" in library.status_string(1)
+    assert "unsupported" in library.status_string(2)
+    assert library.status_string(99) == "unknown status"
+
+
+FAKE = 0x1000  # a non-null, 16-byte aligned address the launchers must never touch
+
+
+@pytest.mark.parametrize("call, status", [
+    (lambda L: L.layernorm_raw(0, FAKE, FAKE, FAKE, 4, 64, 1e-5, 0, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_raw(FAKE, FAKE, FAKE, FAKE, 0, 64, 1e-5, 0, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_raw(FAKE, FAKE, FAKE, FAKE, 4, -1, 1e-5, 0, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_raw(FAKE, FAKE, FAKE, FAKE, 4, 64, -1.0, 0, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_raw(FAKE, FAKE, FAKE, FAKE, 4, 64, 1e-5, 7, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_raw(FAKE, FAKE, FAKE, FAKE, 4, 4097, 1e-5, 0, 0), kernels.UNSUPPORTED),
+    (lambda L: L.layernorm_residual_raw(FAKE, 0, FAKE, FAKE, FAKE, FAKE, 4, 64, 1e-5, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(0, FAKE, 1, 49, 32, 32, 0.17, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 0, 49, 32, 32, 0.17, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 49, 32, 32, 0.0, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE + 2, FAKE, 1, 49, 32, 32, 0.17, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 257, 32, 32, 0.17, 1, 0), kernels.UNSUPPORTED),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 129, 32, 64, 0.17, 1, 0), kernels.UNSUPPORTED),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 49, 32, 48, 0.17, 1, 0), kernels.UNSUPPORTED),
+])
+def test_launchers_reject_bad_arguments_before_touching_the_gpu(library, call, status):
+    assert call(library) == status
+    with pytest.raises(kernels.KernelError, match=library.status_string(status).split(" ")[0]):
+        library.check("launcher", status)
+
+
+def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTVIT_KERNELS_LIB", str(tmp_path / "nope.so"))
+    assert kernels.find_kernel_library() is None
+    with pytest.raises(kernels.KernelLibraryError, match="libtrtvit_kernels.so not found.*cmake -S . -B build"):
+        kernels.load_kernel_library()
+    libm = Path("/lib/x86_64-linux-gnu/libm.so.6")
+    if not libm.exists():
+        pytest.skip("no libm to stand in for a foreign library")
+    with pytest.raises(kernels.KernelLibraryError, match="is not the trtvit kernel library: missing trtvit_attention"):
+        kernels.load_kernel_library(libm)

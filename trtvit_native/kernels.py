@@ -1,0 +1,218 @@
+"""ctypes access to ``libtrtvit_kernels.so``, the fused CUDA kernels of ``plugins/``.
+
+The library is found (in this order) at ``$TRTVIT_KERNELS_LIB``, inside the package
+(``trtvit_native/lib/``, where ``pip install`` puts it when nvcc is present), or in the
+CMake build folders ``build/`` and ``build/kernels/`` of a source checkout. Nothing is
+loaded at import time.
+
+Raw launchers take device pointers as ints and a CUDA stream handle (int, 0 for the
+legacy default stream) and return the C status code; :func:`layernorm` and
+:func:`attention` are checked wrappers for CUDA torch tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LIBRARY_NAME", "KernelLibraryError", "KernelError", "KernelLibrary", "find_kernel_library",
+           "load_kernel_library", "attention_max_tokens", "layernorm", "attention", "EXPORTED_SYMBOLS"]
+
+LIBRARY_NAME = "libtrtvit_kernels.so"
+OK, INVALID_ARGUMENT, UNSUPPORTED, CUDA_ERROR = 0, 1, 2, 3
+FLOAT32, FLOAT16 = 0, 1
+LAYERNORM_MAX_D = 4096
+# Mirrors trtvit_attention_max_tokens() (checked against the library by the tests), so
+# shapes can be validated where the library is not present.
+_ATTENTION_MAX_TOKENS = {32: 256, 64: 128}
+EXPORTED_SYMBOLS = ("trtvit_attention", "trtvit_attention_max_tokens", "trtvit_kernels_version", "trtvit_layernorm",
+                    "trtvit_layernorm_residual", "trtvit_status_string")
+
+_ROOT = Path(__file__).resolve().parent
+
+
+class KernelLibraryError(RuntimeError):
+    """The kernel library is missing or is not the library this package expects."""
+
+
+class KernelError(RuntimeError):
+    """A launcher returned an error status; the message carries the library's description."""
+
+    def __init__(self, function: str, status: int, description: str):
+        super().__init__(f"{function}: {description} (status {status})")
+        self.status = status
+
+
+def attention_max_tokens(head_dim: int) -> int:
+    """Largest token count of the fused attention kernel for ``head_dim`` (0: unsupported)."""
+    return _ATTENTION_MAX_TOKENS.get(int(head_dim), 0)
+
+
+def find_kernel_library() -> Optional[Path]:
+    """Where the kernel library is, or None."""
+    env = os.environ.get("TRTVIT_KERNELS_LIB")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    for candidate in (_ROOT / "lib" / LIBRARY_NAME, _ROOT.parent / "build" / LIBRARY_NAME,
+                      _ROOT.parent / "build" / "kernels" / LIBRARY_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class KernelLibrary:
+    """The loaded library with typed entry points."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        try:
+            self._lib = ctypes.CDLL(str(self.path))
+        except OSError as e:
+            raise KernelLibraryError(f"cannot load the kernel library {self.path}: {e}") from None
+        missing = [s for s in EXPORTED_SYMBOLS if not hasattr(self._lib, s)]
+        if missing:
+            raise KernelLibraryError(f"{self.path} is not the trtvit kernel library: missing {', '.join(missing)}")
+        vp, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        signatures = {
+            "trtvit_status_string": ([i], ctypes.c_char_p),
+            "trtvit_kernels_version": ([], i),
+            "trtvit_attention_max_tokens": ([i], i),
+            "trtvit_layernorm": ([vp, vp, vp, vp, i, i, f, i, vp], i),
+            "trtvit_layernorm_residual": ([vp, vp, vp, vp, vp, vp, i, i, f, i, vp], i),
+            "trtvit_attention": ([vp, vp, i, i, i, i, f, i, vp], i),
+        }
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(self._lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
+
+    # --- host-only queries ---
+    def status_string(self, status: int) -> str:
+        return self._lib.trtvit_status_string(int(status)).decode()
+
+    def version(self) -> int:
+        return self._lib.trtvit_kernels_version()
+
+    def attention_max_tokens(self, head_dim: int) -> int:
+        return self._lib.trtvit_attention_max_tokens(int(head_dim))
+
+    # --- raw launchers: device pointers and stream as ints; return the status code ---
+    def layernorm_raw(self, x: int, gamma: int, beta: int, y: int, rows: int, d: int, eps: float, dtype: int,
+                      stream: int) -> int:
+        return self._lib.trtvit_layernorm(x, gamma, beta, y, rows, d, eps, dtype, stream)
+
+    def layernorm_residual_raw(self, x: int, residual: int, gamma: int, beta: int, sum_out: int, y: int, rows: int,
+                               d: int, eps: float, dtype: int, stream: int) -> int:
+        return self._lib.trtvit_layernorm_residual(x, residual, gamma, beta, sum_out, y, rows, d, eps, dtype, stream)
+
+    def attention_raw(self, qkv: int, out: int, batch: int, tokens: int, heads: int, head_dim: int, scale: float,
+                      dtype: int, stream: int) -> int:
+        return self._lib.trtvit_attention(qkv, out, batch, tokens, heads, head_dim, scale, dtype, stream)
+
+    def check(self, function: str, status: int) -> None:
+        if status != OK:
+            raise KernelError(function, status, self.status_string(status))
+
+
+_loaded: Dict[Path, KernelLibrary] = {}
+
+
+def load_kernel_library(path: Union[None, str, Path] = None) -> KernelLibrary:
+    """Load (once) the kernel library at ``path`` or wherever :func:`find_kernel_library` finds it."""
+    if path is None:
+        path = find_kernel_library()
+        if path is None:
+            raise KernelLibraryError(
+                f"{LIBRARY_NAME} not found (looked at $TRTVIT_KERNELS_LIB, {_ROOT / 'lib'}, and the build folders of a "
+                f"source checkout); build it with `cmake -S . -B build && cmake --build build -j`, or reinstall the "
+                f"package where nvcc is available")
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise KernelLibraryError(f"kernel library {path} does not exist")
+    if path not in _loaded:
+        _loaded[path] = KernelLibrary(path)
+    return _loaded[path]
+
+
+# --------------------------------------------------------------------------------------
+# torch wrappers
+# --------------------------------------------------------------------------------------
+
+
+def _dtype_code(t: "torch.Tensor", what: str) -> int:
+    import torch
+
+    if t.dtype == torch.float32:
+        return FLOAT32
+    if t.dtype == torch.float16:
+        return FLOAT16
+    raise ValueError(f"{what}: dtype {t.dtype} is not supported (float32 or float16)")
+
+
+def _check_cuda(what: str, **tensors: "torch.Tensor") -> None:
+    first = next(iter(tensors.values()))
+    for name, t in tensors.items():
+        if not t.is_cuda:
+            raise ValueError(f"{what}: {name} must be a CUDA tensor, got device {t.device}")
+        if t.device != first.device:
+            raise ValueError(f"{what}: {name} is on {t.device}, not {first.device} like the others")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{what}: {name} has dtype {t.dtype}, the others {first.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{what}: {name} must be contiguous")
+
+
+def layernorm(x: "torch.Tensor", weight: "torch.Tensor", bias: "torch.Tensor", eps: float = 1e-5,
+              residual: Optional["torch.Tensor"] = None,
+              library: Optional[KernelLibrary] = None) -> Union["torch.Tensor", Tuple["torch.Tensor", "torch.Tensor"]]:
+    """LayerNorm over the last axis of a CUDA tensor; with ``residual`` returns (x + r, LN(x + r))."""
+    import torch
+
+    lib = library or load_kernel_library()
+    tensors = {"x": x, "weight": weight, "bias": bias}
+    if residual is not None:
+        tensors["residual"] = residual
+    _check_cuda("layernorm", **tensors)
+    d = x.shape[-1]
+    if weight.numel() != d or bias.numel() != d:
+        raise ValueError(f"layernorm: weight and bias need {d} values, got {weight.numel()} and {bias.numel()}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"layernorm: residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
+    rows = x.numel() // d if d else 0
+    dtype = _dtype_code(x, "layernorm")
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    y = torch.empty_like(x)
+    with torch.cuda.device(x.device):
+        if residual is None:
+            lib.check("trtvit_layernorm", lib.layernorm_raw(x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                                            y.data_ptr(), rows, d, eps, dtype, stream))
+            return y
+        total = torch.empty_like(x)
+        lib.check("trtvit_layernorm_residual",
+                  lib.layernorm_residual_raw(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                             total.data_ptr(), y.data_ptr(), rows, d, eps, dtype, stream))
+        return total, y
+
+
+def attention(qkv: "torch.Tensor", heads: int, head_dim: int = 32, scale: Optional[float] = None,
+              library: Optional[KernelLibrary] = None) -> "torch.Tensor":
+    """Fused attention of a packed (B, N, 3*heads*head_dim) CUDA tensor -> (B, N, heads*head_dim)."""
+    import torch
+
+    lib = library or load_kernel_library()
+    _check_cuda("attention", qkv=qkv)
+    if qkv.dim() != 3 or qkv.shape[2] != 3 * heads * head_dim:
+        raise ValueError(f"attention: qkv must have shape (B, N, {3 * heads * head_dim}) for {heads} heads of "
+                         f"{head_dim}, got {tuple(qkv.shape)}")
+    b, n, _ = qkv.shape
+    out = torch.empty(b, n, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    scale = head_dim ** -0.5 if scale is None else scale
+    stream = torch.cuda.current_stream(qkv.device).cuda_stream
+    with torch.cuda.device(qkv.device):
+        lib.check("trtvit_attention", lib.attention_raw(qkv.data_ptr(), out.data_ptr(), b, n, heads, head_dim, scale,
+                                                        _dtype_code(qkv, "attention"), stream))
+    return out
