@@ -60,11 +60,8 @@ def test_fields_serialize_round_trip_through_the_creator(creator_cls, fields):
 
 
 def _collection(fields):
-    spec = tp._FIELD_SPECS["LayerNorm" if "eps" in fields else "Attention"]
-    keep = {k: np.array([v], dtype=spec.get(k, np.float32)) for k, v in fields.items()}
-    kinds = {np.float32: trt.PluginFieldType.FLOAT32, np.int32: trt.PluginFieldType.INT32}
-    _collection.keep = keep  # field buffers must outlive the collection
-    return trt.PluginFieldCollection([trt.PluginField(k, a, kinds[a.dtype.type]) for k, a in keep.items()])
+    collection, _collection.keep = tp._field_collection(trt, "LayerNorm" if "eps" in fields else "Attention", fields)
+    return collection  # (its field buffers are kept alive on the function)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -103,6 +103,14 @@ def _collection_to_dict(fc: Any) -> Dict[str, Any]:
     return {fc[i].name: np.array(fc[i].data, copy=True) for i in range(len(fc))}
 
 
+def _field_collection(trt: ModuleType, plugin: str, values: Dict[str, Any]) -> Tuple[Any, List[np.ndarray]]:
+    """A PluginFieldCollection of ``values`` and the arrays it points into (keep them alive)."""
+    kinds = {np.float32: trt.PluginFieldType.FLOAT32, np.int32: trt.PluginFieldType.INT32}
+    arrays = {k: np.array([v], dtype=_FIELD_SPECS[plugin][k]) for k, v in values.items()}
+    fields = [trt.PluginField(k, a, kinds[a.dtype.type]) for k, a in arrays.items()]
+    return trt.PluginFieldCollection(fields), list(arrays.values())
+
+
 # --------------------------------------------------------------------------------------
 # Plugin classes, made per TensorRT module
 # --------------------------------------------------------------------------------------
@@ -142,14 +150,11 @@ def plugin_classes(trt: ModuleType) -> Dict[str, Tuple[type, type]]:
             return self
 
         def clone(self) -> Any:
-            copy = type(self)(dict(self.fields), self.phase)
-            return copy
+            return type(self)(dict(self.fields), self.phase)
 
         def get_fields_to_serialize(self) -> Any:
-            arrays = [(k, np.array([v], dtype=_FIELD_SPECS[self.name][k])) for k, v in self.fields.items()]
-            self._serialized = [a for _, a in arrays]
-            kinds = {np.float32: trt.PluginFieldType.FLOAT32, np.int32: trt.PluginFieldType.INT32}
-            return trt.PluginFieldCollection([trt.PluginField(k, a, kinds[a.dtype.type]) for k, a in arrays])
+            collection, self._serialized = _field_collection(trt, self.name, self.fields)
+            return collection
 
         # --- build ---
         def get_output_data_types(self, input_types: Sequence[Any]) -> List[Any]:
@@ -279,11 +284,8 @@ def plugin_classes(trt: ModuleType) -> Dict[str, Tuple[type, type]]:
                 self.name = plugin_cls.name
                 self.plugin_namespace = NAMESPACE
                 self.plugin_version = VERSION
-                self._defaults = [np.zeros(1, dtype=t) for t in _FIELD_SPECS[plugin_cls.name].values()]
-                kinds = {np.float32: trt.PluginFieldType.FLOAT32, np.int32: trt.PluginFieldType.INT32}
-                self.field_names = trt.PluginFieldCollection([
-                    trt.PluginField(k, a, kinds[a.dtype.type])
-                    for k, a in zip(_FIELD_SPECS[plugin_cls.name], self._defaults)])
+                self.field_names, self._defaults = _field_collection(
+                    trt, plugin_cls.name, {k: 0 for k in _FIELD_SPECS[plugin_cls.name]})
 
             def create_plugin(self, name: str, fc: Any, phase: Any) -> Any:
                 return plugin_cls(_collection_to_dict(fc), phase)
@@ -316,9 +318,7 @@ def register_plugins(trt: ModuleType) -> List[Any]:
 def _create(trt: ModuleType, name: str, layer_name: str, **fields: Any) -> Any:
     register_plugins(trt)
     creator = trt.get_plugin_registry().get_creator(name, VERSION, NAMESPACE)
-    kinds = {np.float32: trt.PluginFieldType.FLOAT32, np.int32: trt.PluginFieldType.INT32}
-    arrays = {k: np.array([v], dtype=_FIELD_SPECS[name][k]) for k, v in fields.items()}
-    fc = trt.PluginFieldCollection([trt.PluginField(k, a, kinds[a.dtype.type]) for k, a in arrays.items()])
+    fc, _keep = _field_collection(trt, name, fields)
     return creator.create_plugin(layer_name, fc, trt.TensorRTPhase.BUILD)
 
 
