@@ -6,7 +6,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import trtvit_native as tv
 
@@ -25,26 +24,13 @@ def network(variant: str, fp16: bool, max_batch: int = 4) -> tv.BuiltNetwork:
 
 
 @functools.lru_cache(maxsize=None)
-def _photographs(size: int) -> torch.Tensor:
-    from skimage import data
-
-    images = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        img = torch.from_numpy(getattr(data, name)().copy()).permute(2, 0, 1).float().div(255)[None]
-        side = min(img.shape[-2:])  # center crop to a square, then resize
-        top, left = (img.shape[-2] - side) // 2, (img.shape[-1] - side) // 2
-        img = img[..., top:top + side, left:left + side]
-        images.append(F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
-    x = torch.cat(images).clamp(0, 1)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (x - mean) / std
+def _photographs(batch: int, size: int) -> torch.Tensor:
+    return tv.photographs(batch, size)
 
 
 def photographs(batch: int, size: int = 224) -> torch.Tensor:
     """Real photographs shipped with scikit-image, ImageNet-normalized."""
-    x = _photographs(size)
-    return x[torch.arange(batch) % x.shape[0]]
+    return _photographs(batch, size).clone()
 
 
 def random_images(batch: int, size: int = 224, seed: int = 0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .variants import BN_EPS, LN_EPS, VARIANTS, VariantConfig, get_config
 
-__all__ = ["TRTViT", "create_model", "count_parameters", "synthetic_images"]
+__all__ = ["TRTViT", "create_model", "count_parameters", "synthetic_images", "photographs"]
 
 
 # --------------------------------------------------------------------------------------
@@ -167,6 +167,31 @@ def synthetic_images(batch: int, image_size: int = 224, seed: int = 0) -> torch.
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return (out.clamp(0, 1) - mean) / std
+
+
+_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def photographs(batch: int, image_size: int = 224) -> torch.Tensor:
+    """Real photographs shipped with scikit-image (cycled to ``batch``), center-cropped,
+    resized and ImageNet-normalized. Needs ``pip install scikit-image``."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise ImportError("photographs() needs scikit-image (pip install scikit-image)") from None
+    images = []
+    for name in _PHOTOS[:batch]:
+        img = torch.from_numpy(getattr(data, name)().copy()).permute(2, 0, 1).float().div(255)[None]
+        side = min(img.shape[-2:])
+        top, left = (img.shape[-2] - side) // 2, (img.shape[-1] - side) // 2
+        img = img[..., top:top + side, left:left + side]
+        images.append(F.interpolate(img, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                    align_corners=False))
+    x = torch.cat(images).clamp(0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x[torch.arange(batch) % x.shape[0]]
 
 
 @torch.no_grad()
