@@ -383,8 +383,10 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         tokens, limit = (image_size // 32) ** 2, attention_max_tokens(config.head_dim)
         if tokens > limit:
             if plugins is True:
-                raise ValueError(f"image_size {image_size} gives {tokens} attention tokens; the fused attention "
-                                 f"kernel handles at most {limit} (head_dim {config.head_dim})")
+                raise ValueError(
+                    f"the fused attention kernel supports head_dim 32 and 64, not {config.head_dim}" if limit == 0
+                    else f"image_size {image_size} gives {tokens} attention tokens; the fused attention kernel "
+                         f"handles at most {limit} (head_dim {config.head_dim})")
             use_plugins = False
     state, source = _state_as_numpy(weights, config, seed)
     start = time.perf_counter()
@@ -401,8 +403,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     builder_config.add_optimization_profile(profile)
     return BuiltNetwork(
         backend=be, builder=builder, network=network, config=builder_config, profile=profile, logger=logger,
-        variant=config,
-        fp16=fp16, max_batch=max_batch, image_size=image_size,
+        variant=config, fp16=fp16, max_batch=max_batch, image_size=image_size,
         num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, weight_bytes=net.weight_bytes,
         weights_source=source, definition_seconds=time.perf_counter() - start, plugin_layers=net.plugin_layers,
         _keepalive=net.keep,
