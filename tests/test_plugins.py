@@ -170,3 +170,15 @@ def test_unavailable_reason_names_what_is_missing():
         assert reason == f"{backend.label} has no plugin layers"
     else:
         assert reason is None or "libtrtvit_kernels.so" in reason
+
+
+def test_builder_respects_the_attention_token_limit(monkeypatch):
+    """Where plugins are usable, too many tokens fail with plugins=True and fall back with 'auto'."""
+    import trtvit_native.network as network
+
+    monkeypatch.setattr(network, "resolve_plugins", lambda backend, plugins: plugins is not False)
+    with pytest.raises(ValueError, match="image_size 544 gives 289 attention tokens; the fused attention kernel "
+                                         "handles at most 256"):
+        tv.build_network("trt-vit-a", fp16=True, max_batch=1, image_size=544, plugins=True)
+    built = tv.build_network("trt-vit-a", fp16=True, max_batch=1, image_size=544, plugins="auto")
+    assert not built.plugins and not built.plugin_layers
