@@ -1,12 +1,18 @@
 // Shared device helpers of the trtvit kernels: fp32 <-> storage conversion, 16-byte
-// vector loads and stores, warp reductions.
+// vector loads and stores, warp reductions, host-side checks.
 #pragma once
 
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
 #include <cmath>
 #include <cstdint>
 
 #include "trtvit_kernels.h"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 750
+#error "the trtvit kernels need compute capability 7.5 (Turing) or newer"
+#endif
 
 namespace trtvit {
 
@@ -30,13 +36,14 @@ template <typename T, int N> __device__ __forceinline__ void load(const T* p, fl
         out[0] = to_float<T>(*p);
     } else {
         static_assert(N == Vec16<T>::N, "vector loads are 16 bytes");
-        uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const uint4 raw = *reinterpret_cast<const uint4*>(p);
         const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
         for (int i = 0; i < N; ++i) out[i] = to_float<T>(e[i]);
     }
 }
 
+// Store N floats (N == 1, or a full 16-byte vector) as consecutive elements of T.
 template <typename T, int N> __device__ __forceinline__ void store(T* p, const float* in) {
     if constexpr (N == 1) {
         *p = from_float<T>(in[0]);
@@ -49,6 +56,10 @@ template <typename T, int N> __device__ __forceinline__ void store(T* p, const f
         *reinterpret_cast<uint4*>(p) = raw;
     }
 }
+
+// Read-only global loads (the data must not be written during the kernel).
+__device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint32_t ldg4(const void* p) { return __ldg(reinterpret_cast<const unsigned int*>(p)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -64,6 +75,7 @@ __device__ __forceinline__ float warp_max(float v) {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
+// Status of the launch just made on this thread (clears the runtime's last error).
 inline int launch_status() { return cudaGetLastError() == cudaSuccess ? TRTVIT_OK : TRTVIT_ERR_CUDA; }
 
 }  // namespace trtvit

@@ -1,10 +1,15 @@
-// Fused LayerNorm (optionally with the residual add before it), one warp per row.
+// Fused LayerNorm (optionally with the residual add before it), one warp per row, four
+// rows (warps) per 128-thread block.
 //
-// The whole row lives in registers: one read of x (and r), one write of y (and s).
-// Each lane holds EPT elements; with 16-byte vectors (d a multiple of 4 fp32 / 8 fp16
-// elements and 16-byte aligned pointers) a lane's elements are EPT/N vectors strided by
-// 32 vectors, otherwise single elements strided by 32. Mean and variance are two exact
-// passes over the registers, in fp32.
+// The whole row lives in registers: one read of x (and r), one write of y (and s); gamma
+// and beta are read per row but stay in L1/L2. Each lane holds EPT elements (the smallest
+// of 8, 16, 32, 64, 128 with 32 * EPT >= d, so d <= 4096); with 16-byte vectors (d a
+// multiple of 4 fp32 / 8 fp16 elements and 16-byte aligned pointers) a lane's elements are
+// EPT/N vectors strided by 32 vectors, otherwise single elements strided by 32 (coalesced
+// either way). Mean, then variance as the mean of squared deviations, are two exact passes
+// over the registers in fp32, each finished with a butterfly shuffle reduction.
+#include <initializer_list>
+
 #include "common.cuh"
 
 namespace trtvit {
@@ -109,10 +114,19 @@ int launch(const void* x, const void* r, const void* gamma, const void* beta, vo
     return launch_dispatch<T, 1>(cx, cr, cg, cb, cs, cy, rows, d, eps, stream);
 }
 
-int validate(const void* x, const void* gamma, const void* beta, const void* y, int rows, int d, float eps,
-             int dtype) {
-    if (!x || !gamma || !beta || !y || rows <= 0 || d <= 0 || !(eps >= 0.f)) return TRTVIT_ERR_INVALID_ARGUMENT;
+bool element_aligned(const void* p, int dtype) {
+    return (reinterpret_cast<std::uintptr_t>(p) & (dtype == TRTVIT_FLOAT16 ? 1u : 3u)) == 0;
+}
+
+// Every check of both launchers; no CUDA call.
+int validate(const void* x, const void* r, const void* gamma, const void* beta, const void* sum_out, const void* y,
+             int rows, int d, float eps, int dtype, bool residual) {
+    if (!x || !gamma || !beta || !y || (residual && (!r || !sum_out))) return TRTVIT_ERR_INVALID_ARGUMENT;
+    if (rows <= 0 || d <= 0 || !(eps >= 0.f)) return TRTVIT_ERR_INVALID_ARGUMENT;
     if (dtype != TRTVIT_FLOAT32 && dtype != TRTVIT_FLOAT16) return TRTVIT_ERR_INVALID_ARGUMENT;
+    for (const void* p : {x, gamma, beta, y})
+        if (!element_aligned(p, dtype)) return TRTVIT_ERR_INVALID_ARGUMENT;
+    if (residual && (!element_aligned(r, dtype) || !element_aligned(sum_out, dtype))) return TRTVIT_ERR_INVALID_ARGUMENT;
     if (d > TRTVIT_LAYERNORM_MAX_D) return TRTVIT_ERR_UNSUPPORTED;
     return TRTVIT_OK;
 }
@@ -123,7 +137,7 @@ int validate(const void* x, const void* gamma, const void* beta, const void* y, 
 extern "C" TRTVIT_API int trtvit_layernorm(const void* x, const void* gamma, const void* beta, void* y, int rows,
                                            int d, float eps, int dtype, cudaStream_t stream) {
     using namespace trtvit;
-    if (int status = validate(x, gamma, beta, y, rows, d, eps, dtype)) return status;
+    if (int status = validate(x, nullptr, gamma, beta, nullptr, y, rows, d, eps, dtype, false)) return status;
     if (dtype == TRTVIT_FLOAT16) return launch<__half>(x, nullptr, gamma, beta, nullptr, y, rows, d, eps, stream);
     return launch<float>(x, nullptr, gamma, beta, nullptr, y, rows, d, eps, stream);
 }
@@ -132,8 +146,7 @@ extern "C" TRTVIT_API int trtvit_layernorm_residual(const void* x, const void* r
                                                     const void* beta, void* sum_out, void* y, int rows, int d,
                                                     float eps, int dtype, cudaStream_t stream) {
     using namespace trtvit;
-    if (!residual || !sum_out) return TRTVIT_ERR_INVALID_ARGUMENT;
-    if (int status = validate(x, gamma, beta, y, rows, d, eps, dtype)) return status;
+    if (int status = validate(x, residual, gamma, beta, sum_out, y, rows, d, eps, dtype, true)) return status;
     if (dtype == TRTVIT_FLOAT16) return launch<__half>(x, residual, gamma, beta, sum_out, y, rows, d, eps, stream);
     return launch<float>(x, residual, gamma, beta, sum_out, y, rows, d, eps, stream);
 }

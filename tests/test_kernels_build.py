@@ -2,6 +2,7 @@
 their arguments on the host — all without a GPU."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -106,6 +107,23 @@ FAKE = 0x1000  # a non-null, 16-byte aligned address the launchers must never to
     (lambda L: L.attention_raw(FAKE, FAKE, 1, 257, 32, 32, 0.17, 1, 0), kernels.UNSUPPORTED),
     (lambda L: L.attention_raw(FAKE, FAKE, 1, 129, 32, 64, 0.17, 1, 0), kernels.UNSUPPORTED),
     (lambda L: L.attention_raw(FAKE, FAKE, 1, 49, 32, 48, 0.17, 1, 0), kernels.UNSUPPORTED),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 49, 32, 0, 0.17, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 49, 0, 32, 0.17, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 0, 32, 32, 0.17, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 49, 32, 32, float("inf"), 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 49, 32, 32, float("nan"), 0, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1, 49, 32, 32, 0.17, 2, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE + 8, 1, 49, 32, 32, 0.17, 0, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.attention_raw(FAKE, FAKE, 1 << 20, 49, 1 << 12, 32, 0.17, 1, 0), kernels.UNSUPPORTED),
+    (lambda L: L.layernorm_residual_raw(FAKE, FAKE, FAKE, FAKE, 0, FAKE, 4, 64, 1e-5, 0, 0),
+     kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_residual_raw(FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, 4, 5000, 1e-5, 1, 0),
+     kernels.UNSUPPORTED),
+    (lambda L: L.layernorm_raw(FAKE, FAKE, FAKE, FAKE, 4, 64, float("nan"), 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_raw(FAKE + 1, FAKE, FAKE, FAKE, 4, 64, 1e-5, 1, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_raw(FAKE, FAKE, FAKE, FAKE + 2, 4, 64, 1e-5, 0, 0), kernels.INVALID_ARGUMENT),
+    (lambda L: L.layernorm_residual_raw(FAKE, FAKE + 2, FAKE, FAKE, FAKE, FAKE, 4, 64, 1e-5, 0, 0),
+     kernels.INVALID_ARGUMENT),
 ])
 def test_launchers_reject_bad_arguments_before_touching_the_gpu(library, call, status):
     assert call(library) == status
@@ -113,11 +131,56 @@ def test_launchers_reject_bad_arguments_before_touching_the_gpu(library, call, s
         library.check("launcher", status)
 
 
+def test_raising_launchers(library):
+    with pytest.raises(kernels.KernelError, match=r"trtvit_attention: unsupported .*\(status 2\)") as info:
+        library.attention(FAKE, FAKE, 1, 257, 32, 32, 0.17, kernels.FLOAT16)
+    assert info.value.status == kernels.UNSUPPORTED
+    with pytest.raises(kernels.KernelError, match="trtvit_layernorm: invalid argument"):
+        library.layernorm(FAKE, FAKE, FAKE, FAKE, -1, 64, 1e-5, kernels.FLOAT32)
+    with pytest.raises(kernels.KernelError, match="trtvit_layernorm_residual: invalid argument"):
+        library.layernorm_residual(FAKE, FAKE, FAKE, 0, FAKE, FAKE, 4, 64, 1e-5, kernels.FLOAT32)
+
+
+def test_example_runs_or_reports_no_gpu(build_dir):
+    result = subprocess.run([str(build_dir / "examples" / "cpp" / "check_kernels")], capture_output=True, text=True,
+                            timeout=600)
+    if result.returncode == 2:
+        assert "no CUDA device" in result.stderr
+    else:
+        assert result.returncode == 0 and "all checks passed" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("compiler, flags", [("cc", ["-x", "c", "-std=c99"]), ("c++", ["-x", "c++", "-std=c++17"])])
+def test_header_compiles_as_c_and_cpp(build_dir, tmp_path, compiler, flags):
+    exe = shutil.which(compiler)
+    if exe is None:
+        pytest.skip(f"no {compiler}")
+    # The toolkit's include folder, as CMake found it.
+    found = re.search(r'CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES "([^";]+)',
+                      next(build_dir.glob("CMakeFiles/*/CMakeCUDACompiler.cmake")).read_text())
+    assert found, "CMake recorded no CUDA include folder"
+    cuda_include = found.group(1)
+    source = tmp_path / "use_header.c"
+    source.write_text('#include "trtvit_kernels.h"\n'
+                      'int main(void) { return trtvit_attention_max_tokens(32) == 256 ? 0 : 1; }\n')
+    subprocess.run([exe, *flags, "-Wall", "-Wextra", "-Werror", "-fsyntax-only", f"-I{ROOT / 'plugins'}",
+                    f"-I{cuda_include}", str(source)], check=True)
+
+
 def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TRTVIT_KERNELS_LIB", str(tmp_path / "nope.so"))
     assert kernels.find_kernel_library() is None
+    with pytest.raises(kernels.KernelLibraryError,
+                       match=r"libtrtvit_kernels.so not found \(\$TRTVIT_KERNELS_LIB=.*nope.so is not a file\); "
+                             r"build it with `cmake -S . -B build"):
+        kernels.load_kernel_library()
+    monkeypatch.delenv("TRTVIT_KERNELS_LIB")
+    monkeypatch.setattr(kernels, "_candidates", lambda: (tmp_path / "a.so", tmp_path / "b.so"))
+    assert kernels.find_kernel_library() is None
     with pytest.raises(kernels.KernelLibraryError, match="libtrtvit_kernels.so not found.*cmake -S . -B build"):
         kernels.load_kernel_library()
+    with pytest.raises(kernels.KernelLibraryError, match="does not exist"):
+        kernels.load_kernel_library(tmp_path / "missing.so")
     libm = Path("/lib/x86_64-linux-gnu/libm.so.6")
     if not libm.exists():
         pytest.skip("no libm to stand in for a foreign library")

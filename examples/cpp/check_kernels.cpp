@@ -121,8 +121,8 @@ void check_layernorm(int rows, int d, bool fp16, bool residual, std::mt19937& rn
     if (residual) report("  residual sum", sum_err, 0.0);
 }
 
-void check_attention(int batch, int tokens, int heads, bool fp16, std::mt19937& rng) {
-    const int hd = 32, width = heads * hd;
+void check_attention(int batch, int tokens, int heads, int hd, bool fp16, std::mt19937& rng) {
+    const int width = heads * hd;
     auto qkv = random_values(size_t(batch) * tokens * 3 * width, fp16, rng);
     Buffer dq(qkv.size(), fp16), dout(size_t(batch) * tokens * width, fp16);
     dq.upload(qkv);
@@ -159,8 +159,16 @@ void check_attention(int batch, int tokens, int heads, bool fp16, std::mt19937& 
                 }
             }
     char what[96];
-    std::snprintf(what, sizeof what, "attention %s B %d N %d heads %d", fp16 ? "fp16" : "fp32", batch, tokens, heads);
+    std::snprintf(what, sizeof what, "attention %s B %d N %d heads %d head_dim %d", fp16 ? "fp16" : "fp32", batch,
+                  tokens, heads, hd);
     report(what, err, fp16 ? 2e-3 : 1e-5);
+}
+
+int expect(const char* what, int status, int wanted) {
+    const bool ok = status == wanted;
+    std::printf("%-48s -> %s  %s\n", what, trtvit_status_string(status), ok ? "PASS" : "FAIL");
+    failures += !ok;
+    return status;
 }
 
 }  // namespace
@@ -171,24 +179,44 @@ int main() {
         std::fprintf(stderr, "no CUDA device: nothing to check\n");
         return 2;
     }
-    std::printf("libtrtvit_kernels version %d\n", trtvit_kernels_version());
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("libtrtvit_kernels version %d on %s (sm_%d%d)\n", trtvit_kernels_version(), prop.name, prop.major,
+                prop.minor);
     std::mt19937 rng(0);
     for (bool fp16 : {false, true}) {
         check_layernorm(2 * 49, 1024, fp16, false, rng);
         check_layernorm(2 * 196, 512, fp16, true, rng);
         check_layernorm(37, 1000, fp16, true, rng);
-        check_attention(2, 49, 32, fp16, rng);
-        check_attention(1, 196, 16, fp16, rng);
+        check_layernorm(5, 1023, fp16, false, rng);
+        check_layernorm(5, 1023, fp16, true, rng);
+        check_layernorm(3, 4096, fp16, true, rng);
+        check_attention(2, 49, 32, 32, fp16, rng);
+        check_attention(1, 196, 16, 32, fp16, rng);
+        check_attention(3, 1, 2, 32, fp16, rng);
+        check_attention(2, 33, 3, 32, fp16, rng);
+        check_attention(1, 256, 2, 32, fp16, rng);
+        check_attention(2, 49, 4, 64, fp16, rng);
+        check_attention(1, 128, 2, 64, fp16, rng);
     }
-    // Errors are reported, never executed: too many tokens, unsupported head_dim.
+    // Errors are reported, never executed: each call below returns before any launch.
     const int too_many = trtvit_attention_max_tokens(32) + 1;
     Buffer big(size_t(too_many) * 3 * 32, false), small(size_t(too_many) * 32, false);
-    int status = trtvit_attention(big.ptr, small.ptr, 1, too_many, 1, 32, 0.1f, TRTVIT_FLOAT32, nullptr);
-    std::printf("attention with %d tokens -> %s\n", too_many, trtvit_status_string(status));
-    failures += status != TRTVIT_ERR_UNSUPPORTED;
-    status = trtvit_attention(big.ptr, small.ptr, 1, 8, 1, 48, 0.1f, TRTVIT_FLOAT32, nullptr);
-    std::printf("attention with head_dim 48 -> %s\n", trtvit_status_string(status));
-    failures += status != TRTVIT_ERR_UNSUPPORTED;
+    char what[96];
+    std::snprintf(what, sizeof what, "attention with %d tokens", too_many);
+    expect(what, trtvit_attention(big.ptr, small.ptr, 1, too_many, 1, 32, 0.1f, TRTVIT_FLOAT32, nullptr),
+           TRTVIT_ERR_UNSUPPORTED);
+    expect("attention with head_dim 48", trtvit_attention(big.ptr, small.ptr, 1, 8, 1, 48, 0.1f, TRTVIT_FLOAT32, nullptr),
+           TRTVIT_ERR_UNSUPPORTED);
+    expect("attention with a null qkv", trtvit_attention(nullptr, small.ptr, 1, 8, 1, 32, 0.1f, TRTVIT_FLOAT32, nullptr),
+           TRTVIT_ERR_INVALID_ARGUMENT);
+    expect("layernorm with 0 rows",
+           trtvit_layernorm(big.ptr, big.ptr, big.ptr, small.ptr, 0, 32, 1e-5f, TRTVIT_FLOAT32, nullptr),
+           TRTVIT_ERR_INVALID_ARGUMENT);
+    expect("layernorm with d 8192",
+           trtvit_layernorm(big.ptr, big.ptr, big.ptr, small.ptr, 1, 8192, 1e-5f, TRTVIT_FLOAT32, nullptr),
+           TRTVIT_ERR_UNSUPPORTED);
+    CUDA_CHECK(cudaDeviceSynchronize());
     std::printf("%s\n", failures ? "FAILED" : "all checks passed");
     return failures ? 1 : 0;
 }
