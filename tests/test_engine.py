@@ -202,3 +202,10 @@ def test_interpreter_rejects_unsupported_layers_and_bad_inputs():
                            0, "", 0.0)
     with pytest.raises(tv.InterpreterError, match="layer 'my_topk': layer type TOPK is not supported"):
         run_network(fake, {"x": torch.zeros(2, 8)})
+
+
+def test_fp32_networks_exclude_tf32_and_fp16_networks_keep_the_default():
+    fp32, fp16 = network("trt-vit-a", False), network("trt-vit-a", True)
+    flag = fp32.backend.trt.BuilderFlag.TF32
+    assert not fp32.config.get_flag(flag)
+    assert fp16.config.get_flag(flag)

@@ -199,3 +199,71 @@ def test_cpp_example_passes(tmp_path):
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout
+
+
+# --- the IPluginV3 plugins' enqueue, called as TensorRT calls it ---------------------
+
+def _plugin_class(which):
+    """(trt module, plugin class); skips where no TensorRT Python module is installed."""
+    import trtvit_native as tv
+    from trtvit_native import trt_plugins as tp
+
+    try:
+        trt = tv.get_backend().trt
+    except tv.BackendError as e:
+        pytest.skip(f"the plugin classes need a TensorRT module: {e}")
+    return trt, tp.plugin_classes(trt)[which][0]
+
+
+def _plugin_desc(trt, tensor):
+    d = trt.PluginTensorDesc()
+    d.dims = trt.Dims(list(tensor.shape))
+    d.type = trt.DataType.HALF if tensor.dtype == torch.float16 else trt.DataType.FLOAT
+    d.format = trt.TensorFormat.LINEAR
+    return d
+
+
+@DTYPES
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_layernorm_plugin_enqueue(residual, dtype):
+    from trtvit_native import trt_plugins as tp
+
+    trt, plugin_cls = _plugin_class(tp.LAYERNORM)
+    plugin = plugin_cls({"eps": 1e-5, "residual": int(residual)})
+    x, r = _randn(8, 49, 1024, dtype=dtype, seed=21), _randn(8, 49, 1024, dtype=dtype, seed=22)
+    w, b = _ln_params(1024, dtype)
+    inputs = [x, r, w, b] if residual else [x, w, b]
+    outputs = [torch.empty_like(x) for _ in range(2 if residual else 1)]
+    stream = torch.cuda.current_stream()
+    plugin.enqueue([_plugin_desc(trt, t) for t in inputs], [_plugin_desc(trt, t) for t in outputs],
+                   [t.data_ptr() for t in inputs], [t.data_ptr() for t in outputs], 0, stream.cuda_stream)
+    source = (x.float() + r.float()).to(dtype) if residual else x
+    ref = torch.nn.functional.layer_norm(source.double(), (1024,), w.double(), b.double(), 1e-5)
+    assert _max_err(outputs[0], ref) <= TOL[dtype]
+    if residual:
+        assert torch.equal(outputs[1], source)
+
+
+@DTYPES
+def test_attention_plugin_enqueue(dtype):
+    from trtvit_native import trt_plugins as tp
+
+    trt, plugin_cls = _plugin_class(tp.ATTENTION)
+    plugin = plugin_cls({"heads": 32, "head_dim": 32, "scale": 32 ** -0.5})
+    qkv = _randn(8, 49, 3 * 1024, dtype=dtype, seed=23)
+    out = torch.empty(8, 49, 1024, dtype=dtype, device=DEV)
+    plugin.enqueue([_plugin_desc(trt, qkv)], [_plugin_desc(trt, out)], [qkv.data_ptr()], [out.data_ptr()], 0,
+                   torch.cuda.current_stream().cuda_stream)
+    assert _max_err(out, _sdpa_reference(qkv, 32, 32)) <= TOL[dtype]
+
+
+def test_attention_plugin_enqueue_reports_kernel_errors():
+    from trtvit_native import trt_plugins as tp
+
+    trt, plugin_cls = _plugin_class(tp.ATTENTION)
+    plugin = plugin_cls({"heads": 1, "head_dim": 32, "scale": 0.125})
+    qkv = _randn(1, 300, 96, dtype=torch.float16, seed=0)
+    out = torch.empty(1, 300, 32, dtype=torch.float16, device=DEV)
+    with pytest.raises(RuntimeError, match="trtvit::Attention: kernel launch failed: .*unsupported"):
+        plugin.enqueue([_plugin_desc(trt, qkv)], [_plugin_desc(trt, out)], [qkv.data_ptr()], [out.data_ptr()], 0,
+                       torch.cuda.current_stream().cuda_stream)

@@ -5,8 +5,9 @@
 
 Main entry points: :func:`create_model` (PyTorch reference), :func:`save_weights` /
 :func:`load_weights` (safetensors), :func:`build_network` / :func:`build_engine`
-(TensorRT), :func:`interpret` (CPU execution of the built network) and
-:func:`parity_report` (layer-by-layer comparison with the reference).
+(TensorRT), :func:`interpret` (CPU execution of the built network),
+:func:`parity_report` (layer-by-layer comparison with the reference) and
+:class:`EngineRunner` (running an engine on a GPU with torch tensors).
 """
 
 from importlib import import_module
@@ -26,6 +27,7 @@ _EXPORTS = {
     "photographs": "model",
     "InterpreterError": "interpreter", "interpret": "interpreter",
     "ParityReport": "parity", "parity_report": "parity",
+    "EngineError": "runtime", "EngineRunner": "runtime",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -397,6 +397,10 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     net = _Net(be, network, state, fp16, plugins=use_plugins)
     define_network(net, config, image_size)
     builder_config = builder.create_builder_config()
+    if not fp16 and hasattr(trt.BuilderFlag, "TF32"):
+        # fp32 means fp32: no TF32 tensor-core math (10-bit mantissa) in convolutions
+        # and matrix products, so an fp32 engine stays the exact reference it is meant as.
+        builder_config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     shape = (3, image_size, image_size)
     profile.set_shape(INPUT_NAME, (1,) + shape, (max_batch,) + shape, (max_batch,) + shape)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for the GPU of this machine:
+#
+#   bash benchmarks/gpu_checks.sh [OUTDIR]        # default OUTDIR: gpu-results/
+#
+#   1. the kernel library and the C++ example, built for this GPU (CMake, or nvcc alone
+#      where CMake is missing), and the example run;
+#   2. pytest -m gpu (kernels against torch, the plugins' enqueue, engines against the
+#      reference);
+#   3. benchmarks/kernels.py (kernel speed against torch and the copy bandwidth);
+#   4. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
+#      TensorRT module is importable.
+#
+# Each step's output goes to OUTDIR/<step>.txt (and .json / .xml where the tool writes
+# one); OUTDIR/summary.txt lists every step's exit status. A failing step does not stop
+# the later ones; the script exits non-zero when any step failed.
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$(mkdir -p "${1:-gpu-results}" && cd "${1:-gpu-results}" && pwd)
+py=${PYTHON:-python3}
+cd "$root"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+summary="$out/summary.txt"
+: > "$summary"
+failed=0
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" | tee -a "$summary"
+  [ "$rc" -eq 0 ] || failed=1
+  return "$rc"
+}
+
+{
+  date -u '+%Y-%m-%d %H:%M:%S UTC'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  nvcc --version | tail -n 2
+  "$py" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+  "$py" -c "import trtvit_native as tv; print(tv.get_backend().label)" 2>&1 | tail -n 1
+} > "$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+cc=$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')") || {
+  echo "no CUDA GPU visible to torch" | tee -a "$summary"; exit 2; }
+
+build_with_nvcc() {
+  mkdir -p build/examples/cpp
+  nvcc -O3 -std=c++17 -shared -Xcompiler -fPIC,-fvisibility=hidden -DTRTVIT_BUILDING -cudart static \
+    -gencode "arch=compute_$cc,code=sm_$cc" -Iplugins plugins/layernorm.cu plugins/attention.cu plugins/status.cu \
+    -o build/libtrtvit_kernels.so &&
+  nvcc -O2 -std=c++17 -Iplugins examples/cpp/check_kernels.cpp -Lbuild -ltrtvit_kernels -cudart static \
+    -Xlinker "-rpath,$root/build" -o build/examples/cpp/check_kernels
+}
+
+if command -v cmake > /dev/null; then
+  step build 600 bash -c "cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=${cc}-real && cmake --build build -j"
+else
+  export cc root
+  step build 600 bash -c "$(declare -f build_with_nvcc); build_with_nvcc"
+fi
+export TRTVIT_KERNELS_LIB="$root/build/libtrtvit_kernels.so"
+
+step cpp_example 120 ./build/examples/cpp/check_kernels
+step pytest_gpu 900 "$py" -m pytest -m gpu -v -rs -p no:cacheprovider --junitxml="$out/pytest_gpu.xml" \
+  tests/test_kernels_gpu.py tests/test_engine_gpu.py
+step kernels 600 "$py" benchmarks/kernels.py --json "$out/kernels.json"
+if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; then
+  step engine 900 "$py" benchmarks/engine_gpu.py --json "$out/engine.json"
+else
+  echo "engine         skipped: no TensorRT Python module (tensorrt or tensorrt_rtx)" | tee -a "$summary"
+fi
+exit "$failed"

@@ -1,0 +1,87 @@
+"""Engines executed by TensorRT on a GPU against the PyTorch reference on the same GPU.
+
+``pytest -m gpu``; skipped, with the reason, without a CUDA GPU, without a TensorRT
+module, or where TensorRT cannot deserialize its own engine on this device. The engines are built exactly as on CPU (TensorRT-RTX where full
+TensorRT is absent), so this also shows whether those engines run on the device at hand.
+"""
+
+import pytest
+import torch
+
+import trtvit_native as tv
+from conftest import photographs, random_images, reference
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
+
+try:
+    BACKEND = tv.get_backend()
+except tv.BackendError as e:
+    pytest.skip(f"no TensorRT module to build and run engines: {e}", allow_module_level=True)
+
+DEV = torch.device("cuda")
+
+
+def _images(batch):
+    """Photographs where scikit-image is installed, else the package's synthetic images."""
+    try:
+        return photographs(batch)
+    except ImportError:
+        return tv.synthetic_images(batch, seed=5)
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "fp16"])
+def engine(request):
+    fp16 = request.param
+    plan = tv.build_engine("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=fp16, max_batch=4)
+    try:
+        return fp16, tv.EngineRunner(plan)
+    except tv.EngineError as e:
+        if "could not deserialize" not in str(e):
+            raise
+        # The device is outside what this TensorRT's engines support (TensorRT-RTX lists
+        # compute capabilities): a fact about the device, reported with TensorRT's words.
+        pytest.skip(f"{BACKEND.label} engines do not load on {torch.cuda.get_device_name()}: {e}")
+
+
+def test_engine_matches_the_reference_on_the_gpu(engine):
+    fp16, runner = engine
+    model = reference("trt-vit-a").to(DEV)
+    try:
+        for images in (_images(3), _images(1), random_images(4, seed=1)):
+            images = images.to(DEV)
+            with torch.no_grad():
+                ref = model(images)
+            out = runner(images)
+            torch.cuda.synchronize()
+            assert out.shape == ref.shape and out.dtype == torch.float32 and out.device.type == "cuda"
+            err = (out - ref).abs().max().item() / ref.abs().max().item()
+            if fp16:
+                assert err <= 2e-2 and _cosine(out, ref) >= 0.999, err
+            else:
+                assert err <= 1e-3, err
+    finally:
+        model.cpu()
+
+
+def test_engine_accepts_cpu_tensors_and_an_output_buffer(engine):
+    _, runner = engine
+    images = _images(2)
+    first = runner(images)
+    out = torch.empty_like(first)
+    assert runner(images.to(DEV), out=out) is out
+    torch.cuda.synchronize()
+    assert torch.equal(first, out)
+
+
+def test_engine_rejects_a_batch_beyond_its_profile(engine):
+    _, runner = engine
+    assert runner.batch_range == (1, 4)
+    with pytest.raises(tv.EngineError, match="batch size 5 is outside the engine's profile: it accepts 1..4"):
+        runner(random_images(5))
