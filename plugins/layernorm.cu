@@ -8,6 +8,9 @@
 // EPT/N vectors strided by 32 vectors, otherwise single elements strided by 32 (coalesced
 // either way). Mean, then variance as the mean of squared deviations, are two exact passes
 // over the registers in fp32, each finished with a butterfly shuffle reduction.
+// Register use stays within the budget (no local memory) for every instance except the
+// element-wise residual kernel at 128 elements per lane (d > 2048 that is not a multiple
+// of the vector width, or misaligned pointers), which spills a few values.
 #include <initializer_list>
 
 #include "common.cuh"

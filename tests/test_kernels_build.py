@@ -186,3 +186,26 @@ def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
         pytest.skip("no libm to stand in for a foreign library")
     with pytest.raises(kernels.KernelLibraryError, match="is not the trtvit kernel library: missing trtvit_attention"):
         kernels.load_kernel_library(libm)
+
+
+@pytest.mark.parametrize("arch", ["75", "90"])
+@pytest.mark.parametrize("source", ["attention.cu", "layernorm.cu"])
+def test_kernels_compile_without_register_spills(source, arch, tmp_path):
+    # sm_75 takes the Turing path of the fp16 attention (two m16n8k8 products per
+    # m16n8k16); sm_90 is the main target. A spill or stack frame would put per-thread
+    # data in local memory: a performance bug in these register-resident kernels. One
+    # known exception: the element-wise (unvectorized) residual LayerNorm for d > 2048
+    # (128 values of a row per lane, plus the residual's) spills a little; TRT-ViT's
+    # widths all take the vectorized kernels.
+    result = subprocess.run([NVCC, "-std=c++17", "-O3", "-c", str(ROOT / "plugins" / source), "-I",
+                             str(ROOT / "plugins"), "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+                             "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    entries = re.findall(r"Compiling entry function '(\w+)'", result.stderr)
+    usage = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    assert entries and len(usage) == len(entries), result.stderr[-4000:]
+    for entry, counts in zip(entries, usage):
+        if re.search(r"layernorm_kernelI\w+Li128ELi1ELb1E", entry):
+            assert all(int(c) <= 128 for c in counts), f"{entry} on sm_{arch}: {counts}"
+            continue
+        assert counts == ("0", "0", "0"), f"{entry} on sm_{arch}: stack/spill stores/spill loads {counts}"
