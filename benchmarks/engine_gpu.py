@@ -1,10 +1,12 @@
 """Build a TRT-ViT engine, run it on the GPU, check it against PyTorch there, and time it.
 
     python benchmarks/engine_gpu.py [--variant trt-vit-c] [--precisions fp16 fp32]
-                                    [--batches 1 8 32] [--repeats 50] [--json engine.json]
+                                    [--attention matmul fused] [--batches 1 8 32]
+                                    [--repeats 50] [--json engine.json]
                                     [--compute-capability current]
 
-For each precision: builds the engine with the installed TensorRT (TensorRT-RTX where
+For each precision and native attention (MatMul-SoftMax-MatMul, and the IAttention layer
+where the backend has it): builds the engine with the installed TensorRT (TensorRT-RTX where
 full TensorRT is absent; by default exactly as on a machine without a GPU), loads it with
 :class:`EngineRunner` (a failure to load is reported, with TensorRT's message, as the
 result: it answers whether such an engine runs on this device), compares its logits with
@@ -72,12 +74,13 @@ def set_compute_capability(built: tv.BuiltNetwork, which: str) -> None:
     built.config.set_compute_capability(members[key], 0)
 
 
-def run_precision(args: argparse.Namespace, fp16: bool, model: torch.nn.Module, result: dict[str, Any]) -> bool:
-    label = "fp16" if fp16 else "fp32"
-    entry: dict[str, Any] = {"precision": label}
+def run_engine(args: argparse.Namespace, fp16: bool, attention: str, model: torch.nn.Module,
+               result: dict[str, Any]) -> bool:
+    label = f"{'fp16' if fp16 else 'fp32'}, {attention} attention"
+    entry: dict[str, Any] = {"precision": "fp16" if fp16 else "fp32", "attention": attention}
     result["engines"].append(entry)
     max_batch = max(args.batches)
-    built = tv.build_network(args.variant, model.state_dict(), fp16=fp16, max_batch=max_batch)
+    built = tv.build_network(args.variant, model.state_dict(), fp16=fp16, max_batch=max_batch, attention=attention)
     if args.compute_capability:
         set_compute_capability(built, args.compute_capability)
     t0 = time.perf_counter()
@@ -146,6 +149,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="trt-vit-c")
     parser.add_argument("--precisions", nargs="+", choices=["fp16", "fp32"], default=["fp16", "fp32"])
+    parser.add_argument("--attention", nargs="+", choices=["matmul", "fused"], default=["matmul", "fused"],
+                        help="native attention kinds to build (fused only where the backend has IAttention)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--compute-capability", metavar="CC",
@@ -167,7 +172,8 @@ def main() -> int:
         "torch": torch.__version__, "variant": args.variant, "command": " ".join(sys.argv), "engines": []}
     print(f"{result['date']}  {props.name} (sm_{props.major}{props.minor})  {backend.label}  torch {torch.__version__}")
     model = tv.create_model(args.variant).cuda().eval()
-    ok = [run_precision(args, p == "fp16", model, result) for p in args.precisions]
+    kinds = [a for a in args.attention if a != "fused" or hasattr(backend.trt.INetworkDefinition, "add_attention")]
+    ok = [run_engine(args, p == "fp16", a, model, result) for p in args.precisions for a in kinds]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if all(ok) else 3

@@ -29,7 +29,19 @@ def test_build_writes_the_engine_and_reports(capsys, tmp_path):
         assert field in out
     assert f"{size:,d} bytes" in out
     assert "PASS: trt-vit-a fp16" in out
+    assert "(trt-vit-a fp16, batch 1..2, 224x224, plugins off, matmul attention)" in out
     assert [p.name for p in tmp_path.iterdir()] == ["a.engine"]  # no temp file left behind
+
+
+def test_build_with_the_fused_attention_layer(capsys, tmp_path):
+    import trtvit_native as tv
+
+    if not hasattr(tv.get_backend().trt.INetworkDefinition, "add_attention"):
+        pytest.skip("this TensorRT has no IAttention layer")
+    code, out, err = run(capsys, "build", "trt-vit-a", "--attention", "fused", "--max-batch", "2", "-o",
+                         str(tmp_path / "a.engine"))
+    assert code == 0, err
+    assert "fused attention" in out and "PASS: trt-vit-a fp16" in out
 
 
 def test_build_from_weights_fp32(capsys, tmp_path, tmp_weights):

@@ -161,6 +161,7 @@ def test_parity_report_finds_the_first_broken_layer():
     (dict(max_batch=2.5), "max_batch must be an integer"),
     (dict(fp16="yes"), "fp16 must be True or False"),
     (dict(plugins="maybe"), "plugins must be 'auto', True or False"),
+    (dict(attention="flash"), "attention must be one of 'matmul', 'fused', got 'flash'"),
 ])
 def test_bad_build_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -209,3 +210,43 @@ def test_fp32_networks_exclude_tf32_and_fp16_networks_keep_the_default():
     flag = fp32.backend.trt.BuilderFlag.TF32
     assert not fp32.config.get_flag(flag)
     assert fp16.config.get_flag(flag)
+
+
+FUSED = pytest.mark.skipif(not hasattr(tv.get_backend().trt.INetworkDefinition, "add_attention"),
+                           reason="this TensorRT has no IAttention layer")
+
+
+@FUSED
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("variant", ["trt-vit-a", "trt-vit-b"])
+def test_fused_attention_layer_builds_and_matches_the_reference(variant, fp16):
+    built = tv.build_network(variant, reference(variant).state_dict(), fp16=fp16, max_batch=4, attention="fused")
+    trt = built.backend.trt
+    kinds = [built.network.get_layer(i).type for i in range(built.network.num_layers)]
+    blocks = sum(built.variant.depths[3:])
+    assert kinds.count(trt.LayerType.ATTENTION_INPUT) == blocks and trt.LayerType.SOFTMAX not in kinds
+    assert "fused attention" in built.describe()
+    names = built.layer_names()
+    assert len(names) == len(set(names))
+    assert len(built.build_serialized()) > built.weight_bytes * 0.9
+    model = reference(variant)
+    for images in (photographs(3), random_images(1, seed=4)):
+        with torch.no_grad():
+            ref = model(images)
+        out = tv.interpret(built, images)
+        err = (out - ref).abs().max().item() / ref.abs().max().item()
+        if fp16:
+            assert err <= 2e-2 and _cosine(out, ref) >= 0.999, err
+        else:
+            assert err <= 1e-4, err
+
+
+@FUSED
+def test_fused_attention_output_equals_the_matmul_path_per_layer():
+    images = photographs(2)
+    name = "stages.3.1.transformer.attn"
+    _, fused = tv.interpret(tv.build_network("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=False,
+                                             max_batch=2, attention="fused"), images, capture=[name])
+    _, matmul = tv.interpret(network("trt-vit-a", False), images, capture=[name])
+    assert fused[name].shape == matmul[name].shape
+    assert torch.allclose(fused[name], matmul[name], rtol=1e-5, atol=1e-5)

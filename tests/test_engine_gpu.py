@@ -36,10 +36,16 @@ def _cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "fp16"])
+KINDS = [(False, "matmul"), (True, "matmul")]
+if hasattr(BACKEND.trt.INetworkDefinition, "add_attention"):
+    KINDS += [(False, "fused"), (True, "fused")]
+
+
+@pytest.fixture(scope="module", params=KINDS, ids=[f"{'fp16' if h else 'fp32'}-{a}" for h, a in KINDS])
 def engine(request):
-    fp16 = request.param
-    plan = tv.build_engine("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=fp16, max_batch=4)
+    fp16, attention = request.param
+    plan = tv.build_engine("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=fp16, max_batch=4,
+                           attention=attention)
     try:
         return fp16, tv.EngineRunner(plan)
     except tv.EngineError as e:

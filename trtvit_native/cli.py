@@ -36,6 +36,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="fp16 network (default)")
     prec.add_argument("--fp32", dest="fp16", action="store_false", help="fp32 network")
     p.add_argument("--image-size", type=int, default=224, metavar="S", help="input size, a multiple of 32 (224)")
+    p.add_argument("--attention", choices=["matmul", "fused"], default="matmul",
+                   help="native attention: matmul (MatMul-SoftMax-MatMul, default) or fused (IAttention layer)")
 
 
 def _parser() -> _Parser:
@@ -104,14 +106,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     model, state = _reference_and_weights(args.variant, args.weights)
     t_weights = time.perf_counter() - t0
     built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.max_batch,
-                          image_size=args.image_size, plugins=plugins)
+                          image_size=args.image_size, plugins=plugins, attention=args.attention)
     t1 = time.perf_counter()
     plan = built.build_serialized()
     t_build = time.perf_counter() - t1
     _write_atomically(args.output, plan)
-    precision = "fp16" if args.fp16 else "fp32"
-    print(f"engine     {args.output}  ({args.variant}, {precision}, batch 1..{args.max_batch}, "
-          f"{args.image_size}x{args.image_size}, plugins {'on' if built.plugins else 'off'})")
+    print(f"engine     {args.output}  ({built.describe()})")
     print(f"backend    {built.backend.label}")
     print(f"weights    {args.weights or 'seeded untrained weights (seed 0): for testing and timing only'}")
     print(f"layers     {built.num_layers}")
@@ -137,7 +137,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
     model, state = _reference_and_weights(args.variant, args.weights)
     built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.batch, image_size=args.image_size,
-                          plugins=False)
+                          plugins=False, attention=args.attention)
     report = parity_report(built, model, synthetic_images(args.batch, args.image_size, seed=args.seed))
     print(f"backend {built.backend.label}; {built.num_layers} layers; weights: "
           f"{args.weights or 'seeded untrained weights (seed 0)'}")

@@ -205,6 +205,32 @@ def _gather(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
     return out.reshape(tuple(data.shape[:axis]) + tuple(index.shape) + tuple(data.shape[axis + 1:]))
 
 
+@_handles("ATTENTION_INPUT", "IAttentionInputLayer")
+def _attention(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    """The fused attention layer (IAttention), computed where its inputs enter.
+
+    softmax(Q K^T) V per (batch, head) with fp32 scores and softmax; in an fp16 network
+    the probabilities are rounded to fp16 before the product with V, as a fused fp16
+    kernel feeds them to its second matrix product.
+    """
+    att = layer.attention
+    name = att.name
+    if att.norm_op != trt.AttentionNormalizationOp.SOFTMAX:
+        raise InterpreterError(f"attention {name!r}: normalization {att.norm_op} is not supported by the interpreter")
+    if att.causal or att.mask is not None:
+        raise InterpreterError(f"attention {name!r}: causal or masked attention is not supported by the interpreter")
+    q, k, v = inputs[:3]
+    probs = torch.softmax(torch.matmul(_f32(q), _f32(k).transpose(-1, -2)), dim=-1)
+    if q.dtype == torch.float16:
+        probs = probs.half()
+    return torch.matmul(_f32(probs), _f32(v))
+
+
+@_handles("ATTENTION_OUTPUT", "IAttentionOutputLayer")
+def _attention_output(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    return inputs[0]  # computed by the ATTENTION_INPUT layer
+
+
 def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
                 capture: Union[None, str, Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """Execute ``built.network`` on CPU. Returns the network outputs and captured layers.

@@ -31,6 +31,9 @@ __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 MAX_BATCH_LIMIT = 4096
+# Native attention: MatMul-SoftMax-MatMul with an fp32 softmax, or the backend's fused
+# attention layer (IAttention, INetworkDefinition.add_attention).
+ATTENTION_KINDS = ("matmul", "fused")
 
 log = logging.getLogger("trtvit_native")
 
@@ -64,6 +67,7 @@ class BuiltNetwork:
     weight_bytes: int
     weights_source: str
     definition_seconds: float
+    attention: str = "matmul"  # native attention where the plugins are not used: ATTENTION_KINDS
     plugin_layers: Dict[str, Tuple[str, Dict[str, Any]]] = field(default_factory=dict)
     _keepalive: List[np.ndarray] = field(default_factory=list, repr=False)
 
@@ -89,7 +93,8 @@ class BuiltNetwork:
 
     def describe(self) -> str:
         return (f"{self.variant.name} {'fp16' if self.fp16 else 'fp32'}, batch 1..{self.max_batch}, "
-                f"{self.image_size}x{self.image_size}, plugins {'on' if self.plugins else 'off'}")
+                f"{self.image_size}x{self.image_size}, plugins {'on' if self.plugins else 'off'}"
+                + ("" if self.plugins else f", {self.attention} attention"))
 
 
 # --------------------------------------------------------------------------------------
@@ -101,9 +106,10 @@ class _Net:
     """Network under construction: the TensorRT objects, weights and the compute dtype."""
 
     def __init__(self, backend: Backend, network: Any, state: Mapping[str, np.ndarray], fp16: bool,
-                 plugins: bool = False):
+                 plugins: bool = False, attention: str = "matmul"):
         self.trt = backend.trt
         self.plugins = plugins  # fused CUDA plugins for LayerNorm and attention (full TensorRT only)
+        self.attention = attention  # native attention without plugins: one of ATTENTION_KINDS
         self.plugin_layers: Dict[str, Tuple[str, Dict[str, Any]]] = {}
         self.network = network
         self.state = state
@@ -235,15 +241,29 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
 
         return add_attention(net, qkv, name, heads, head_dim)
     trt = net.trt
+    fused = net.attention == "fused"
     packed = shuffle(net, qkv, f"{name}.unpack", reshape=(0, 0, 3, heads, head_dim))
     parts = []
     for i, part in enumerate("qkv"):
         index = net.constant(f"{name}.{part}_index", np.array(i, dtype=np.int32), np.int32)
         g = net.named(net.network.add_gather(packed, index, 2), f"{name}.{part}")
-        # (B, N, heads, hd) -> q, v: (B, heads, N, hd); k: (B, heads, hd, N)
-        perm = (0, 2, 3, 1) if part == "k" else (0, 2, 1, 3)
+        # (B, N, heads, hd) -> q, v: (B, heads, N, hd); k: (B, heads, hd, N), or
+        # (B, heads, N, hd) as well for the fused layer
+        perm = (0, 2, 3, 1) if part == "k" and not fused else (0, 2, 1, 3)
         parts.append(shuffle(net, g, f"{name}.{part}_heads", first=perm))
     q, k, v = parts
+    if fused:
+        # IAttention computes softmax(Q K^T) V: the scale goes onto Q first.
+        scale = net.constant(f"{name}.scale", np.full((1, 1, 1, 1), head_dim ** -0.5))
+        q = net.named(net.network.add_elementwise(q, scale, trt.ElementWiseOperation.PROD), f"{name}.q_scaled")
+        layer = net.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
+        if layer is None:
+            raise BuildError(f"TensorRT refused to create the fused attention layer {name!r}")
+        layer.decomposable = True  # primitive layers where the device has no fused kernel
+        layer.name = f"{name}.fused"
+        context = layer.get_output(0)
+        context.name = f"{name}.fused"
+        return shuffle(net, context, name, first=(0, 2, 1, 3), reshape=(0, 0, heads * head_dim))
     mm = trt.MatrixOperation.NONE
     scores = net.named(net.network.add_matrix_multiply(q, mm, k, mm), f"{name}.scores")
     if net.fp16:
@@ -324,7 +344,7 @@ def define_network(net: _Net, config: VariantConfig, image_size: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _check_arguments(fp16: Any, max_batch: Any, image_size: Any, plugins: Any) -> None:
+def _check_arguments(fp16: Any, max_batch: Any, image_size: Any, plugins: Any, attention: Any = "matmul") -> None:
     if not isinstance(fp16, bool):
         raise ValueError(f"fp16 must be True or False, got {fp16!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
@@ -334,6 +354,8 @@ def _check_arguments(fp16: Any, max_batch: Any, image_size: Any, plugins: Any) -
                          f"got {image_size!r}")
     if plugins not in ("auto", True, False):
         raise ValueError(f"plugins must be 'auto', True or False, got {plugins!r}")
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {', '.join(repr(k) for k in ATTENTION_KINDS)}, got {attention!r}")
 
 
 def _state_as_numpy(weights: WeightsArg, config: VariantConfig, seed: int) -> Tuple[Dict[str, np.ndarray], str]:
@@ -366,16 +388,22 @@ def resolve_plugins(backend: Backend, plugins: Union[str, bool]) -> bool:
 
 def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
                   max_batch: int = 32, image_size: int = 224, plugins: Union[str, bool] = "auto",
-                  seed: int = 0, backend: Optional[str] = None) -> BuiltNetwork:
+                  seed: int = 0, backend: Optional[str] = None, attention: str = "matmul") -> BuiltNetwork:
     """Define the TensorRT network of a variant; nothing is compiled yet.
 
     ``weights`` is a safetensors path, a state dict, or None for the seeded untrained
     weights of :func:`trtvit_native.create_model`. The batch dimension is dynamic
     (optimization profile 1 / max_batch / max_batch); the spatial size is fixed.
+    ``attention`` chooses the native attention where the plugins are not used:
+    ``"matmul"`` (MatMul-SoftMax-MatMul, softmax in fp32) or ``"fused"`` (the backend's
+    IAttention layer, where it has one).
     """
     config = get_config(name_or_config)
-    _check_arguments(fp16, max_batch, image_size, plugins)
+    _check_arguments(fp16, max_batch, image_size, plugins, attention)
     be = get_backend(backend)
+    if attention == "fused" and not hasattr(be.trt.INetworkDefinition, "add_attention"):
+        raise BackendError(f"attention='fused' needs the IAttention layer (INetworkDefinition.add_attention), which "
+                           f"{be.label} does not have; use attention='matmul'")
     use_plugins = resolve_plugins(be, plugins)
     if use_plugins:
         from .kernels import attention_max_tokens
@@ -394,7 +422,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     logger = CollectingLogger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    net = _Net(be, network, state, fp16, plugins=use_plugins)
+    net = _Net(be, network, state, fp16, plugins=use_plugins, attention=attention)
     define_network(net, config, image_size)
     builder_config = builder.create_builder_config()
     if not fp16 and hasattr(trt.BuilderFlag, "TF32"):
@@ -408,7 +436,8 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     return BuiltNetwork(
         backend=be, builder=builder, network=network, config=builder_config, profile=profile, logger=logger,
         variant=config, fp16=fp16, max_batch=max_batch, image_size=image_size,
-        num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, weight_bytes=net.weight_bytes,
+        num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, attention=attention,
+        weight_bytes=net.weight_bytes,
         weights_source=source, definition_seconds=time.perf_counter() - start, plugin_layers=net.plugin_layers,
         _keepalive=net.keep,
     )
@@ -416,6 +445,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
 
 def build_engine(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
                  max_batch: int = 32, image_size: int = 224, plugins: Union[str, bool] = "auto",
-                 seed: int = 0, backend: Optional[str] = None) -> bytes:
+                 seed: int = 0, backend: Optional[str] = None, attention: str = "matmul") -> bytes:
     """Build the serialized TensorRT engine of a variant (see :func:`build_network`)."""
-    return build_network(name_or_config, weights, fp16, max_batch, image_size, plugins, seed, backend).build_serialized()
+    return build_network(name_or_config, weights, fp16, max_batch, image_size, plugins, seed, backend,
+                         attention).build_serialized()
