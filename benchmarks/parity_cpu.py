@@ -1,6 +1,6 @@
 """Logits parity of every variant's TensorRT network against the PyTorch reference, on CPU.
 
-    python benchmarks/parity_cpu.py [--batch 3] [--variants trt-vit-a trt-vit-c]
+    python benchmarks/parity_cpu.py [--batch 3] [--variants trt-vit-a trt-vit-c] [--attention fused]
 
 Builds each network (fp32 and fp16) with the installed TensorRT builder, runs it with the
 CPU interpreter on photographs shipped with scikit-image and on Gaussian random images,
@@ -26,15 +26,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=tv.list_variants())
+    parser.add_argument("--attention", choices=["matmul", "fused"], default="matmul", help="native attention kind")
     args = parser.parse_args()
     inputs = {"photographs": tv.photographs(args.batch),
               "random": torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))}
-    print(f"backend {tv.get_backend().label}; batch {args.batch}; seeded untrained weights")
+    print(f"backend {tv.get_backend().label}; batch {args.batch}; {args.attention} attention; "
+          f"seeded untrained weights")
     failures = 0
     for variant in args.variants:
         model = tv.create_model(variant)
         for fp16 in (False, True):
-            built = tv.build_network(variant, model.state_dict(), fp16=fp16, max_batch=args.batch)
+            built = tv.build_network(variant, model.state_dict(), fp16=fp16, max_batch=args.batch,
+                                     attention=args.attention)
             for label, images in inputs.items():
                 with torch.no_grad():
                     ref = model(images)
