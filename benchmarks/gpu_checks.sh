@@ -11,6 +11,9 @@
 #   4. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
 #      TensorRT module is importable.
 #
+# TRTVIT_WHEELS=DIR installs every wheel in DIR first (pip --no-deps), for machines
+# without network access (the TensorRT-RTX wheels, for instance).
+#
 # Each step's output goes to OUTDIR/<step>.txt (and .json / .xml where the tool writes
 # one); OUTDIR/summary.txt lists every step's exit status. A failing step does not stop
 # the later ones; the script exits non-zero when any step failed.
@@ -35,17 +38,21 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   return "$rc"
 }
 
+if [ -n "${TRTVIT_WHEELS:-}" ]; then
+  step wheels 600 bash -c "'$py' -m pip install --no-deps --no-index '${TRTVIT_WHEELS}'/*.whl"
+fi
+
 {
   date -u '+%Y-%m-%d %H:%M:%S UTC'
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
   nvcc --version | tail -n 2
   "$py" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
   "$py" -c "import trtvit_native as tv; print(tv.get_backend().label)" 2>&1 | tail -n 1
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 
-cc=$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')") || {
-  echo "no CUDA GPU visible to torch" | tee -a "$summary"; exit 2; }
+cc=$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')" 2> /dev/null) || {
+  echo "no CUDA GPU visible to torch: nothing to check" | tee -a "$summary"; exit 2; }
 
 build_with_nvcc() {
   mkdir -p build/examples/cpp
