@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +32,19 @@ def test_build_writes_the_engine_and_reports(capsys, tmp_path):
     assert f"{size:,d} bytes" in out
     assert "PASS: trt-vit-a fp16" in out
     assert "(trt-vit-a fp16, batch 1..2, 224x224, plugins off, matmul attention)" in out
-    assert [p.name for p in tmp_path.iterdir()] == ["a.engine"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.engine", "a.engine.json"]  # no temp file left behind
+    meta = json.loads((tmp_path / "a.engine.json").read_text())
+    assert meta["variant"] == "trt-vit-a" and meta["precision"] == "fp16" and meta["attention"] == "matmul"
+    assert meta["input"]["name"] == "images" and meta["input"]["shape"] == [-1, 3, 224, 224]
+    assert meta["input"]["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert meta["output"] == {"name": "logits", "dtype": "float32", "shape": [-1, 1000]}
+    assert meta["batch"] == {"min": 1, "opt": 2, "max": 2}
+    assert meta["engine_bytes"] == size
+    assert meta["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert meta["parity"].startswith("PASS")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_build_with_the_fused_attention_layer(capsys, tmp_path):
@@ -77,6 +91,8 @@ def _one_error_line(err):
     (["build", "trt-vit-a", "-o", "no/such/dir/x.engine"], 1, "output directory"),
     (["parity", "trt-vit-a", "--batch", "0"], 1, "--batch must be at least 1"),
     (["parity", "trt-vit-q"], 1, "unknown TRT-ViT variant 'trt-vit-q'"),
+    (["run", "missing.engine"], 1, "engine file missing.engine does not exist"),
+    (["run", "missing.engine", "--iterations", "0"], 1, "--iterations must be at least 1"),
     ([], 2, "a command is required"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
 ])
@@ -117,3 +133,14 @@ def test_console_entry_point_runs_as_a_process(tmp_path):
     bad = subprocess.run(exe + ["build", "nope", "-o", "x"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert bad.returncode == 1 and _one_error_line(bad.stderr).startswith("trtvit: error: unknown TRT-ViT variant")
+
+
+def test_run_without_a_gpu_says_so(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the message given where there is no GPU")
+    engine = tmp_path / "x.engine"
+    engine.write_bytes(b"\0" * 64)
+    code, _, err = run(capsys, "run", str(engine))
+    assert code == 1 and "running an engine needs a CUDA GPU" in _one_error_line(err)

@@ -91,3 +91,17 @@ def test_engine_rejects_a_batch_beyond_its_profile(engine):
     assert runner.batch_range == (1, 4)
     with pytest.raises(tv.EngineError, match="batch size 5 is outside the engine's profile: it accepts 1..4"):
         runner(random_images(5))
+
+
+def test_cli_builds_and_runs_an_engine_file(tmp_path, capsys):
+    from trtvit_native.cli import main
+
+    target = tmp_path / "a.engine"
+    assert main(["build", "trt-vit-a", "--max-batch", "4", "--no-parity", "-o", str(target)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(target), "--batch", "1", "--batch", "4", "--iterations", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "(trt-vit-a, fp16, matmul attention): batch 1..4" in out
+    assert "batch    1:" in out and "batch    4:" in out and "images/s" in out
+    assert main(["run", str(target), "--batch", "5"]) == 1
+    assert "batch size 5 is outside the engine's profile" in capsys.readouterr().err

@@ -24,7 +24,7 @@ _EXPORTS = {
     "WeightsError": "weights", "load_arrays": "weights", "load_weights": "weights", "save_weights": "weights",
     "BuildError": "network", "BuiltNetwork": "network", "build_engine": "network", "build_network": "network",
     "TRTViT": "model", "count_parameters": "model", "create_model": "model", "synthetic_images": "model",
-    "photographs": "model",
+    "photographs": "model", "imagenet_normalize": "model",
     "InterpreterError": "interpreter", "interpret": "interpreter",
     "ParityReport": "parity", "parity_report": "parity",
     "EngineError": "runtime", "EngineRunner": "runtime",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -50,6 +51,11 @@ def _parser() -> _Parser:
                        help="fused CUDA plugins: auto (when available), on (required), off")
     build.add_argument("--no-parity", action="store_true", help="skip the CPU parity check")
     build.add_argument("-o", "--output", required=True, metavar="FILE", help="engine file to write")
+    run = sub.add_parser("run", help="run an engine file on the GPU and time it")
+    run.add_argument("engine", help="engine file (from trtvit build)")
+    run.add_argument("--batch", type=int, action="append", metavar="N",
+                     help="batch size to time (repeatable; default: 1 and the engine's largest)")
+    run.add_argument("--iterations", type=int, default=100, metavar="K", help="timed runs per batch size (100)")
     sub.add_parser("info", help="list variants with parameters and GMACs")
     parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
     _add_common(parity)
@@ -87,6 +93,9 @@ def _write_atomically(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -110,6 +119,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     plan = built.build_serialized()
     t_build = time.perf_counter() - t1
+    metadata = built.metadata(plan)
     _write_atomically(args.output, plan)
     print(f"engine     {args.output}  ({built.describe()})")
     print(f"backend    {built.backend.label}")
@@ -119,12 +129,55 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"engine     {len(plan):,d} bytes ({_human(len(plan))})")
     print(f"time       weights {t_weights:.2f} s, network definition {built.definition_seconds:.2f} s, "
           f"engine build {t_build:.2f} s")
+    status = 0
     if not args.no_parity:
         images = synthetic_images(min(2, args.max_batch), args.image_size, seed=1)
         report = parity_report(built, model, images)
         print(f"parity     {report.summary()} (CPU interpreter of the built network vs PyTorch reference)")
-        if not report.ok:
-            return 1
+        metadata["parity"] = report.summary()
+        status = 0 if report.ok else 1
+    _write_atomically(args.output + ".json", (json.dumps(metadata, indent=2) + "\n").encode())
+    print(f"metadata   {args.output}.json (tensor names and shapes, batch range, preprocessing, SHA-256)")
+    return status
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import statistics
+
+    import torch
+
+    from .runtime import EngineRunner
+
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be at least 1, got {args.iterations}")
+    runner = EngineRunner(args.engine)
+    low, high = runner.batch_range
+    batches = args.batch or sorted({low, high})
+    sidecar = args.engine + ".json"
+    what = ""
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            meta = json.load(f)
+        what = f" ({meta.get('variant')}, {meta.get('precision')}, {meta.get('attention')} attention)"
+    info = runner.describe()
+    print(f"engine   {args.engine}{what}: batch {low}..{high}, images {'x'.join(map(str, runner.image_shape))}")
+    print(f"device   {info['device']}; {info['backend']}")
+    for batch in batches:
+        images = torch.randn((batch,) + runner.image_shape, device=runner.device)
+        out = runner(images)  # also checks the batch size against the profile
+        for _ in range(10):
+            runner(images, out=out)
+        samples = []
+        for _ in range(args.iterations):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner(images, out=out)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        median = statistics.median(samples)
+        print(f"batch {batch:4d}: median {median:8.3f} ms, min {min(samples):8.3f} ms, "
+              f"{batch / median * 1e3:9.1f} images/s ({args.iterations} runs)")
     return 0
 
 
@@ -149,16 +202,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .backend import BackendError
     from .interpreter import InterpreterError
     from .network import BuildError
+    from .runtime import EngineError
 
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _UsageError("trtvit: a command is required: build, info or parity (see trtvit --help)")
-        return {"build": _cmd_build, "info": _cmd_info, "parity": _cmd_parity}[args.command](args)
+            raise _UsageError("trtvit: a command is required: build, run, info or parity (see trtvit --help)")
+        return {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity}[args.command](args)
     except _UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, BackendError, BuildError, InterpreterError) as e:
+    except (ValueError, OSError, BackendError, BuildError, InterpreterError, EngineError) as e:
         # WeightsError is a ValueError: every bad input ends here with its own message.
         print(f"trtvit: error: {e}", file=sys.stderr)
         return 1

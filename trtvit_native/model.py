@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .variants import BN_EPS, LN_EPS, VARIANTS, VariantConfig, get_config
+from .variants import BN_EPS, IMAGENET_MEAN, IMAGENET_STD, LN_EPS, VARIANTS, VariantConfig, get_config
 
 __all__ = ["TRTViT", "create_model", "count_parameters", "synthetic_images", "photographs"]
 
@@ -164,9 +164,14 @@ def synthetic_images(batch: int, image_size: int = 224, seed: int = 0) -> torch.
         noise = torch.rand(batch, 3, cells, cells, generator=g)
         out += weight * F.interpolate(noise, size=(image_size, image_size), mode="bilinear", align_corners=False)
     out = out / 1.75
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (out.clamp(0, 1) - mean) / std
+    return imagenet_normalize(out.clamp(0, 1))
+
+
+def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per channel of RGB images in [0, 1]: the input the network expects."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -187,10 +192,7 @@ def photographs(batch: int, image_size: int = 224) -> torch.Tensor:
         img = img[..., top:top + side, left:left + side]
         images.append(F.interpolate(img, size=(image_size, image_size), mode="bilinear", antialias=True,
                                     align_corners=False))
-    x = torch.cat(images).clamp(0, 1)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = imagenet_normalize(torch.cat(images).clamp(0, 1))
     return x[torch.arange(batch) % x.shape[0]]
 
 

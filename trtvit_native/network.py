@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .backend import Backend, BackendError, CollectingLogger, get_backend
-from .variants import BN_EPS, LN_EPS, VariantConfig, get_config
+from .variants import BN_EPS, IMAGENET_MEAN, IMAGENET_STD, LN_EPS, VariantConfig, get_config
 from .weights import WeightsError, load_arrays, validate_arrays
 
 __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT_NAME", "OUTPUT_NAME",
@@ -90,6 +90,34 @@ class BuiltNetwork:
         log.info("built %s with %s in %.2f s: %d bytes", self.describe(), self.backend.label,
                  time.perf_counter() - start, len(data))
         return data
+
+    def metadata(self, plan: bytes) -> Dict[str, Any]:
+        """What a pipeline needs to know about the engine ``plan`` built from this network.
+
+        Written next to engine files by ``trtvit build`` (``ENGINE.json``): tensor names,
+        dtypes and shapes (-1: the dynamic batch), the batch range, the preprocessing the
+        input expects, how the engine was built, and the plan's SHA-256.
+        """
+        import hashlib
+
+        s = self.image_size
+        return {
+            "format": "trtvit-engine-metadata/1",
+            "variant": self.variant.name,
+            "precision": "fp16" if self.fp16 else "fp32",
+            "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, 3, s, s], "layout": "NCHW",
+                      "preprocessing": {"color": "RGB", "scale": "1/255", "mean": list(IMAGENET_MEAN),
+                                        "std": list(IMAGENET_STD)}},
+            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, self.num_classes]},
+            "batch": {"min": 1, "opt": self.max_batch, "max": self.max_batch},
+            "plugins": self.plugins,
+            "attention": "plugin" if self.plugins else self.attention,
+            "backend": self.backend.label,
+            "weights": self.weights_source,
+            "layers": self.num_layers,
+            "engine_bytes": len(plan),
+            "sha256": hashlib.sha256(plan).hexdigest(),
+        }
 
     def describe(self) -> str:
         return (f"{self.variant.name} {'fp16' if self.fp16 else 'fp32'}, batch 1..{self.max_batch}, "

@@ -23,6 +23,9 @@ __all__ = ["VariantConfig", "VARIANTS", "register_variant", "get_config", "list_
 
 BN_EPS = 1e-5
 LN_EPS = 1e-5
+# The input the network expects: RGB in [0, 1], then (x - mean) / std per channel.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
