@@ -64,6 +64,14 @@ def test_exports_exactly_the_documented_symbols(build_dir):
         assert f" {symbol}(" in header
 
 
+def test_install_puts_the_library_and_header_in_place(build_dir, tmp_path):
+    result = subprocess.run([CMAKE, "--install", str(build_dir), "--prefix", str(tmp_path)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    libs = list(tmp_path.glob("lib*/libtrtvit_kernels.so"))
+    assert len(libs) == 1 and (tmp_path / "include" / "trtvit_kernels.h").is_file()
+
+
 def test_no_cuda_runtime_dependency(build_dir):
     out = subprocess.run(["ldd", str(build_dir / kernels.LIBRARY_NAME)], capture_output=True, text=True).stdout
     assert "libcudart" not in out  # the runtime is linked statically: only the driver is needed
