@@ -64,12 +64,25 @@ def test_exports_exactly_the_documented_symbols(build_dir):
         assert f" {symbol}(" in header
 
 
-def test_install_puts_the_library_and_header_in_place(build_dir, tmp_path):
-    result = subprocess.run([CMAKE, "--install", str(build_dir), "--prefix", str(tmp_path)], capture_output=True,
+def test_installed_library_serves_a_find_package_project(build_dir, tmp_path):
+    prefix = tmp_path / "prefix"
+    result = subprocess.run([CMAKE, "--install", str(build_dir), "--prefix", str(prefix)], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    libs = list(tmp_path.glob("lib*/libtrtvit_kernels.so"))
-    assert len(libs) == 1 and (tmp_path / "include" / "trtvit_kernels.h").is_file()
+    libs = list(prefix.glob("lib*/libtrtvit_kernels.so"))
+    assert len(libs) == 1 and (prefix / "include" / "trtvit_kernels.h").is_file()
+    assert list(prefix.glob("lib*/cmake/trtvit_kernels/trtvit_kernelsConfig.cmake"))
+    # examples/find_package: find_package(trtvit_kernels) and link trtvit::kernels; its
+    # calls are host-only, so the program runs here.
+    app = tmp_path / "app"
+    for cmd in ([CMAKE, "-S", str(ROOT / "examples" / "find_package"), "-B", str(app),
+                 f"-DCMAKE_PREFIX_PATH={prefix}", f"-DCUDAToolkit_ROOT={Path(NVCC).resolve().parent.parent}"],
+                [CMAKE, "--build", str(app)]):
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    run = subprocess.run([str(app / "kernel_limits")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "libtrtvit_kernels 1.0.0" in run.stdout and "head_dim 32: up to 256 tokens" in run.stdout
 
 
 def test_no_cuda_runtime_dependency(build_dir):
