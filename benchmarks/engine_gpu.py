@@ -11,7 +11,8 @@ full TensorRT is absent; by default exactly as on a machine without a GPU), load
 :class:`EngineRunner` (a failure to load is reported, with TensorRT's message, as the
 result: it answers whether such an engine runs on this device), compares its logits with
 the fp32 PyTorch reference on the same GPU (photographs and Gaussian images), and times
-it next to the PyTorch reference in eager mode (fp32, and fp16 via ``model.half()``).
+it next to the PyTorch reference in eager mode (fp32 with torch's defaults, where cuDNN
+may use TF32, and fp16 via ``model.half()``). The parity reference is fp32 without TF32.
 
 Times are medians over ``--repeats`` samples, each the CUDA-event time of 10 back-to-back
 calls on preallocated device buffers, divided by 10. Not a unit test.
@@ -35,6 +36,7 @@ import torch
 
 import trtvit_native as tv
 from trtvit_native.parity import compare
+from trtvit_native.runtime import exact_fp32
 
 INNER = 10
 
@@ -108,7 +110,7 @@ def run_engine(args: argparse.Namespace, fp16: bool, attention: str, model: torc
     for name, images in (natural_images(min(4, max_batch)),
                          ("random", torch.randn(min(4, max_batch), 3, 224, 224, generator=gen))):
         images = images.cuda()
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():
             ref = model(images)
         p = compare("logits", runner(images), ref)
         entry["parity"][name] = {"rel": p.rel, "cosine": p.cosine}

@@ -93,6 +93,7 @@ def _one_error_line(err):
     (["parity", "trt-vit-q"], 1, "unknown TRT-ViT variant 'trt-vit-q'"),
     (["run", "missing.engine"], 1, "engine file missing.engine does not exist"),
     (["run", "missing.engine", "--iterations", "0"], 1, "--iterations must be at least 1"),
+    (["run", "missing.engine", "--check"], 1, "--check needs missing.engine.json (written by trtvit build)"),
     ([], 2, "a command is required"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
 ])
@@ -144,3 +145,14 @@ def test_run_without_a_gpu_says_so(capsys, tmp_path):
     engine.write_bytes(b"\0" * 64)
     code, _, err = run(capsys, "run", str(engine))
     assert code == 1 and "running an engine needs a CUDA GPU" in _one_error_line(err)
+
+
+def test_run_check_needs_weights_it_can_find(capsys, tmp_path):
+    engine = tmp_path / "x.engine"
+    engine.write_bytes(b"\0" * 64)
+    (tmp_path / "x.engine.json").write_text(json.dumps({"variant": "trt-vit-a", "weights_file": None, "seed": None}))
+    code, _, err = run(capsys, "run", str(engine), "--check")
+    assert code == 1 and "names no weights file or seed" in _one_error_line(err)
+    (tmp_path / "x.engine.json").write_text(json.dumps({"variant": "trt-vit-a", "weights_file": "/no/such.st"}))
+    code, _, err = run(capsys, "run", str(engine), "--check")
+    assert code == 1 and "weights file /no/such.st named in" in _one_error_line(err)

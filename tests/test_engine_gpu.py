@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import trtvit_native as tv
+from trtvit_native.runtime import GPU_TOLERANCES, exact_fp32
 from conftest import photographs, random_images, reference
 
 pytestmark = pytest.mark.gpu
@@ -63,16 +64,14 @@ def test_engine_matches_the_reference_on_the_gpu(engine):
     try:
         for images in (_images(3), _images(1), random_images(4, seed=1)):
             images = images.to(DEV)
-            with torch.no_grad():
+            with torch.no_grad(), exact_fp32():
                 ref = model(images)
             out = runner(images)
             torch.cuda.synchronize()
             assert out.shape == ref.shape and out.dtype == torch.float32 and out.device.type == "cuda"
             err = (out - ref).abs().max().item() / ref.abs().max().item()
-            if fp16:
-                assert err <= 2e-2 and _cosine(out, ref) >= 0.999, err
-            else:
-                assert err <= 1e-3, err
+            tol = GPU_TOLERANCES["fp16" if fp16 else "fp32"]
+            assert err <= tol["rel"] and _cosine(out, ref) >= tol["cosine"], err
     finally:
         model.cpu()
 
@@ -106,3 +105,13 @@ def test_cli_builds_and_runs_an_engine_file(tmp_path, capsys):
     assert "batch    1:" in out and "batch    4:" in out and "images/s" in out
     assert main(["run", str(target), "--batch", "5"]) == 1
     assert "batch size 5 is outside the engine's profile" in capsys.readouterr().err
+
+
+def test_cli_check_compares_the_engine_file_with_the_reference(tmp_path, capsys):
+    from trtvit_native.cli import main
+
+    target = tmp_path / "a32.engine"
+    assert main(["build", "trt-vit-a", "--fp32", "--max-batch", "2", "--no-parity", "-o", str(target)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(target), "--iterations", "2", "--check"]) == 0
+    assert "PASS" in capsys.readouterr().out

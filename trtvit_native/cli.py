@@ -56,6 +56,9 @@ def _parser() -> _Parser:
     run.add_argument("--batch", type=int, action="append", metavar="N",
                      help="batch size to time (repeatable; default: 1 and the engine's largest)")
     run.add_argument("--iterations", type=int, default=100, metavar="K", help="timed runs per batch size (100)")
+    run.add_argument("--check", action="store_true",
+                     help="also compare the engine's logits with the PyTorch reference on the same GPU (needs "
+                          "ENGINE.json from trtvit build)")
     sub.add_parser("info", help="list variants with parameters and GMACs")
     parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
     _add_common(parity)
@@ -120,6 +123,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     plan = built.build_serialized()
     t_build = time.perf_counter() - t1
     metadata = built.metadata(plan)
+    metadata.update(weights=os.path.abspath(args.weights) if args.weights else "seeded untrained weights (seed 0)",
+                    weights_file=os.path.abspath(args.weights) if args.weights else None,
+                    seed=None if args.weights else 0)
     _write_atomically(args.output, plan)
     print(f"engine     {args.output}  ({built.describe()})")
     print(f"backend    {built.backend.label}")
@@ -150,15 +156,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, got {args.iterations}")
-    runner = EngineRunner(args.engine)
-    low, high = runner.batch_range
-    batches = args.batch or sorted({low, high})
     sidecar = args.engine + ".json"
-    what = ""
+    meta = None
     if os.path.isfile(sidecar):
         with open(sidecar) as f:
             meta = json.load(f)
-        what = f" ({meta.get('variant')}, {meta.get('precision')}, {meta.get('attention')} attention)"
+    if args.check:
+        _check_metadata(meta, sidecar)
+    runner = EngineRunner(args.engine)
+    low, high = runner.batch_range
+    batches = args.batch or sorted({low, high})
+    what = f" ({meta.get('variant')}, {meta.get('precision')}, {meta.get('attention')} attention)" if meta else ""
     info = runner.describe()
     print(f"engine   {args.engine}{what}: batch {low}..{high}, images {'x'.join(map(str, runner.image_shape))}")
     print(f"device   {info['device']}; {info['backend']}")
@@ -178,7 +186,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
         median = statistics.median(samples)
         print(f"batch {batch:4d}: median {median:8.3f} ms, min {min(samples):8.3f} ms, "
               f"{batch / median * 1e3:9.1f} images/s ({args.iterations} runs)")
+    if args.check:
+        return _check_engine(runner, meta)
     return 0
+
+
+def _check_metadata(meta: Optional[dict], sidecar: str) -> None:
+    if meta is None:
+        raise ValueError(f"--check needs {sidecar} (written by trtvit build) to know the variant and weights")
+    if meta.get("weights_file") is None and meta.get("seed") is None:
+        raise ValueError(f"--check: {sidecar} names no weights file or seed, so the reference cannot be rebuilt")
+    if meta.get("weights_file") and not os.path.isfile(meta["weights_file"]):
+        raise ValueError(f"--check: weights file {meta['weights_file']} named in {sidecar} does not exist")
+
+
+def _check_engine(runner, meta: dict) -> int:
+    """Logits of the engine vs the PyTorch reference (fp32) on the engine's GPU."""
+    import torch
+
+    from .model import create_model, synthetic_images
+    from .parity import compare
+    from .runtime import GPU_TOLERANCES, exact_fp32
+
+    model = create_model(meta["variant"], weights=meta.get("weights_file"), seed=meta.get("seed") or 0)
+    model = model.to(runner.device)
+    images = synthetic_images(min(4, runner.batch_range[1]), runner.image_shape[-1], seed=7).to(runner.device)
+    with torch.no_grad(), exact_fp32():
+        ref = model(images)
+    result = compare("logits", runner(images), ref)
+    ok = result.ok(GPU_TOLERANCES["fp16" if meta.get("precision") == "fp16" else "fp32"])
+    print(f"check    logits vs PyTorch fp32 on the GPU, batch {images.shape[0]}: max|Δ|/max|ref| {result.rel:.2e}, "
+          f"cosine {result.cosine:.7f}: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:

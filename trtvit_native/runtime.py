@@ -12,12 +12,31 @@ is an :class:`EngineError` naming the value and the accepted range.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from .backend import Backend, CollectingLogger, get_backend
 
-__all__ = ["EngineError", "EngineRunner", "check_input_shape"]
+__all__ = ["EngineError", "EngineRunner", "check_input_shape", "exact_fp32", "GPU_TOLERANCES"]
+
+# Engine logits vs the fp32 PyTorch reference on the same GPU: max|Δ| / max|ref| and cosine.
+# fp32: both sides in fp32 (no TF32), with different kernels and summation orders.
+GPU_TOLERANCES = {"fp32": {"rel": 1e-3, "cosine": 0.99999}, "fp16": {"rel": 2e-2, "cosine": 0.999}}
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Torch without TF32 in convolutions and matrix products (cuDNN convolutions use TF32
+    by default), for an fp32 reference on the GPU."""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class EngineError(RuntimeError):
