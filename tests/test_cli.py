@@ -39,6 +39,7 @@ def test_build_writes_the_engine_and_reports(capsys, tmp_path):
     assert meta["input"]["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     assert meta["output"] == {"name": "logits", "dtype": "float32", "shape": [-1, 1000]}
     assert meta["batch"] == {"min": 1, "opt": 2, "max": 2}
+    assert meta["plugins"] is False and "C++" in meta["loads_in"][0]
     assert meta["engine_bytes"] == size
     assert meta["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
     assert meta["parity"].startswith("PASS")

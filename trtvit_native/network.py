@@ -111,6 +111,8 @@ class BuiltNetwork:
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, self.num_classes]},
             "batch": {"min": 1, "opt": self.max_batch, "max": self.max_batch},
             "plugins": self.plugins,
+            "loads_in": (["Python processes that import trtvit_native (the trtvit plugin creators are Python)"]
+                         if self.plugins else ["any process with the same TensorRT version (C++ or Python)"]),
             "attention": "plugin" if self.plugins else self.attention,
             "backend": self.backend.label,
             "weights": self.weights_source,
