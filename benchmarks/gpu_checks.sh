@@ -11,6 +11,9 @@
 #   4. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
 #      TensorRT module is importable.
 #
+# TRTVIT_GPU_STEPS="cpp_example kernels" runs only the named steps of build, cpp_example,
+# pytest_gpu, kernels and engine (the build runs whenever a later step needs it), for
+# machines that limit how long one command may take.
 # TRTVIT_WHEELS=DIR installs every wheel in DIR first (pip --no-deps), for machines
 # without network access (the TensorRT-RTX wheels, for instance).
 #
@@ -27,9 +30,17 @@ summary="$out/summary.txt"
 : > "$summary"
 failed=0
 
+steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu kernels engine}
+wanted() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2
   shift 2
+  case "$name" in
+    wheels) ;;
+    build) [ "$steps" = engine ] && return 0 ;;  # every other step uses the kernel library
+    *) wanted "$name" || return 0 ;;
+  esac
   local t0=$SECONDS
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1
   local rc=$?
