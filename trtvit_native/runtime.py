@@ -82,6 +82,7 @@ class EngineRunner:
     ``engine`` is the serialized plan (bytes) or the path of an engine file; ``device`` a
     CUDA device (default: torch's current one). The engine must have one input and one
     output tensor (the engines of :func:`build_engine`: ``images`` and ``logits``).
+    A runner holds one execution context: use one runner per thread or stream.
     """
 
     def __init__(self, engine: Union[bytes, bytearray, memoryview, str, Path], device: Any = None,
