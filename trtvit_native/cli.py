@@ -159,8 +159,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sidecar = args.engine + ".json"
     meta = None
     if os.path.isfile(sidecar):
-        with open(sidecar) as f:
-            meta = json.load(f)
+        try:
+            with open(sidecar) as f:
+                meta = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{sidecar} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or "variant" not in meta:
+            raise ValueError(f"{sidecar} is not engine metadata written by trtvit build (no 'variant')")
     if args.check:
         _check_metadata(meta, sidecar)
     runner = EngineRunner(args.engine)
