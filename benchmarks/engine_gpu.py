@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 import trtvit_native as tv
+from trtvit_native.network import ATTENTION_KINDS
 from trtvit_native.parity import compare
 from trtvit_native.runtime import exact_fp32
 
@@ -151,7 +152,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="trt-vit-c")
     parser.add_argument("--precisions", nargs="+", choices=["fp16", "fp32"], default=["fp16", "fp32"])
-    parser.add_argument("--attention", nargs="+", choices=["matmul", "fused"], default=["matmul", "fused"],
+    parser.add_argument("--attention", nargs="+", choices=ATTENTION_KINDS, default=list(ATTENTION_KINDS),
                         help="native attention kinds to build (fused only where the backend has IAttention)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=50)
@@ -174,7 +175,7 @@ def main() -> int:
         "torch": torch.__version__, "variant": args.variant, "command": " ".join(sys.argv), "engines": []}
     print(f"{result['date']}  {props.name} (sm_{props.major}{props.minor})  {backend.label}  torch {torch.__version__}")
     model = tv.create_model(args.variant).cuda().eval()
-    kinds = [a for a in args.attention if a != "fused" or hasattr(backend.trt.INetworkDefinition, "add_attention")]
+    kinds = [a for a in args.attention if a != "fused" or backend.has_attention_layer]
     ok = [run_engine(args, p == "fp16", a, model, result) for p in args.precisions for a in kinds]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

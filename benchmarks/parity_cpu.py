@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import trtvit_native as tv  # noqa: E402
+from trtvit_native.network import ATTENTION_KINDS  # noqa: E402
 from trtvit_native.parity import compare, tolerances  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=tv.list_variants())
-    parser.add_argument("--attention", choices=["matmul", "fused"], default="matmul", help="native attention kind")
+    parser.add_argument("--attention", choices=ATTENTION_KINDS, default="matmul", help="native attention kind")
     args = parser.parse_args()
     inputs = {"photographs": tv.photographs(args.batch),
               "random": torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))}

@@ -212,8 +212,7 @@ def test_fp32_networks_exclude_tf32_and_fp16_networks_keep_the_default():
     assert fp16.config.get_flag(flag)
 
 
-FUSED = pytest.mark.skipif(not hasattr(tv.get_backend().trt.INetworkDefinition, "add_attention"),
-                           reason="this TensorRT has no IAttention layer")
+FUSED = pytest.mark.skipif(not tv.get_backend().has_attention_layer, reason="this TensorRT has no IAttention layer")
 
 
 @FUSED

@@ -39,7 +39,7 @@ def _cosine(a, b):
 
 
 KINDS = [(False, "matmul"), (True, "matmul")]
-if hasattr(BACKEND.trt.INetworkDefinition, "add_attention"):
+if BACKEND.has_attention_layer:
     KINDS += [(False, "fused"), (True, "fused")]
 
 

@@ -35,6 +35,11 @@ class Backend:
         return hasattr(self.trt.INetworkDefinition, "add_plugin_v3")
 
     @property
+    def has_attention_layer(self) -> bool:
+        """The fused attention layer IAttention (``INetworkDefinition.add_attention``)."""
+        return hasattr(self.trt.INetworkDefinition, "add_attention")
+
+    @property
     def label(self) -> str:
         human = "TensorRT-RTX" if self.name == "tensorrt_rtx" else "TensorRT"
         return f"{human} {self.version} ({self.name})"

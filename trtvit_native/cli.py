@@ -31,13 +31,14 @@ def _human(n: float) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from .network import ATTENTION_KINDS  # numpy only: no torch, no TensorRT
     p.add_argument("variant", help="variant name (see `trtvit info`)")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded untrained weights)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="fp16 network (default)")
     prec.add_argument("--fp32", dest="fp16", action="store_false", help="fp32 network")
     p.add_argument("--image-size", type=int, default=224, metavar="S", help="input size, a multiple of 32 (224)")
-    p.add_argument("--attention", choices=["matmul", "fused"], default="matmul",
+    p.add_argument("--attention", choices=ATTENTION_KINDS, default="matmul",
                    help="native attention: matmul (MatMul-SoftMax-MatMul, default) or fused (IAttention layer)")
 
 

@@ -431,7 +431,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     config = get_config(name_or_config)
     _check_arguments(fp16, max_batch, image_size, plugins, attention)
     be = get_backend(backend)
-    if attention == "fused" and not hasattr(be.trt.INetworkDefinition, "add_attention"):
+    if attention == "fused" and not be.has_attention_layer:
         raise BackendError(f"attention='fused' needs the IAttention layer (INetworkDefinition.add_attention), which "
                            f"{be.label} does not have; use attention='matmul'")
     use_plugins = resolve_plugins(be, plugins)
