@@ -37,25 +37,13 @@ import torch
 import trtvit_native as tv
 from trtvit_native.network import ATTENTION_KINDS
 from trtvit_native.parity import compare
-from trtvit_native.runtime import exact_fp32
+from trtvit_native.runtime import cuda_times_ms, exact_fp32
 
 INNER = 10
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(INNER):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / INNER)
-    return statistics.median(samples)
+    return statistics.median(cuda_times_ms(fn, repeats, inner=INNER))
 
 
 def natural_images(batch: int):

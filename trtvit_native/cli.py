@@ -153,7 +153,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .runtime import EngineRunner
+    from .runtime import EngineRunner, cuda_times_ms
 
     if args.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, got {args.iterations}")
@@ -179,16 +179,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for batch in batches:
         images = torch.randn((batch,) + runner.image_shape, device=runner.device)
         out = runner(images)  # also checks the batch size against the profile
-        for _ in range(10):
-            runner(images, out=out)
-        samples = []
-        for _ in range(args.iterations):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            runner(images, out=out)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
+        samples = cuda_times_ms(lambda images=images, out=out: runner(images, out=out), args.iterations, warmup=10)
         median = statistics.median(samples)
         print(f"batch {batch:4d}: median {median:8.3f} ms, min {min(samples):8.3f} ms, "
               f"{batch / median * 1e3:9.1f} images/s ({args.iterations} runs)")

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .backend import Backend, CollectingLogger, get_backend
 
-__all__ = ["EngineError", "EngineRunner", "check_input_shape", "exact_fp32", "GPU_TOLERANCES"]
+__all__ = ["EngineError", "EngineRunner", "check_input_shape", "exact_fp32", "GPU_TOLERANCES", "cuda_times_ms"]
 
 # Engine logits vs the fp32 PyTorch reference on the same GPU: max|Δ| / max|ref| and cosine.
 # fp32: both sides in fp32 (no TF32), with different kernels and summation orders.
@@ -41,6 +41,27 @@ def exact_fp32() -> Iterator[None]:
 
 class EngineError(RuntimeError):
     """An engine that cannot be loaded or run, or an input it does not accept."""
+
+
+def cuda_times_ms(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 5) -> List[float]:
+    """Per-call GPU milliseconds of ``fn``: ``repeats`` samples, each the CUDA-event time of
+    ``inner`` back-to-back calls on the current stream divided by ``inner``, after ``warmup``
+    untimed calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / inner)
+    return samples
 
 
 def check_input_shape(shape: Sequence[int], min_shape: Sequence[int], max_shape: Sequence[int],
