@@ -38,6 +38,11 @@ def random_images(batch: int, size: int = 224, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors, flattened, in float64."""
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
 @pytest.fixture
 def tmp_weights(tmp_path):
     """A valid trt-vit-a weights file (fp32) and its state dict."""

@@ -9,13 +9,9 @@ import pytest
 import torch
 
 import trtvit_native as tv
-from conftest import network, photographs, random_images, reference
+from conftest import cosine, network, photographs, random_images, reference
 
 VARIANTS = ["trt-vit-a", "trt-vit-b", "trt-vit-c", "trt-vit-d"]
-
-
-def _cosine(a, b):
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
@@ -33,7 +29,7 @@ def test_every_variant_builds_and_matches_the_reference(variant, fp16):
         err = (out - ref).abs().max().item() / ref.abs().max().item()
         if fp16:
             assert err <= 2e-2, err
-            assert _cosine(out, ref) >= 0.999
+            assert cosine(out, ref) >= 0.999
         else:
             assert err <= 1e-4, err
 
@@ -235,7 +231,7 @@ def test_fused_attention_layer_builds_and_matches_the_reference(variant, fp16):
         out = tv.interpret(built, images)
         err = (out - ref).abs().max().item() / ref.abs().max().item()
         if fp16:
-            assert err <= 2e-2 and _cosine(out, ref) >= 0.999, err
+            assert err <= 2e-2 and cosine(out, ref) >= 0.999, err
         else:
             assert err <= 1e-4, err
 

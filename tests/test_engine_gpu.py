@@ -11,7 +11,7 @@ import torch
 
 import trtvit_native as tv
 from trtvit_native.runtime import GPU_TOLERANCES, exact_fp32
-from conftest import photographs, random_images, reference
+from conftest import cosine, photographs, random_images, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -32,10 +32,6 @@ def _images(batch):
         return photographs(batch)
     except ImportError:
         return tv.synthetic_images(batch, seed=5)
-
-
-def _cosine(a, b):
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
 KINDS = [(False, "matmul"), (True, "matmul")]
@@ -71,7 +67,7 @@ def test_engine_matches_the_reference_on_the_gpu(engine):
             assert out.shape == ref.shape and out.dtype == torch.float32 and out.device.type == "cuda"
             err = (out - ref).abs().max().item() / ref.abs().max().item()
             tol = GPU_TOLERANCES["fp16" if fp16 else "fp32"]
-            assert err <= tol["rel"] and _cosine(out, ref) >= tol["cosine"], err
+            assert err <= tol["rel"] and cosine(out, ref) >= tol["cosine"], err
     finally:
         model.cpu()
 
