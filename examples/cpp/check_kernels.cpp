@@ -75,6 +75,17 @@ void report(const char* what, double err, double limit) {
     std::printf("%-48s max|err| %.3g (limit %.1g)  %s\n", what, err, limit, ok ? "PASS" : "FAIL");
 }
 
+// A launcher's status: on success wait for the kernel, otherwise count a failure.
+bool launched(const char* kernel, int status) {
+    if (status != TRTVIT_OK) {
+        std::printf("%s failed: %s\n", kernel, trtvit_status_string(status));
+        ++failures;
+        return false;
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+    return true;
+}
+
 void check_layernorm(int rows, int d, bool fp16, bool residual, std::mt19937& rng) {
     auto x = random_values(size_t(rows) * d, fp16, rng);
     auto r = random_values(size_t(rows) * d, fp16, rng);
@@ -89,12 +100,7 @@ void check_layernorm(int rows, int d, bool fp16, bool residual, std::mt19937& rn
     int status = residual ? trtvit_layernorm_residual(dx.ptr, dr.ptr, dg.ptr, db.ptr, ds.ptr, dy.ptr, rows, d, 1e-5f,
                                                       dtype, nullptr)
                           : trtvit_layernorm(dx.ptr, dg.ptr, db.ptr, dy.ptr, rows, d, 1e-5f, dtype, nullptr);
-    if (status != TRTVIT_OK) {
-        std::printf("layernorm failed: %s\n", trtvit_status_string(status));
-        ++failures;
-        return;
-    }
-    CUDA_CHECK(cudaDeviceSynchronize());
+    if (!launched("layernorm", status)) return;
     auto y = dy.download();
     const auto s = residual ? ds.download() : std::vector<float>();
     double err = 0, sum_err = 0;
@@ -132,12 +138,7 @@ void check_attention(int batch, int tokens, int heads, int hd, bool fp16, std::m
     const float scale = 1.f / std::sqrt(float(hd));
     int status = trtvit_attention(dq.ptr, dout.ptr, batch, tokens, heads, hd, scale,
                                   fp16 ? TRTVIT_FLOAT16 : TRTVIT_FLOAT32, nullptr);
-    if (status != TRTVIT_OK) {
-        std::printf("attention failed: %s\n", trtvit_status_string(status));
-        ++failures;
-        return;
-    }
-    CUDA_CHECK(cudaDeviceSynchronize());
+    if (!launched("attention", status)) return;
     auto out = dout.download();
     auto at = [&](int b, int n, int part, int h, int c) {
         return double(qkv[(((size_t(b) * tokens + n) * 3 + part) * heads + h) * hd + c]);
