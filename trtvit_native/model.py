@@ -15,7 +15,7 @@ from torch import nn
 
 from .variants import BN_EPS, IMAGENET_MEAN, IMAGENET_STD, LN_EPS, VARIANTS, VariantConfig, get_config
 
-__all__ = ["TRTViT", "create_model", "count_parameters", "synthetic_images", "photographs"]
+__all__ = ["TRTViT", "create_model", "count_parameters", "synthetic_images", "photographs", "imagenet_normalize"]
 
 
 # --------------------------------------------------------------------------------------
