@@ -15,7 +15,8 @@ __all__ = ["main"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        raise _UsageError(f"{self.prog}: {message}")
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise _UsageError(f"{command}: {message}" if command else message)
 
 
 class _UsageError(Exception):
@@ -51,6 +52,8 @@ def _parser() -> _Parser:
     build.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
                        help="fused CUDA plugins: auto (when available), on (required), off")
     build.add_argument("--no-parity", action="store_true", help="skip the CPU parity check")
+    build.add_argument("--keep-failed", action="store_true",
+                       help="write the engine even when the parity check fails (the exit status is still 1)")
     build.add_argument("-o", "--output", required=True, metavar="FILE", help="engine file to write")
     run = sub.add_parser("run", help="run an engine file on the GPU and time it")
     run.add_argument("engine", help="engine file (from trtvit build)")
@@ -64,6 +67,8 @@ def _parser() -> _Parser:
     parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
     _add_common(parity)
     parity.add_argument("--batch", type=int, default=2, metavar="N", help="images per check (2)")
+    parity.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
+                        help="fused CUDA plugins, as trtvit build makes the network: auto, on, off")
     parity.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (0)")
     return parser
 
@@ -89,22 +94,51 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def check_output_path(path: str) -> None:
+    """Fail before any work when ``path`` cannot become a file: a directory, a missing or
+    non-directory parent, or a place this process cannot write. Errors name ``path``."""
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory; give the engine file's name")
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise OSError(f"output directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=directory)
+    ancestor = directory
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"output {path}: {ancestor} is a file, not a directory")
+    if ancestor != directory:
+        raise ValueError(f"output {path}: output directory {directory} does not exist")
     try:
+        fd, probe = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise ValueError(f"output {path}: cannot write to {directory} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"output {path} exists and is not a regular file")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write ``path`` through a temporary file in its directory and a rename; an error names
+    ``path``, and leaves neither a partial ``path`` nor the temporary file."""
+    from .weights import new_file_mode
+
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the file gets the usual permissions
+        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600; the file gets the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise OSError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _plugins_arg(value: str):
+    return {"auto": "auto", "on": True, "off": False}[value]
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -114,12 +148,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .parity import parity_report
 
     get_config(args.variant)  # fail fast on an unknown name
-    plugins = {"auto": "auto", "on": True, "off": False}[args.plugins]
+    check_output_path(args.output)
     t0 = time.perf_counter()
     model, state = _reference_and_weights(args.variant, args.weights)
     t_weights = time.perf_counter() - t0
     built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.max_batch,
-                          image_size=args.image_size, plugins=plugins, attention=args.attention)
+                          image_size=args.image_size, plugins=_plugins_arg(args.plugins), attention=args.attention)
     t1 = time.perf_counter()
     plan = built.build_serialized()
     t_build = time.perf_counter() - t1
@@ -127,7 +161,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
     metadata.update(weights=os.path.abspath(args.weights) if args.weights else "seeded untrained weights (seed 0)",
                     weights_file=os.path.abspath(args.weights) if args.weights else None,
                     seed=None if args.weights else 0)
-    _write_atomically(args.output, plan)
     print(f"engine     {args.output}  ({built.describe()})")
     print(f"backend    {built.backend.label}")
     print(f"weights    {args.weights or 'seeded untrained weights (seed 0): for testing and timing only'}")
@@ -138,13 +171,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
           f"engine build {t_build:.2f} s")
     status = 0
     if not args.no_parity:
-        images = synthetic_images(min(2, args.max_batch), args.image_size, seed=1)
-        report = parity_report(built, model, images)
+        # image-like synthetic inputs: smooth fields and edges at several scales
+        report = parity_report(built, model, synthetic_images(min(2, args.max_batch), args.image_size, seed=1))
         print(f"parity     {report.summary()} (CPU interpreter of the built network vs PyTorch reference)")
         metadata["parity"] = report.summary()
-        status = 0 if report.ok else 1
+        if not report.ok:
+            status = 1
+            if not args.keep_failed:
+                print(f"trtvit: error: parity check failed at layer {report.first_divergence().name}: "
+                      f"{args.output} not written (trtvit parity {args.variant} shows every layer; "
+                      f"--keep-failed writes the engine anyway)", file=sys.stderr)
+                return status
+    _write_atomically(args.output, plan)
     _write_atomically(args.output + ".json", (json.dumps(metadata, indent=2) + "\n").encode())
     print(f"metadata   {args.output}.json (tensor names and shapes, batch range, preprocessing, SHA-256)")
+    if status:
+        print(f"trtvit: error: parity check failed; {args.output} written anyway (--keep-failed)", file=sys.stderr)
     return status
 
 
@@ -155,6 +197,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .runtime import EngineRunner, cuda_times_ms
 
+    if os.path.isdir(args.engine):
+        raise ValueError(f"{args.engine} is a directory, not an engine file")
     if args.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, got {args.iterations}")
     sidecar = args.engine + ".json"
@@ -219,19 +263,23 @@ def _check_engine(runner, meta: dict) -> int:
 
 def _cmd_parity(args: argparse.Namespace) -> int:
     from .model import synthetic_images
-    from .network import build_network
+    from .network import MAX_BATCH_LIMIT, build_network
     from .parity import parity_report
 
-    if args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if not 1 <= args.batch <= MAX_BATCH_LIMIT:
+        raise ValueError(f"--batch must be in 1..{MAX_BATCH_LIMIT}, got {args.batch}")
     model, state = _reference_and_weights(args.variant, args.weights)
     built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.batch, image_size=args.image_size,
-                          plugins=False, attention=args.attention)
+                          plugins=_plugins_arg(args.plugins), attention=args.attention)
     report = parity_report(built, model, synthetic_images(args.batch, args.image_size, seed=args.seed))
-    print(f"backend {built.backend.label}; {built.num_layers} layers; weights: "
-          f"{args.weights or 'seeded untrained weights (seed 0)'}")
+    print(f"backend {built.backend.label}; {built.describe()}; {built.num_layers} layers; weights: "
+          f"{args.weights or 'seeded untrained weights (seed 0)'}; image-like synthetic images (seed {args.seed})")
     print(report.table())
-    return 0 if report.ok else 1
+    if not report.ok:
+        print(f"trtvit: error: parity check failed: first divergent layer {report.first_divergence().name}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -243,10 +291,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _UsageError("trtvit: a command is required: build, run, info or parity (see trtvit --help)")
+            raise _UsageError("a command is required: build, run, info or parity (see trtvit --help)")
         return {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity}[args.command](args)
     except _UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"trtvit: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, BackendError, BuildError, InterpreterError, EngineError) as e:
         # WeightsError is a ValueError: every bad input ends here with its own message.

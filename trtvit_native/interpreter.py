@@ -13,6 +13,7 @@ intermediates in higher precision; that only makes the GPU closer to fp32.)
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
@@ -62,6 +63,36 @@ def _constant(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(values).reshape(tuple(layer.shape))
 
 
+def _spatial_padding(trt: Any, layer: Any, size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                     dilation: Sequence[int]) -> List[Tuple[int, int]]:
+    """(before, after) padding per spatial axis, as the layer's ``padding_mode`` defines it."""
+    mode = layer.padding_mode
+    modes = trt.PaddingMode
+    pre, post = tuple(layer.pre_padding), tuple(layer.post_padding)
+    pads = []
+    for i, n in enumerate(size):
+        extent = (kernel[i] - 1) * dilation[i] + 1
+        if mode in (modes.SAME_UPPER, modes.SAME_LOWER):
+            out = -(-n // stride[i])
+            total = max((out - 1) * stride[i] + extent - n, 0)
+            small, large = total // 2, total - total // 2
+            pads.append((small, large) if mode == modes.SAME_UPPER else (large, small))
+        elif mode == modes.EXPLICIT_ROUND_DOWN:
+            pads.append((pre[i], post[i]))
+        elif mode == modes.EXPLICIT_ROUND_UP:
+            padded = n + pre[i] + post[i]
+            out = -(-(padded - extent) // stride[i]) + 1
+            pads.append((pre[i], post[i] + max((out - 1) * stride[i] + extent - padded, 0)))
+        else:
+            raise InterpreterError(f"layer {layer.name!r}: padding mode {mode} is not supported by the interpreter")
+    return pads
+
+
+def _pad(x: torch.Tensor, pads: List[Tuple[int, int]], value: float = 0.0) -> torch.Tensor:
+    flat = [p for before_after in reversed(pads) for p in before_after]  # F.pad: last axis first
+    return F.pad(x, flat, value=value) if any(flat) else x
+
+
 @_handles("CONVOLUTION", "IConvolutionLayer")
 def _convolution(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
     x = _f32(inputs[0])
@@ -70,13 +101,9 @@ def _convolution(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tens
     kernel = torch.from_numpy(np.array(layer.kernel, copy=True)).float().reshape(cout, x.shape[1] // groups, kh, kw)
     bias_values = np.array(layer.bias, copy=True)
     bias = torch.from_numpy(bias_values).float() if bias_values.size else None
-    pre, post = tuple(layer.pre_padding), tuple(layer.post_padding)
-    if pre != post:
-        x = F.pad(x, (pre[1], post[1], pre[0], post[0]))
-        pad = (0, 0)
-    else:
-        pad = pre
-    return F.conv2d(x, kernel, bias, tuple(layer.stride_nd), pad, tuple(layer.dilation_nd), groups)
+    stride, dilation = tuple(layer.stride_nd), tuple(layer.dilation_nd)
+    x = _pad(x, _spatial_padding(trt, layer, x.shape[2:], (kh, kw), stride, dilation))
+    return F.conv2d(x, kernel, bias, stride, 0, dilation, groups)
 
 
 @_handles("ACTIVATION", "IActivationLayer")
@@ -100,13 +127,16 @@ def _activation(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tenso
 def _pooling(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
     x = _f32(inputs[0])
     window, stride = tuple(layer.window_size_nd), tuple(layer.stride_nd)
-    pre, post = tuple(layer.pre_padding), tuple(layer.post_padding)
-    if pre != post:
-        raise InterpreterError(f"layer {layer.name!r}: asymmetric pooling padding is not supported")
+    pads = _spatial_padding(trt, layer, x.shape[2:], window, stride, (1, 1))
     if layer.type == trt.PoolingType.MAX:
-        return F.max_pool2d(x, window, stride, pre)
+        return F.max_pool2d(_pad(x, pads, -math.inf), window, stride)
     if layer.type == trt.PoolingType.AVERAGE:
-        return F.avg_pool2d(x, window, stride, pre, count_include_pad=not layer.average_count_excludes_padding)
+        total = F.avg_pool2d(_pad(x, pads), window, stride, divisor_override=1)
+        if layer.average_count_excludes_padding:
+            count = F.avg_pool2d(_pad(torch.ones_like(x[:1, :1]), pads), window, stride, divisor_override=1)
+        else:
+            count = float(window[0] * window[1])
+        return total / count
     raise InterpreterError(f"layer {layer.name!r}: pooling {layer.type} is not supported by the interpreter")
 
 
@@ -231,11 +261,60 @@ def _attention_output(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch
     return inputs[0]  # computed by the ATTENTION_INPUT layer
 
 
+def _declared_shapes(network: Any, feeds: Dict[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor's shape as TensorRT infers it for the actual input shapes: the network's
+    inputs are set to the feeds' shapes, every layer output's shape is read, and the
+    inputs' (dynamic) shapes are restored."""
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    saved = [tuple(t.shape) for t in inputs]
+    try:
+        for t in inputs:
+            t.shape = tuple(feeds[t.name].shape)
+        shapes = {}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            for j in range(layer.num_outputs):
+                out = layer.get_output(j)
+                shapes[out.name] = tuple(out.shape)
+        return shapes
+    finally:
+        for t, shape in zip(inputs, saved):
+            t.shape = shape
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point else "int"
+
+
+def _check_output(layer: Any, j: int, result: torch.Tensor, declared: Tuple[int, ...], dtype: torch.dtype) -> None:
+    """Fail loudly where the interpreter's result is not what TensorRT declares for the layer."""
+    shape = tuple(result.shape)
+    if len(shape) != len(declared) or any(d >= 0 and d != s for d, s in zip(declared, shape)):
+        raise InterpreterError(f"layer {layer.name!r} ({str(layer.type).split('.')[-1]}) output {j}: the interpreter "
+                               f"computed shape {shape}, TensorRT declares {declared} for these inputs")
+    if _kind(result.dtype) != _kind(dtype):
+        raise InterpreterError(f"layer {layer.name!r} ({str(layer.type).split('.')[-1]}) output {j}: the interpreter "
+                               f"computed {result.dtype}, TensorRT declares {dtype}")
+
+
+def _plugin_layer(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """A plugin layer, with the plugin TensorRT holds for it (its serialized fields)."""
+    from .trt_plugins import PluginError, interpret_plugin_layer, plugin_layer_fields
+
+    try:
+        kind, fields = plugin_layer_fields(trt, layer)
+        return interpret_plugin_layer(kind, fields, inputs)
+    except PluginError as e:
+        raise InterpreterError(f"layer {layer.name!r}: {e}") from None
+
+
 def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
                 capture: Union[None, str, Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """Execute ``built.network`` on CPU. Returns the network outputs and captured layers.
 
     ``capture``: None (outputs only), ``"all"``, or layer names whose first output to keep.
+    Every layer's result is checked against the shape and dtype TensorRT declares for it
+    with these inputs; a mismatch is an :class:`InterpreterError`, never a silent result.
     """
     trt = built.backend.trt
     network = built.network
@@ -253,24 +332,29 @@ def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
         if tensor.name not in feeds:
             raise InterpreterError(f"missing network input {tensor.name!r}")
         values[tensor.name] = feeds[tensor.name].to(_torch_dtype(trt, tensor.dtype))
+    declared = _declared_shapes(network, feeds)
     captured: Dict[str, torch.Tensor] = {}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         type_name = str(layer.type).split(".")[-1]
         inputs = [values[layer.get_input(j).name] for j in range(layer.num_inputs) if layer.get_input(j) is not None]
-        if layer.name in built.plugin_layers:  # the project's plugins, by layer name, with their torch reference
-            from .trt_plugins import interpret_plugin_layer
-
-            results = interpret_plugin_layer(*built.plugin_layers[layer.name], inputs)
+        if type_name == "PLUGIN_V3":
+            layer.__class__ = trt.IPluginV3Layer
+            results = _plugin_layer(trt, layer, inputs)
         elif type_name in _HANDLERS:
             cls, handler = _HANDLERS[type_name]
             layer.__class__ = getattr(trt, cls)
             results = [handler(trt, layer, inputs)]
         else:
             raise InterpreterError(f"layer {layer.name!r}: layer type {type_name} is not supported by the interpreter")
+        if len(results) != layer.num_outputs:
+            raise InterpreterError(f"layer {layer.name!r}: the interpreter computed {len(results)} outputs, TensorRT "
+                                   f"declares {layer.num_outputs}")
         for j, result in enumerate(results):
             out = layer.get_output(j)
-            values[out.name] = result.to(_torch_dtype(trt, out.dtype))
+            dtype = _torch_dtype(trt, out.dtype)
+            _check_output(layer, j, result, declared[out.name], dtype)
+            values[out.name] = result.to(dtype)
         if layer.name in wanted:
             captured[layer.name] = values[layer.get_output(0).name]
     outputs = {network.get_output(i).name: values[network.get_output(i).name] for i in range(network.num_outputs)}

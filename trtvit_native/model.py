@@ -1,6 +1,9 @@
 """The PyTorch reference of TRT-ViT (see :mod:`trtvit_native.variants` for the architecture).
 
-Module names are the safetensors key names and the TensorRT layer names.
+Module names are the safetensors key names and the TensorRT layer names. Activations are
+modules too (``stages.0.0.relu1``, ``stages.3.1.transformer.gelu``), so the parity check
+compares them with the network layer of the same name and a wrong activation is named
+where it sits.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ class Stem(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, cout, 7, 2, 3, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.bn(self.conv(x))), 3, 2, 1)
+        return F.max_pool2d(self.relu(self.bn(self.conv(x))), 3, 2, 1)
 
 
 class BottleNeck(nn.Module):
@@ -53,9 +57,10 @@ class BottleNeck(nn.Module):
         self.conv2 = ConvBN(mid, mid, 3, stride)
         self.conv3 = ConvBN(mid, cout, 1)
         self.shortcut = ConvBN(cin, cout, 1, stride) if (cin != cout or stride != 1) else None
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        body = self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        body = self.conv3(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
         short = x if self.shortcut is None else self.shortcut(x)
         return F.relu(body + short)
 
@@ -89,10 +94,11 @@ class Transformer(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+        self.gelu = nn.GELU()  # exact (erf)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z = z + self.proj(self.attn(self.qkv(self.norm1(z))))
-        return z + self.fc2(F.gelu(self.fc1(self.norm2(z))))
+        return z + self.fc2(self.gelu(self.fc1(self.norm2(z))))
 
 
 class MixBlockC(nn.Module):
@@ -107,15 +113,17 @@ class MixBlockC(nn.Module):
         self.conv2 = ConvBN(m, m, 3)
         self.conv3 = ConvBN(m, channels - d, 1)
         self.local_residual = channels - d == d
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.local_relu = nn.ReLU() if self.local_residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         y = self.reduce(x)
         d = y.shape[1]
         t = self.transformer(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, d, h, w)
-        local = self.conv3(F.relu(self.conv2(F.relu(self.conv1(t)))))
-        if self.local_residual:
-            local = F.relu(local + t)
+        local = self.conv3(self.relu2(self.conv2(self.relu1(self.conv1(t)))))
+        if self.local_relu is not None:
+            local = self.local_relu(local + t)
         return x + torch.cat([t, local], dim=1)
 
 
@@ -257,8 +265,11 @@ def create_model(
     """
     config = get_config(name)
     if weights is not None:
-        from .weights import load_weights, validate_state_dict  # weights imports nothing from here
+        from .weights import WeightsError, load_weights, validate_state_dict  # weights imports nothing from here
 
+        if not isinstance(weights, (dict, str, os.PathLike)):
+            raise WeightsError(f"weights must be None, a safetensors path or a state dict, got "
+                               f"{type(weights).__name__}")
         if isinstance(weights, dict):
             state = validate_state_dict(weights, config)
         else:

@@ -68,7 +68,6 @@ class BuiltNetwork:
     weights_source: str
     definition_seconds: float
     attention: str = "matmul"  # native attention where the plugins are not used: ATTENTION_KINDS
-    plugin_layers: Dict[str, Tuple[str, Dict[str, Any]]] = field(default_factory=dict)
     _keepalive: List[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
@@ -77,6 +76,9 @@ class BuiltNetwork:
 
     def layer_names(self) -> List[str]:
         return [self.network.get_layer(i).name for i in range(self.network.num_layers)]
+
+    def output_names(self) -> List[str]:
+        return [self.network.get_output(i).name for i in range(self.network.num_outputs)]
 
     def build_serialized(self) -> bytes:
         """Run the TensorRT builder; returns the serialized engine (plan)."""
@@ -140,7 +142,6 @@ class _Net:
         self.trt = backend.trt
         self.plugins = plugins  # fused CUDA plugins for LayerNorm and attention (full TensorRT only)
         self.attention = attention  # native attention without plugins: one of ATTENTION_KINDS
-        self.plugin_layers: Dict[str, Tuple[str, Dict[str, Any]]] = {}
         self.network = network
         self.state = state
         self.fp16 = fp16
@@ -263,7 +264,9 @@ def layer_norm(net: _Net, x: Any, name: str) -> Any:
 def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
     """softmax(Q K^T * scale) V from the packed qkv projection (B, N, 3*heads*head_dim).
 
-    MatMul-SoftMax-MatMul on native layers; the scores are scaled and normalized in fp32.
+    Q is scaled before the first product (in both native forms: NVIDIA's guidance, for
+    numeric range and so TensorRT can recognize and fuse the pattern). MatMul-SoftMax-MatMul
+    normalizes the scores in fp32; the fused form is the backend's IAttention layer.
     Output (B, N, heads*head_dim), ready for the proj matmul.
     """
     if net.plugins:
@@ -282,10 +285,9 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
         perm = (0, 2, 3, 1) if part == "k" and not fused else (0, 2, 1, 3)
         parts.append(shuffle(net, g, f"{name}.{part}_heads", first=perm))
     q, k, v = parts
+    scale = net.constant(f"{name}.scale", np.full((1, 1, 1, 1), head_dim ** -0.5))
+    q = net.named(net.network.add_elementwise(q, scale, trt.ElementWiseOperation.PROD), f"{name}.q_scaled")
     if fused:
-        # IAttention computes softmax(Q K^T) V: the scale goes onto Q first.
-        scale = net.constant(f"{name}.scale", np.full((1, 1, 1, 1), head_dim ** -0.5))
-        q = net.named(net.network.add_elementwise(q, scale, trt.ElementWiseOperation.PROD), f"{name}.q_scaled")
         layer = net.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
         if layer is None:
             raise BuildError(f"TensorRT refused to create the fused attention layer {name!r}")
@@ -298,9 +300,7 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
     scores = net.named(net.network.add_matrix_multiply(q, mm, k, mm), f"{name}.scores")
     if net.fp16:
         scores = cast(net, scores, trt.float32, f"{name}.scores_fp32")
-    scale = net.constant(f"{name}.scale", np.full((1, 1, 1, 1), head_dim ** -0.5, np.float32), np.float32)
-    scaled = net.named(net.network.add_elementwise(scores, scale, trt.ElementWiseOperation.PROD), f"{name}.scaled")
-    sm = net.network.add_softmax(scaled)
+    sm = net.network.add_softmax(scores)
     sm.axes = 1 << 3
     probs = net.named(sm, f"{name}.softmax")
     if net.fp16:
@@ -468,7 +468,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         variant=config, fp16=fp16, max_batch=max_batch, image_size=image_size,
         num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, attention=attention,
         weight_bytes=net.weight_bytes,
-        weights_source=source, definition_seconds=time.perf_counter() - start, plugin_layers=net.plugin_layers,
+        weights_source=source, definition_seconds=time.perf_counter() - start,
         _keepalive=net.keep,
     )
 

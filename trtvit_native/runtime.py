@@ -112,6 +112,8 @@ class EngineRunner:
 
         if isinstance(engine, (str, Path)):
             path = Path(engine)
+            if path.is_dir():
+                raise EngineError(f"{path} is a directory, not an engine file")
             if not path.is_file():
                 raise EngineError(f"engine file {path} does not exist")
             plan = path.read_bytes()

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NAMESPACE", "VERSION", "LAYERNORM", "ATTENTION", "PluginError", "unavailable_reason", "plugin_classes",
            "register_plugins", "add_layer_norm", "add_attention", "reference_layer_norm", "reference_attention",
-           "interpret_plugin_layer"]
+           "interpret_plugin_layer", "plugin_layer_fields"]
 
 NAMESPACE = "trtvit"
 VERSION = "1"
@@ -338,7 +338,6 @@ def add_layer_norm(net: Any, x: Any, name: str, residual: Any = None, sum_name: 
     inputs = [x] + ([residual] if residual is not None else []) + [gamma, beta]
     layer = net.network.add_plugin_v3(inputs, [], plugin)
     y = net.named(layer, name)
-    net.plugin_layers[name] = (LAYERNORM, dict(plugin.fields))
     total = None
     if residual is not None:
         total = layer.get_output(1)
@@ -350,7 +349,6 @@ def add_attention(net: Any, qkv: Any, name: str, heads: int, head_dim: int) -> A
     """Fused attention plugin layer ``name`` on the packed qkv projection."""
     plugin = _create(net.trt, ATTENTION, name, heads=heads, head_dim=head_dim, scale=head_dim ** -0.5)
     layer = net.network.add_plugin_v3([qkv], [], plugin)
-    net.plugin_layers[name] = (ATTENTION, dict(plugin.fields))
     return net.named(layer, name)
 
 
@@ -383,6 +381,19 @@ def reference_attention(qkv: "torch.Tensor", heads: int, head_dim: int, scale: f
     q, k, v = parts[0], parts[1], parts[2]
     probs = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
     return (probs @ v).transpose(1, 2).reshape(b, n, heads * head_dim).to(qkv.dtype)
+
+
+def plugin_layer_fields(trt: ModuleType, layer: Any) -> Tuple[str, Dict[str, Any]]:
+    """The plugin a network layer (IPluginV3Layer) holds: its name and validated fields, read
+    from the plugin object TensorRT keeps (the fields it serializes into the engine)."""
+    plugin = layer.get_plugin()
+    core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+    name, namespace, version = core.plugin_name, core.plugin_namespace, core.plugin_version
+    if namespace != NAMESPACE or name not in _FIELD_SPECS or version != VERSION:
+        raise PluginError(f"plugin {namespace}::{name} version {version} is not one of this project's plugins "
+                          f"({', '.join(f'{NAMESPACE}::{n} version {VERSION}' for n in _FIELD_SPECS)})")
+    runtime = plugin.get_capability_interface(trt.PluginCapabilityType.RUNTIME)
+    return name, _parse_fields(name, _collection_to_dict(runtime.get_fields_to_serialize()))
 
 
 def interpret_plugin_layer(kind: str, fields: Dict[str, Any], inputs: List["torch.Tensor"]) -> List["torch.Tensor"]:

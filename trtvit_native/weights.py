@@ -120,6 +120,14 @@ def validate_state_dict(state: Mapping[str, "torch.Tensor"], config: Union[str, 
     return {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIX)}
 
 
+def new_file_mode() -> int:
+    """The permissions a new file gets under the process umask (0o666 & ~umask): what files
+    written through a temporary file and a rename get, rather than the temp file's 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_weights(model_or_state_dict: Union["torch.nn.Module", Mapping[str, "torch.Tensor"]], path: PathLike,
                  arch: Union[str, VariantConfig], dtype: Optional["torch.dtype"] = None,
                  metadata: Optional[Mapping[str, str]] = None) -> None:
@@ -148,6 +156,7 @@ def save_weights(model_or_state_dict: Union["torch.nn.Module", Mapping[str, "tor
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
