@@ -69,15 +69,99 @@ def test_build_from_weights_fp32(capsys, tmp_path, tmp_weights):
 
 
 def test_parity_prints_per_layer_report(capsys):
-    code, out, _ = run(capsys, "parity", "trt-vit-a", "--batch", "1")
+    code, out, _ = run(capsys, "parity", "trt-vit-a", "--batch", "1", "--plugins", "off")
     assert code == 0
-    assert "stages.3.1.transformer.attn" in out and "PASS" in out and "max|Δ|" in out
+    assert "stages.3.1.transformer.attn" in out and "PASS" in out and "max|Δ|" in out and "×noise" in out
+    assert "plugins off" in out
+
+
+@pytest.fixture
+def wrong_layernorm_eps(monkeypatch):
+    """The network's LayerNorms get eps 1e-3 (the reference keeps 1e-5): a defect that moves
+    the logits by ~1e-5 of their magnitude but its layer by ~3e-4."""
+    import trtvit_native.network as network_module
+
+    monkeypatch.setattr(network_module, "LN_EPS", 1e-3)
+
+
+def test_a_flagged_layer_makes_parity_exit_nonzero(capsys, wrong_layernorm_eps):
+    code, out, err = run(capsys, "parity", "trt-vit-a", "--fp32", "--batch", "1")
+    assert code == 1
+    assert "FAIL" in out and "first layer outside tolerance: stages.3.1.transformer.norm1" in out
+    assert "first divergent layer stages.3.1.transformer.norm1" in _one_error_line(err)
+
+
+def test_build_leaves_no_engine_and_replaces_none_when_parity_fails(capsys, tmp_path, wrong_layernorm_eps):
+    target = tmp_path / "a.engine"
+    target.write_bytes(b"previous engine")
+    code, out, err = run(capsys, "build", "trt-vit-a", "--fp32", "--max-batch", "1", "-o", str(target))
+    assert code == 1
+    line = _one_error_line(err)
+    assert "parity check failed at layer stages.3.1.transformer.norm1" in line and f"{target} not written" in line
+    assert target.read_bytes() == b"previous engine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.engine"]  # no JSON, no temp file
+    code, out, err = run(capsys, "build", "trt-vit-a", "--fp32", "--max-batch", "1", "--keep-failed", "-o",
+                         str(target))
+    assert code == 1 and "written anyway (--keep-failed)" in _one_error_line(err)
+    assert target.stat().st_size > 1000
+    assert json.loads((tmp_path / "a.engine.json").read_text())["parity"].startswith("FAIL")
+    code, _, err = run(capsys, "build", "trt-vit-a", "--fp32", "--max-batch", "1", "--no-parity", "-o",
+                       str(tmp_path / "b.engine"))
+    assert code == 0 and (tmp_path / "b.engine").exists()
+
+
+def _read_only_directory(tmp_path):
+    if os.geteuid() == 0:
+        return "/sys"  # sysfs refuses new files even to root
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return str(ro)
+
+
+def test_build_checks_the_output_path_before_building(capsys, tmp_path, monkeypatch):
+    import trtvit_native.network as network_module
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the network was built before the output path was checked")
+
+    monkeypatch.setattr(network_module, "build_network", must_not_build)
+    (tmp_path / "file.txt").write_text("x")
+    ro = _read_only_directory(tmp_path)
+    cases = [
+        (str(tmp_path), f"output {tmp_path} is a directory"),
+        (str(tmp_path / "file.txt" / "x.engine"), f"output {tmp_path / 'file.txt' / 'x.engine'}: "
+                                                  f"{tmp_path / 'file.txt'} is a file, not a directory"),
+        (str(tmp_path / "file.txt" / "sub" / "x.engine"), f"{tmp_path / 'file.txt'} is a file, not a directory"),
+        (str(tmp_path / "missing" / "x.engine"), f"output directory {tmp_path / 'missing'} does not exist"),
+        (f"{ro}/x.engine", f"output {ro}/x.engine: cannot write to {ro}"),
+    ]
+    for path, message in cases:
+        code, _, err = run(capsys, "build", "trt-vit-a", "-o", path)
+        line = _one_error_line(err)
+        assert code == 1 and message in line, line
+        assert ".trtvit-" not in line  # never the internal temp file
+
+
+def test_run_on_a_directory_says_so(capsys, tmp_path):
+    code, _, err = run(capsys, "run", str(tmp_path))
+    assert code == 1 and f"{tmp_path} is a directory, not an engine file" in _one_error_line(err)
+
+
+def test_parity_plugins_on_fails_clearly_without_plugin_layers(capsys):
+    import trtvit_native as tv
+
+    if tv.get_backend().has_plugin_layers:
+        pytest.skip("this backend has plugin layers")
+    code, _, err = run(capsys, "parity", "trt-vit-a", "--plugins", "on")
+    assert code == 1 and "plugins=True cannot be honoured" in _one_error_line(err)
 
 
 def _one_error_line(err):
     lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1, err
     assert "Traceback" not in err
+    assert lines[0].startswith("trtvit: error: "), lines[0]  # usage errors too
     return lines[0]
 
 
@@ -87,10 +171,13 @@ def _one_error_line(err):
     (["build", "trt-vit-a", "--max-batch", "0", "-o", "x.engine"], 1, "max_batch must be an integer in 1..4096"),
     (["build", "trt-vit-a", "--max-batch", "many", "-o", "x.engine"], 2, "invalid int value: 'many'"),
     (["build", "trt-vit-a", "--weights", "missing.safetensors", "-o", "x.engine"], 1, "no such weights file"),
-    (["build", "trt-vit-a"], 2, "the following arguments are required: -o/--output"),
+    (["build", "trt-vit-a"], 2, "build: the following arguments are required: -o/--output"),
     (["build", "trt-vit-a", "--fp16", "--fp32", "-o", "x.engine"], 2, "not allowed with argument"),
-    (["build", "trt-vit-a", "-o", "no/such/dir/x.engine"], 1, "output directory"),
-    (["parity", "trt-vit-a", "--batch", "0"], 1, "--batch must be at least 1"),
+    (["build", "trt-vit-a", "-o", "no/such/dir/x.engine"], 1,
+     "output no/such/dir/x.engine: output directory"),
+    (["parity", "trt-vit-a", "--batch", "0"], 1, "--batch must be in 1..4096, got 0"),
+    (["parity", "trt-vit-a", "--batch", "5000"], 1, "--batch must be in 1..4096, got 5000"),
+    (["parity", "trt-vit-a", "--plugins", "sometimes"], 2, "parity: argument --plugins: invalid choice"),
     (["parity", "trt-vit-q"], 1, "unknown TRT-ViT variant 'trt-vit-q'"),
     (["run", "missing.engine"], 1, "engine file missing.engine does not exist"),
     (["run", "missing.engine", "--iterations", "0"], 1, "--iterations must be at least 1"),

@@ -163,6 +163,34 @@ def test_interpreter_executes_plugin_layers_by_kind():
         tp.interpret_plugin_layer("Softmax", {}, [x])
 
 
+class _FakePluginLayer:
+    """What the interpreter sees of an IPluginV3Layer: its name and the plugin it holds."""
+
+    def __init__(self, plugin):
+        self.name, self._plugin = "stages.3.1.transformer.norm1", plugin
+
+    def get_plugin(self):
+        return self._plugin
+
+
+def test_interpreter_takes_plugin_fields_from_the_layer_s_plugin():
+    from trtvit_native.interpreter import InterpreterError, _plugin_layer
+
+    trt = tv.get_backend().trt
+    plugin_cls = tp.plugin_classes(trt)["LayerNorm"][0]
+    layer = _FakePluginLayer(plugin_cls({"eps": 0.5, "residual": 0}))
+    assert tp.plugin_layer_fields(trt, layer) == ("LayerNorm", {"eps": 0.5, "residual": 0})
+    x, gamma, beta = torch.randn(2, 7, 64) * 0.1, torch.ones(64), torch.zeros(64)
+    (out,) = _plugin_layer(trt, layer, [x, gamma, beta])
+    assert torch.allclose(out, torch.nn.functional.layer_norm(x, (64,), eps=0.5), atol=1e-6)
+    assert not torch.allclose(out, torch.nn.functional.layer_norm(x, (64,), eps=1e-5), atol=1e-2)
+    foreign = plugin_cls({"eps": 0.5, "residual": 0})
+    foreign.plugin_namespace = "other"
+    with pytest.raises(InterpreterError, match="layer 'stages.3.1.transformer.norm1': plugin other::LayerNorm "
+                                               "version 1 is not one of this project's plugins"):
+        _plugin_layer(trt, _FakePluginLayer(foreign), [x, gamma, beta])
+
+
 def test_unavailable_reason_names_what_is_missing():
     backend = tv.get_backend()
     reason = tp.unavailable_reason(backend)
@@ -181,4 +209,4 @@ def test_builder_respects_the_attention_token_limit(monkeypatch):
                                          "handles at most 256"):
         tv.build_network("trt-vit-a", fp16=True, max_batch=1, image_size=544, plugins=True)
     built = tv.build_network("trt-vit-a", fp16=True, max_batch=1, image_size=544, plugins="auto")
-    assert not built.plugins and not built.plugin_layers
+    assert not built.plugins

@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 
 import pytest
@@ -171,3 +172,19 @@ def test_non_finite_values(tmp_path, tmp_weights, value):
 
 def test_weights_error_is_a_value_error():
     assert issubclass(tv.WeightsError, ValueError)
+
+
+def test_create_model_names_a_bad_weights_argument():
+    with pytest.raises(tv.WeightsError, match="weights must be None, a safetensors path or a state dict, got int"):
+        tv.create_model("trt-vit-a", weights=42)
+
+
+def test_weights_files_follow_the_umask(tmp_path, tmp_weights):
+    _, state = tmp_weights
+    old = os.umask(0o027)
+    try:
+        tv.save_weights(state, tmp_path / "u.safetensors", "trt-vit-a")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "u.safetensors").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "u.safetensors"]
