@@ -43,6 +43,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="native attention: matmul (MatMul-SoftMax-MatMul, default) or fused (IAttention layer)")
 
 
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``trtvit train`` (here, so that parsing imports no torch)."""
+    p.add_argument("variant", help="variant name (see `trtvit info`)")
+    p.add_argument("--data", required=True, metavar="DIR", help="training ImageFolder (one sub-folder per class)")
+    p.add_argument("--val", metavar="DIR", help="validation ImageFolder with the same classes")
+    p.add_argument("--epochs", type=int, default=30, metavar="N", help="epochs (30)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="global batch size (64)")
+    p.add_argument("--lr", type=float, metavar="F", help="peak learning rate (1e-3 from scratch, 2e-4 with --init)")
+    p.add_argument("--weight-decay", type=float, default=0.05, metavar="F", help="AdamW weight decay (0.05)")
+    p.add_argument("--warmup-epochs", type=float, metavar="N", help="linear warmup (1 from scratch, 0 with --init)")
+    p.add_argument("--image-size", type=int, default=224, metavar="S", help="training image size, a multiple of 32")
+    p.add_argument("--label-smoothing", type=float, default=0.1, metavar="F", help="(0.1)")
+    p.add_argument("--init", metavar="W.safetensors", help="start from these weights (same variant, any classes)")
+    p.add_argument("--freeze", default="", metavar="PREFIXES", help="comma-separated module prefixes to freeze")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (its saved settings apply)")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after epoch N (resumable)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="data loading processes (2)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="(0)")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default: OUT without .safetensors + .run)")
+    p.add_argument("--clip-grad", type=float, default=1.0, metavar="F", help="gradient norm clip (1.0)")
+    p.add_argument("--min-crop-scale", type=float, default=0.25, metavar="F",
+                   help="smallest random crop, as a fraction of the image area (0.25)")
+    p.add_argument("--hflip", type=float, default=0.5, metavar="P", help="horizontal flip probability (0.5)")
+    p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"], default="auto",
+                   help="mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, fp16 (CUDA), bf16")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="trained weights file")
+
+
 def _parser() -> _Parser:
     parser = _Parser(prog="trtvit", description="TRT-ViT TensorRT engines built with the network API.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -64,6 +93,22 @@ def _parser() -> _Parser:
                      help="also compare the engine's logits with the PyTorch reference on the same GPU (needs "
                           "ENGINE.json from trtvit build)")
     sub.add_parser("info", help="list variants with parameters and GMACs")
+    _add_train_arguments(sub.add_parser("train", help="train or fine-tune on an ImageFolder tree (see "
+                                                       "trtvit_native.train)"))
+    ev = sub.add_parser("eval", help="top-1/top-5 of the reference, the network (CPU) or an engine (GPU) on a folder")
+    ev.add_argument("variant", help="variant name")
+    ev.add_argument("--weights", required=True, metavar="FILE", help="safetensors weights (from trtvit train)")
+    ev.add_argument("--data", required=True, metavar="DIR", help="ImageFolder with the weights' classes")
+    ev.add_argument("--image-size", type=int, metavar="S", help="input size (default: the size trained at)")
+    what = ev.add_mutually_exclusive_group()
+    what.add_argument("--network", action="store_true",
+                      help="also run the TensorRT network built from the weights on the CPU interpreter")
+    what.add_argument("--engine", metavar="FILE", help="also run this engine file on the GPU")
+    prec = ev.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="fp16 network (default)")
+    prec.add_argument("--fp32", dest="fp16", action="store_false", help="fp32 network")
+    ev.add_argument("--batch-size", type=int, default=32, metavar="N", help="(32)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
     parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
     _add_common(parity)
     parity.add_argument("--batch", type=int, default=2, metavar="N", help="images per check (2)")
@@ -161,6 +206,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     metadata.update(weights=os.path.abspath(args.weights) if args.weights else "seeded untrained weights (seed 0)",
                     weights_file=os.path.abspath(args.weights) if args.weights else None,
                     seed=None if args.weights else 0)
+    if args.weights:
+        from .weights import class_names
+
+        labels = class_names(args.weights)
+        if labels is not None:
+            if len(labels) != built.num_classes:
+                raise ValueError(f"{args.weights} names {len(labels)} classes but its head has {built.num_classes}")
+            metadata["labels"] = labels
     print(f"engine     {args.output}  ({built.describe()})")
     print(f"backend    {built.backend.label}")
     print(f"weights    {args.weights or 'seeded untrained weights (seed 0): for testing and timing only'}")
@@ -282,6 +335,31 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    r = evaluate(args.variant, args.weights, args.data, image_size=args.image_size, network=args.network,
+                 engine=args.engine, fp16=args.fp16, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"data       {args.data}: {r['images']} images, {r['classes']} classes, {r['image_size']}x{r['image_size']}")
+    print(f"model      {r['model']}: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} %, "
+          f"{r['images_per_second']:.1f} images/s")
+    if "agreement" in r:
+        print(f"reference  PyTorch fp32: top-1 {100 * r['reference_top1']:.2f} %, top-5 "
+              f"{100 * r['reference_top5']:.2f} %")
+        print(f"agreement  {100 * r['agreement']:.2f} % of images get the reference's top-1 class; largest logit "
+              f"difference {r['max_logit_diff']:.3g}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .backend import BackendError
     from .interpreter import InterpreterError
@@ -291,8 +369,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _UsageError("a command is required: build, run, info or parity (see trtvit --help)")
-        return {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity}[args.command](args)
+            raise _UsageError("a command is required: build, run, info, parity, train or eval (see trtvit --help)")
+        commands = {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity,
+                    "train": _cmd_train, "eval": _cmd_eval}
+        return commands[args.command](args)
     except _UsageError as e:
         print(f"trtvit: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from .variants import VARIANTS, VariantConfig, expected_shapes, get_config
 if TYPE_CHECKING:  # torch is needed only by the functions that return torch tensors
     import torch
 
-__all__ = ["WeightsError", "FORMAT_VERSION", "expected_shapes", "save_weights", "load_weights", "load_arrays",
+__all__ = ["WeightsError", "FORMAT_VERSION", "read_metadata", "class_names", "expected_shapes", "save_weights", "load_weights", "load_arrays",
            "validate_arrays", "validate_state_dict"]
 
 FORMAT_VERSION = "trtvit_native/1"
@@ -235,6 +235,27 @@ def load_arrays(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None
         arrays[key] = mapping[data_start + begin:data_start + end].view(_SUPPORTED[dtype]).reshape(shape)
     _check_values(arrays, path)
     return arrays
+
+
+def read_metadata(path: PathLike) -> Dict[str, str]:
+    """The ``__metadata__`` of a weights file (variant, class names, training record...)."""
+    header, _ = _read_header(os.fspath(path))
+    meta = header.get("__metadata__") or {}
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def class_names(path: PathLike) -> Optional[List[str]]:
+    """The class names a weights file records (``classes``, JSON list in output order), or None."""
+    raw = read_metadata(path).get("classes")
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except json.JSONDecodeError:
+        raise WeightsError(f"{path}: metadata 'classes' is not a JSON list") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WeightsError(f"{path}: metadata 'classes' is not a JSON list of names")
+    return names
 
 
 def load_weights(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None,

@@ -1,0 +1,212 @@
+"""Images in, network input out: the one preprocessing definition, and ImageFolder trees.
+
+``PREPROCESSING`` is what the network expects, written into every engine's ENGINE.json;
+:func:`eval_transform` implements it (resize the shorter side to ``S / crop_pct``, center
+crop ``S``, RGB scaled to [0, 1], ImageNet mean and std) for evaluation and serving, and
+training draws its random crops from the same decoded images and normalizes the same way
+(:func:`normalize`). torchvision is not used: it does not import beside the CPU build of
+torch this project is tested with, so decoding is Pillow's and the resizing torch's own
+antialiased interpolation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .variants import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["PREPROCESSING", "IMAGE_EXTENSIONS", "DataError", "ImageFolder", "load_rgb", "eval_transform", "normalize",
+           "resize_and_center_crop"]
+
+CROP_PCT = 0.875
+PREPROCESSING: Dict[str, object] = {
+    "color": "RGB",
+    "scale": "1/255",
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
+    "resize": "shorter side to round(S / crop_pct), bilinear with antialiasing",
+    "crop_pct": CROP_PCT,
+    "crop": "center S x S",
+    "layout": "NCHW float32",
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class DataError(ValueError):
+    """A data folder or image that cannot be used; the message names it."""
+
+
+def load_rgb(path: PathLike) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor (3, H, W)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def resize_and_center_crop(image: torch.Tensor, size: int, crop_pct: float = CROP_PCT) -> torch.Tensor:
+    """uint8 or float (3, H, W) -> float32 (3, size, size) in the input's value range:
+    shorter side resized to round(size / crop_pct) (bilinear, antialiased), center crop."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise DataError(f"expected an RGB image (3, H, W), got shape {tuple(image.shape)}")
+    h, w = image.shape[-2:]
+    short = round(size / crop_pct)
+    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    x = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top:top + size, left:left + size]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Pixel values 0..255 (float, (..., 3, H, W)) -> the network input: /255, ImageNet mean/std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255.0
+    return (images.float() - mean) / std
+
+
+def eval_transform(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A decoded uint8 RGB image (3, H, W) -> the network input (3, size, size), as
+    ``PREPROCESSING`` says."""
+    return normalize(resize_and_center_crop(image, size).clamp(0, 255))
+
+
+@dataclass
+class ImageFolder:
+    """An ImageFolder tree: one sub-folder per class (names sorted), JPEG/PNG/BMP files.
+
+    Every image is checked when the tree is read; an unreadable one is skipped with a
+    warning naming it (``skipped`` lists them), and a tree where every image is bad, with
+    no class folder, or with a class folder that holds no usable image is an error.
+    """
+
+    root: Path
+    classes: List[str]
+    samples: List[Tuple[str, int]]
+    skipped: List[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, root: PathLike, min_classes: int = 1, check_images: bool = True) -> "ImageFolder":
+        from PIL import Image
+
+        root = Path(root)
+        if not root.exists():
+            raise DataError(f"data folder {root} does not exist")
+        if not root.is_dir():
+            raise DataError(f"data folder {root} is not a directory")
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise DataError(f"data folder {root} has no class sub-folders (expected one folder per class)")
+        if len(classes) < min_classes:
+            raise DataError(f"data folder {root} has {len(classes)} class ({classes[0]}); training needs at least "
+                            f"{min_classes}")
+        samples, skipped = [], []
+        for label, name in enumerate(classes):
+            files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            for path in files:
+                if check_images:
+                    try:
+                        with Image.open(path) as img:
+                            img.verify()
+                    except Exception as e:  # Pillow raises many kinds for a bad file
+                        skipped.append(str(path))
+                        warnings.warn(f"skipping unreadable image {path}: {e}", RuntimeWarning, stacklevel=2)
+                        continue
+                samples.append((str(path), label))
+        if not samples:
+            raise DataError(f"data folder {root} holds no readable image ({len(skipped)} unreadable; extensions "
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
+        counts = [0] * len(classes)
+        for _, label in samples:
+            counts[label] += 1
+        empty = [c for c, n in zip(classes, counts) if n == 0]
+        if empty:
+            raise DataError(f"data folder {root}: class folder(s) {', '.join(empty)} hold no readable image")
+        return cls(root, classes, samples, skipped)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def counts(self) -> Dict[str, int]:
+        out = {c: 0 for c in self.classes}
+        for _, label in self.samples:
+            out[self.classes[label]] += 1
+        return out
+
+    def fingerprint(self) -> Dict[str, object]:
+        """Counts per class and a SHA-256 of the relative paths and sizes of every image."""
+        h = hashlib.sha256()
+        for path, label in self.samples:
+            h.update(f"{os.path.relpath(path, self.root)}\0{os.path.getsize(path)}\0{label}\n".encode())
+        return {"images": len(self.samples), "counts": self.counts(), "sha256": h.hexdigest()}
+
+    def fingerprint_json(self) -> str:
+        return json.dumps(self.fingerprint(), sort_keys=True)
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Samples of an ImageFolder decoded, shorter side resized to ``size / crop_pct`` and
+    center-cropped to ``size`` (float32 in 0..255), with their labels. Training uses
+    ``crop_pct=1`` (the whole shorter side) and draws random crops from these batches."""
+
+    def __init__(self, folder: ImageFolder, size: int, crop_pct: float = CROP_PCT):
+        self.folder, self.size, self.crop_pct = folder, size, crop_pct
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        path, label = self.folder.samples[i]
+        return resize_and_center_crop(load_rgb(path), self.size, self.crop_pct).clamp(0, 255), label
+
+
+def check_same_classes(train: Sequence[str], val: Sequence[str], val_root: PathLike) -> None:
+    if list(train) != list(val):
+        only_train = sorted(set(train) - set(val))
+        only_val = sorted(set(val) - set(train))
+        raise DataError(f"--val {val_root} has other classes than --data: only in --data {only_train or '-'}, "
+                        f"only in --val {only_val or '-'}")
+
+
+def write_digits(root: PathLike, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Tuple[Path, Path]:
+    """scikit-learn's handwritten digits (1,797 labelled 8x8 images, classes 0-9) written as
+    two ImageFolder trees of RGB PNGs upscaled to ``size`` x ``size``: ``root/train`` and
+    ``root/val`` (a stratified ``val_fraction`` split). A real labelled data set that ships
+    inside a package: for trying training, fine-tuning and evaluation end to end."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("write_digits() needs scikit-learn (pip install scikit-learn)") from None
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split in ("train", "val"):
+        for c in range(10):
+            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+    for c in range(10):
+        idx = np.flatnonzero(digits.target == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        for k, i in enumerate(idx):
+            gray = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+            img = Image.fromarray(gray, mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
+            img.save(root / ("val" if k < n_val else "train") / str(c) / f"{i:04d}.png")
+    return root / "train", root / "val"
