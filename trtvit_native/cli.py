@@ -63,8 +63,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="(0)")
     p.add_argument("--run-dir", metavar="DIR", help="run directory (default: OUT without .safetensors + .run)")
     p.add_argument("--clip-grad", type=float, default=1.0, metavar="F", help="gradient norm clip (1.0)")
-    p.add_argument("--min-crop-scale", type=float, default=0.25, metavar="F",
-                   help="smallest random crop, as a fraction of the image area (0.25)")
+    p.add_argument("--min-crop-scale", type=float, default=0.5, metavar="F",
+                   help="smallest random crop, as a fraction of the image area (0.5)")
     p.add_argument("--hflip", type=float, default=0.5, metavar="P", help="horizontal flip probability (0.5)")
     p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"], default="auto",
                    help="mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, fp16 (CUDA), bf16")

@@ -22,22 +22,11 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .variants import IMAGENET_MEAN, IMAGENET_STD
+from .variants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING
 
 __all__ = ["PREPROCESSING", "IMAGE_EXTENSIONS", "DataError", "ImageFolder", "load_rgb", "eval_transform", "normalize",
            "resize_and_center_crop"]
 
-CROP_PCT = 0.875
-PREPROCESSING: Dict[str, object] = {
-    "color": "RGB",
-    "scale": "1/255",
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-    "resize": "shorter side to round(S / crop_pct), bilinear with antialiasing",
-    "crop_pct": CROP_PCT,
-    "crop": "center S x S",
-    "layout": "NCHW float32",
-}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 PathLike = Union[str, "os.PathLike[str]"]

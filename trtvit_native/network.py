@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .backend import Backend, BackendError, CollectingLogger, get_backend
-from .variants import BN_EPS, IMAGENET_MEAN, IMAGENET_STD, LN_EPS, VariantConfig, get_config
+from .variants import BN_EPS, LN_EPS, PREPROCESSING, VariantConfig, get_config
 from .weights import WeightsError, load_arrays, validate_arrays
 
 __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT_NAME", "OUTPUT_NAME",
@@ -108,8 +108,7 @@ class BuiltNetwork:
             "variant": self.variant.name,
             "precision": "fp16" if self.fp16 else "fp32",
             "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, 3, s, s], "layout": "NCHW",
-                      "preprocessing": {"color": "RGB", "scale": "1/255", "mean": list(IMAGENET_MEAN),
-                                        "std": list(IMAGENET_STD)}},
+                      "preprocessing": dict(PREPROCESSING)},
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, self.num_classes]},
             "batch": {"min": 1, "opt": self.max_batch, "max": self.max_batch},
             "plugins": self.plugins,

@@ -59,7 +59,9 @@ class TrainConfig:
 
     Defaults: from scratch lr 1e-3 with 1 warmup epoch; fine-tuning (``init``) lr 2e-4
     without warmup. Both: AdamW weight decay 0.05, label smoothing 0.1, gradient clipping
-    at norm 1.0, crops covering 25-100 % of the image, flips with probability 0.5.
+    at norm 1.0, random crops covering 50-100 % of the image (milder than the 8 % of
+    ImageNet recipes, which pay off only over long schedules: pass 0.08 there), flips with
+    probability 0.5.
     """
 
     variant: str
@@ -79,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     run_dir: Optional[str] = None
     clip_grad: float = 1.0
-    min_crop_scale: float = 0.25
+    min_crop_scale: float = 0.5
     hflip: float = 0.5
     amp: str = "auto"
     min_lr_ratio: float = 0.01
@@ -468,7 +470,7 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
             scaler.update()
             scheduler.step()
             n = len(labels)
-            sums[0] += float(loss) * n
+            sums[0] += float(loss.detach()) * n
             sums[1] += int((logits.argmax(1) == labels).sum())
             sums[2] += n
             elapsed = time.perf_counter() - t0

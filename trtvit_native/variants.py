@@ -26,6 +26,19 @@ LN_EPS = 1e-5
 # The input the network expects: RGB in [0, 1], then (x - mean) / std per channel.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The one preprocessing definition (ENGINE.json's "preprocessing"; implemented by
+# trtvit_native.data.eval_transform for evaluation and serving, and used by training).
+CROP_PCT = 0.875
+PREPROCESSING = {
+    "color": "RGB",
+    "scale": "1/255",
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
+    "resize": "shorter side to round(S / crop_pct), bilinear with antialiasing",
+    "crop_pct": CROP_PCT,
+    "crop": "center S x S",
+    "layout": "NCHW float32",
+}
 
 
 @dataclass(frozen=True)
