@@ -70,6 +70,8 @@ class BuildPyWithKernels(build_py):
             build_kernel_library(Path(self.build_lib) / "trtvit_native")
 
 
+TRAIN_REQUIRES = ["kornia>=0.7", "tqdm>=4.60", "matplotlib>=3.5", "Pillow>=9"]
+
 setup(
     name="trtvit_native",
     version="0.1.0",
@@ -83,7 +85,9 @@ setup(
     install_requires=["numpy>=1.22", "safetensors>=0.4", "torch>=2.1"],
     extras_require={
         "rtx": ["tensorrt-rtx>=1.2"],
-        "test": ["pytest>=7", "scikit-image>=0.21", "nvidia-cuda-cuobjdump"],
+        # trtvit train / eval: augmentation (kornia: pure torch), progress bars, curves, image decoding
+        "train": TRAIN_REQUIRES,
+        "test": ["pytest>=7", "scikit-image>=0.21", "scikit-learn>=1.0", "nvidia-cuda-cuobjdump"] + TRAIN_REQUIRES,
         "bench": ["onnx>=1.14"],
     },
     entry_points={"console_scripts": ["trtvit=trtvit_native.cli:main"]},

@@ -215,3 +215,18 @@ def test_one_preprocessing_definition():
     ref = torch.nn.functional.interpolate(image[None].float(), size=(256, 341), mode="bilinear", antialias=True,
                                           align_corners=False)[0, :, 16:240, 58:282]
     assert torch.allclose(x, tv.imagenet_normalize(ref[None].clamp(0, 255) / 255)[0], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cuda(digits, tmp_path, capsys, amp):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    train, val = digits
+    out = tmp_path / "gpu.safetensors"
+    assert main(["train", SMALL.name, "--data", str(train), "--val", str(val), "--epochs", "3", "--amp", amp,
+                 *RECIPE, "-o", str(out)]) == 0
+    assert f"1 process(es) on cuda, {amp}" in capsys.readouterr().err
+    metrics = _metrics(tmp_path / "gpu.run")
+    assert all(m["train_loss"] == m["train_loss"] for m in metrics)  # finite, no NaN
+    assert metrics[-1]["val_top1"] > 0.5

@@ -405,6 +405,9 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
     if dist_.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        # 1x1 convolutions on 1x1 maps (stage 4 at small images) give weight gradients with
+        # other strides than DDP's buckets: a copy per step, not an error
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     per_rank = len(folder) // dist_.world
