@@ -31,6 +31,19 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _size(text: str):
+    """``224`` or ``800x1344`` -> 224 or (800, 1344); checked as image sizes later."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"invalid image size {text!r}: give S or HxW, e.g. 224 or 800x1344")
+    values = [int(p) for p in parts]
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _outputs(text: str):
+    return text if text in ("logits", "features") else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     from .network import ATTENTION_KINDS  # numpy only: no torch, no TensorRT
     p.add_argument("variant", help="variant name (see `trtvit info`)")
@@ -38,7 +51,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="fp16 network (default)")
     prec.add_argument("--fp32", dest="fp16", action="store_false", help="fp32 network")
-    p.add_argument("--image-size", type=int, default=224, metavar="S", help="input size, a multiple of 32 (224)")
+    p.add_argument("--image-size", type=_size, default=224, metavar="S",
+                   help="input size S or HxW, multiples of 32 (224); the optimization shape when dynamic")
+    p.add_argument("--min-image-size", type=_size, metavar="S", help="smallest input, S or HxW: dynamic H and W")
+    p.add_argument("--max-image-size", type=_size, metavar="S", help="largest input, S or HxW: dynamic H and W")
+    p.add_argument("--outputs", default="logits", metavar="LIST",
+                   help="logits (default), features (stage1..stage4), or a comma list of stage1..stage4, logits")
     p.add_argument("--attention", choices=ATTENTION_KINDS, default="matmul",
                    help="native attention: matmul (MatMul-SoftMax-MatMul, default) or fused (IAttention layer)")
 
@@ -198,7 +216,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     model, state = _reference_and_weights(args.variant, args.weights)
     t_weights = time.perf_counter() - t0
     built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.max_batch,
-                          image_size=args.image_size, plugins=_plugins_arg(args.plugins), attention=args.attention)
+                          image_size=args.image_size, plugins=_plugins_arg(args.plugins), attention=args.attention,
+                          outputs=_outputs(args.outputs), min_image_size=args.min_image_size,
+                          max_image_size=args.max_image_size)
     t1 = time.perf_counter()
     plan = built.build_serialized()
     t_build = time.perf_counter() - t1
@@ -225,7 +245,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     status = 0
     if not args.no_parity:
         # image-like synthetic inputs: smooth fields and edges at several scales
-        report = parity_report(built, model, synthetic_images(min(2, args.max_batch), args.image_size, seed=1))
+        report = parity_report(built, model, synthetic_images(min(2, args.max_batch), built.image_size, seed=1))
         print(f"parity     {report.summary()} (CPU interpreter of the built network vs PyTorch reference)")
         metadata["parity"] = report.summary()
         if not report.ok:
@@ -323,8 +343,10 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be in 1..{MAX_BATCH_LIMIT}, got {args.batch}")
     model, state = _reference_and_weights(args.variant, args.weights)
     built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.batch, image_size=args.image_size,
-                          plugins=_plugins_arg(args.plugins), attention=args.attention)
-    report = parity_report(built, model, synthetic_images(args.batch, args.image_size, seed=args.seed))
+                          plugins=_plugins_arg(args.plugins), attention=args.attention,
+                          outputs=_outputs(args.outputs), min_image_size=args.min_image_size,
+                          max_image_size=args.max_image_size)
+    report = parity_report(built, model, synthetic_images(args.batch, built.image_size, seed=args.seed))
     print(f"backend {built.backend.label}; {built.describe()}; {built.num_layers} layers; weights: "
           f"{args.weights or 'seeded untrained weights (seed 0)'}; image-like synthetic images (seed {args.seed})")
     print(report.table())

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .network import INPUT_NAME, OUTPUT_NAME, BuiltNetwork
+from .network import INPUT_NAME, BuiltNetwork
 
-__all__ = ["interpret", "InterpreterError", "run_network"]
+__all__ = ["interpret", "InterpreterError", "run_network", "check_images"]
 
 
 class InterpreterError(RuntimeError):
@@ -151,14 +151,18 @@ def _elementwise(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tens
     return table[layer.op](a, b)
 
 
+@_handles("SHAPE", "IShapeLayer")
+def _shape(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor(tuple(inputs[0].shape), dtype=torch.int64)
+
+
 @_handles("SHUFFLE", "IShuffleLayer")
 def _shuffle(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
-    if layer.num_inputs > 1 and layer.get_input(1) is not None:
-        raise InterpreterError(f"layer {layer.name!r}: shuffle with a dynamic shape input is not supported")
     x = inputs[0]
     rank = x.dim()
     x = x.permute(*tuple(layer.first_transpose)[:rank])
-    dims = layer.reshape_dims
+    dynamic = len(inputs) > 1  # the reshape dimensions come from a shape tensor
+    dims = [int(v) for v in inputs[1].tolist()] if dynamic else layer.reshape_dims
     if dims is not None:
         shape = list(dims)
         if layer.zero_is_placeholder:
@@ -362,24 +366,42 @@ def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
 
 
 def interpret(built: BuiltNetwork, images: torch.Tensor,
-              capture: Union[None, str, Sequence[str]] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
-    """Run the built network on CPU and return its fp32 logits (B, num_classes).
+              capture: Union[None, str, Sequence[str]] = None) -> Any:
+    """Run the built network on CPU and return its fp32 output: a tensor where the network
+    has one output (the logits, by default), else ``{output name: tensor}``.
 
     With ``capture`` (``"all"`` or a list of layer names) also return ``{name: output}``
     of those layers, in the dtype the network gives them.
     """
     if not isinstance(images, torch.Tensor):
         raise InterpreterError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    s = built.image_size
-    if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
-        raise InterpreterError(f"images must have shape (B, 3, {s}, {s}) for this network, got {tuple(images.shape)}")
-    if not 1 <= images.shape[0] <= built.max_batch:
-        raise InterpreterError(f"batch size {images.shape[0]} is outside this network's profile 1..{built.max_batch}")
+    check_images(built, images)
     if not images.is_floating_point():
         raise InterpreterError(f"images must be floating point, got {images.dtype}")
     with torch.no_grad():
         values = run_network(built, {INPUT_NAME: images.detach().cpu().float()}, capture)
-    logits = values.pop(OUTPUT_NAME).float()
+    names = built.output_names()
+    outputs = {n: values.pop(n).float() for n in names}
+    result = outputs[names[0]] if len(names) == 1 else outputs
     if capture is None:
-        return logits
-    return logits, values
+        return result
+    return result, values
+
+
+def check_images(built: BuiltNetwork, images: torch.Tensor) -> None:
+    """Images must be (B, 3, H, W) inside the network's optimization profile."""
+    (h0, w0), (h1, w1) = built.min_image_size, built.max_image_size
+    if built.dynamic_size:
+        expected = f"(B, 3, H, W) with H in {h0}..{h1} and W in {w0}..{w1}, multiples of 32"
+    else:
+        expected = f"(B, 3, {h0}, {w0})"
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise InterpreterError(f"images must have shape {expected} for this network, got {tuple(images.shape)}")
+    h, w = images.shape[2:]
+    if not (h0 <= h <= h1 and w0 <= w <= w1) or h % 32 or w % 32:
+        if built.dynamic_size:
+            raise InterpreterError(f"image size {h}x{w} is outside this network's profile: it accepts "
+                                   f"{h0}x{w0} to {h1}x{w1}, H and W multiples of 32")
+        raise InterpreterError(f"images must have shape {expected} for this network, got {tuple(images.shape)}")
+    if not 1 <= images.shape[0] <= built.max_batch:
+        raise InterpreterError(f"batch size {images.shape[0]} is outside this network's profile 1..{built.max_batch}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -128,12 +128,23 @@ class MixBlockC(nn.Module):
 
 
 class TRTViT(nn.Module):
-    def __init__(self, config: VariantConfig, num_classes: int = 1000):
+    """TRT-ViT. With ``features_only`` (timm's convention) the forward returns the outputs of
+    the stages in ``out_indices`` (NCHW; strides 4, 8, 16, 32), ``feature_info`` describes
+    them, and the head is not built."""
+
+    def __init__(self, config: VariantConfig, num_classes: int = 1000, features_only: bool = False,
+                 out_indices: Sequence[int] = (0, 1, 2, 3)):
         super().__init__()
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        out_indices = tuple(out_indices)
+        if not out_indices or any(not isinstance(i, int) or not 0 <= i <= 3 for i in out_indices) \
+                or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f"out_indices must be distinct stage indices in 0..3, got {out_indices!r}")
         self.config = config
         self.num_classes = int(num_classes)
+        self.features_only = bool(features_only)
+        self.out_indices = tuple(sorted(out_indices))
         self.stem = Stem(config.stem_width)
         stages: List[List[nn.Module]] = [[], [], [], []]
         for path, kind, cin, cout, stride in config.blocks():
@@ -142,8 +153,11 @@ class TRTViT(nn.Module):
                 stages[s].append(BottleNeck(cin, cout, stride))
             else:
                 stages[s].append(MixBlockC(cout, config.mix_dim, config.head_dim, config.mlp_ratio))
-        self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
-        self.head = nn.Linear(config.num_features, self.num_classes)
+        last = self.out_indices[-1] if self.features_only else 3
+        self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages[:last + 1])
+        self.head = None if self.features_only else nn.Linear(config.num_features, self.num_classes)
+        self.feature_info = [{"num_chs": config.widths[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"}
+                             for i in self.out_indices]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -151,7 +165,14 @@ class TRTViT(nn.Module):
             x = stage(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if self.features_only:
+            x, out = self.stem(x), []
+            for i, stage in enumerate(self.stages):
+                x = stage(x)
+                if i in self.out_indices:
+                    out.append(x)
+            return out
         return self.head(self.forward_features(x).mean(dim=(2, 3)))
 
 
@@ -160,17 +181,18 @@ class TRTViT(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def synthetic_images(batch: int, image_size: int = 224, seed: int = 0) -> torch.Tensor:
+def synthetic_images(batch: int, image_size: Union[int, Sequence[int]] = 224, seed: int = 0) -> torch.Tensor:
     """Deterministic, ImageNet-normalized images with natural-image-like spatial structure.
 
     Smooth random fields at several scales plus edges; used to calibrate the seeded
-    model's BatchNorm statistics and as "random" test input.
+    model's BatchNorm statistics and as "random" test input. ``image_size``: int or (H, W).
     """
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     g = torch.Generator().manual_seed(seed)
-    out = torch.zeros(batch, 3, image_size, image_size)
+    out = torch.zeros(batch, 3, *hw)
     for cells, weight in ((4, 1.0), (16, 0.5), (56, 0.25)):
         noise = torch.rand(batch, 3, cells, cells, generator=g)
-        out += weight * F.interpolate(noise, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        out += weight * F.interpolate(noise, size=hw, mode="bilinear", align_corners=False)
     out = out / 1.75
     return imagenet_normalize(out.clamp(0, 1))
 
@@ -254,6 +276,8 @@ def create_model(
     num_classes: int = 1000,
     weights: Union[None, str, "os.PathLike[str]", Dict[str, torch.Tensor]] = None,
     seed: int = 0,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
 ) -> TRTViT:
     """Return the PyTorch reference of a variant, in eval mode.
 
@@ -262,6 +286,11 @@ def create_model(
     deterministic *untrained* weights from ``seed`` whose BatchNorm statistics are
     calibrated on synthetic images; such a model computes meaningful-looking but
     meaningless logits, suited to numerical parity checks and timing only.
+
+    ``features_only=True`` returns the stage outputs in ``out_indices`` instead of logits
+    (timm's convention; ``model.feature_info`` lists channels, strides and modules). A
+    classification weights file loads into it: the head, and stages after the last
+    selected one, are ignored; anything else missing is an error.
     """
     config = get_config(name)
     if weights is not None:
@@ -275,11 +304,15 @@ def create_model(
         else:
             state = load_weights(weights, arch=config.name if config.name in VARIANTS else None, config=config)
         num_classes = int(state["head.weight"].shape[0])
-        model = TRTViT(config, num_classes)
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        model = TRTViT(config, num_classes, features_only, out_indices)
+        wanted = model.state_dict()
+        model.load_state_dict({k: v.float() for k, v in state.items() if k in wanted}, strict=False)
         return model.eval()
-    model = TRTViT(config, num_classes)
-    _seeded_init(model, seed)
+    model = TRTViT(config, num_classes, features_only, out_indices)
+    full = model if not features_only else TRTViT(config, num_classes)
+    _seeded_init(full, seed)
+    if features_only:  # the same seeded weights as the classifier, stages and stem only
+        model.load_state_dict({k: v for k, v in full.state_dict().items() if k in model.state_dict()})
     return model.eval()
 
 

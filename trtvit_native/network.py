@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -26,10 +26,12 @@ from .variants import BN_EPS, LN_EPS, PREPROCESSING, VariantConfig, get_config
 from .weights import WeightsError, load_arrays, validate_arrays
 
 __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT_NAME", "OUTPUT_NAME",
-           "MAX_BATCH_LIMIT"]
+           "STAGE_OUTPUTS", "OUTPUT_NAMES", "MAX_BATCH_LIMIT", "image_hw", "resolve_outputs"]
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+STAGE_OUTPUTS = ("stage1", "stage2", "stage3", "stage4")  # strides 4, 8, 16, 32
+OUTPUT_NAMES = STAGE_OUTPUTS + (OUTPUT_NAME,)
 MAX_BATCH_LIMIT = 4096
 # Native attention: MatMul-SoftMax-MatMul with an fp32 softmax, or the backend's fused
 # attention layer (IAttention, INetworkDefinition.add_attention).
@@ -61,14 +63,35 @@ class BuiltNetwork:
     variant: VariantConfig
     fp16: bool
     max_batch: int
-    image_size: int
+    image_size: Any  # (H, W): the optimization shape (fixed unless min/max differ)
     num_classes: int
     plugins: bool
     weight_bytes: int
     weights_source: str
     definition_seconds: float
     attention: str = "matmul"  # native attention where the plugins are not used: ATTENTION_KINDS
+    min_image_size: Optional[Tuple[int, int]] = None  # (H, W) range of the profile; None: image_size
+    max_image_size: Optional[Tuple[int, int]] = None
+    outputs: Tuple[str, ...] = (OUTPUT_NAME,)
     _keepalive: List[np.ndarray] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.image_size = image_hw(self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+        self.min_image_size = tuple(self.min_image_size or self.image_size)
+        self.max_image_size = tuple(self.max_image_size or self.image_size)
+
+    @property
+    def dynamic_size(self) -> bool:
+        return self.min_image_size != self.max_image_size
+
+    def output_shape(self, name: str) -> List[int]:
+        """(B, C, H, W) of a stage output or (B, classes) of the logits; -1 where dynamic."""
+        if name == OUTPUT_NAME:
+            return [-1, self.num_classes]
+        k = STAGE_OUTPUTS.index(name)
+        stride = 4 * 2 ** k
+        hw = [-1, -1] if self.dynamic_size else [self.image_size[0] // stride, self.image_size[1] // stride]
+        return [-1, self.variant.widths[k]] + hw
 
     @property
     def num_layers(self) -> int:
@@ -97,20 +120,25 @@ class BuiltNetwork:
         """What a pipeline needs to know about the engine ``plan`` built from this network.
 
         Written next to engine files by ``trtvit build`` (``ENGINE.json``): tensor names,
-        dtypes and shapes (-1: the dynamic batch), the batch range, the preprocessing the
-        input expects, how the engine was built, and the plan's SHA-256.
+        dtypes and shapes (-1: dynamic), output strides, the batch and image-size ranges,
+        the preprocessing the input expects, how the engine was built, and the plan's
+        SHA-256.
         """
         import hashlib
 
-        s = self.image_size
-        return {
+        h, w = (-1, -1) if self.dynamic_size else self.image_size
+        outputs = [{"name": n, "dtype": "float32", "shape": self.output_shape(n),
+                    "stride": None if n == OUTPUT_NAME else 4 * 2 ** STAGE_OUTPUTS.index(n)} for n in self.outputs]
+        meta = {
             "format": "trtvit-engine-metadata/1",
             "variant": self.variant.name,
             "precision": "fp16" if self.fp16 else "fp32",
-            "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, 3, s, s], "layout": "NCHW",
+            "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, 3, h, w], "layout": "NCHW",
                       "preprocessing": dict(PREPROCESSING)},
-            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, self.num_classes]},
+            "outputs": outputs,
             "batch": {"min": 1, "opt": self.max_batch, "max": self.max_batch},
+            "image_size": {"min": list(self.min_image_size), "opt": list(self.image_size),
+                           "max": list(self.max_image_size)},
             "plugins": self.plugins,
             "loads_in": (["Python processes that import trtvit_native (the trtvit plugin creators are Python)"]
                          if self.plugins else ["any process with the same TensorRT version (C++ or Python)"]),
@@ -121,11 +149,17 @@ class BuiltNetwork:
             "engine_bytes": len(plan),
             "sha256": hashlib.sha256(plan).hexdigest(),
         }
+        if self.outputs == (OUTPUT_NAME,):
+            meta["output"] = {k: v for k, v in outputs[0].items() if k != "stride"}  # the classifier's one output
+        return meta
 
     def describe(self) -> str:
-        return (f"{self.variant.name} {'fp16' if self.fp16 else 'fp32'}, batch 1..{self.max_batch}, "
-                f"{self.image_size}x{self.image_size}, plugins {'on' if self.plugins else 'off'}"
-                + ("" if self.plugins else f", {self.attention} attention"))
+        size = "x".join(map(str, self.image_size))
+        if self.dynamic_size:
+            size += f" ({'x'.join(map(str, self.min_image_size))}..{'x'.join(map(str, self.max_image_size))})"
+        return (f"{self.variant.name} {'fp16' if self.fp16 else 'fp32'}, batch 1..{self.max_batch}, {size}, "
+                f"plugins {'on' if self.plugins else 'off'}" + ("" if self.plugins else f", {self.attention} attention")
+                + ("" if self.outputs == (OUTPUT_NAME,) else f", outputs {','.join(self.outputs)}"))
 
 
 # --------------------------------------------------------------------------------------
@@ -326,13 +360,29 @@ def transformer(net: _Net, z: Any, name: str, heads: int, head_dim: int) -> Any:
     return add(net, z, linear(net, h, f"{name}.fc2"), name)
 
 
-def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig, hw: int) -> Any:
-    """MixBlockC: global (Transformer on d channels) then local (BottleNeck to C - d)."""
+def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig,
+             hw: Optional[Tuple[int, int]]) -> Any:
+    """MixBlockC: global (Transformer on d channels) then local (BottleNeck to C - d).
+
+    ``hw``: the feature map's (H, W), or None where the network's spatial size is dynamic:
+    then the tokens are (B, d, H*W) by a -1 reshape, and the map comes back with the shape
+    of the reduced map read at run time (a shape tensor), never a constant.
+    """
     d = config.mix_dim
     y = conv_bn(net, x, f"{name}.reduce")
-    tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, hw * hw), second=(0, 2, 1))
+    if hw is None:
+        tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, -1), second=(0, 2, 1))
+    else:
+        tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, hw[0] * hw[1]), second=(0, 2, 1))
     tokens = transformer(net, tokens, f"{name}.transformer", config.heads, config.head_dim)
-    t = shuffle(net, tokens, f"{name}.to_map", first=(0, 2, 1), reshape=(0, d, hw, hw))
+    if hw is None:
+        map_shape = net.named(net.network.add_shape(y), f"{name}.map_shape")
+        layer = net.network.add_shuffle(tokens)
+        layer.first_transpose = (0, 2, 1)
+        layer.set_input(1, map_shape)
+        t = net.named(layer, f"{name}.to_map")
+    else:
+        t = shuffle(net, tokens, f"{name}.to_map", first=(0, 2, 1), reshape=(0, d, hw[0], hw[1]))
     local = relu(net, conv_bn(net, t, f"{name}.conv1"), f"{name}.relu1")
     local = relu(net, conv_bn(net, local, f"{name}.conv2"), f"{name}.relu2")
     local = conv_bn(net, local, f"{name}.conv3")
@@ -348,24 +398,39 @@ def head(net: _Net, x: Any) -> Any:
     return linear(net, net.named(pool, "pool"), "head")
 
 
-def define_network(net: _Net, config: VariantConfig, image_size: int) -> None:
-    """Add the whole TRT-ViT graph to ``net.network``, from ``images`` to ``logits``."""
+def mark_output(net: _Net, x: Any, name: str) -> None:
+    """Mark ``x`` as the network output ``name`` (fp32: fp16 networks cast it)."""
+    if net.fp16:
+        x = cast(net, x, net.trt.float32, name)
+    x.name = name
+    net.network.mark_output(x)
+
+
+def define_network(net: _Net, config: VariantConfig, image_hw: Tuple[int, int], dynamic: bool,
+                   outputs: Tuple[str, ...] = (OUTPUT_NAME,)) -> None:
+    """Add the TRT-ViT graph from ``images`` to the requested ``outputs`` (stage1..stage4,
+    logits); layers that feed none of them are left out. ``dynamic``: H and W of the input
+    are -1, set per call within the optimization profile."""
     trt = net.trt
-    images = net.network.add_input(INPUT_NAME, trt.float32, (-1, 3, image_size, image_size))
+    h, w = (-1, -1) if dynamic else image_hw
+    images = net.network.add_input(INPUT_NAME, trt.float32, (-1, 3, h, w))
     x = cast(net, images, net.dtype, "input_cast") if net.fp16 else images
     x = stem(net, x)
-    hw = image_size // 4
-    for name, kind, cin, cout, stride in config.blocks():
+    hw = None if dynamic else (image_hw[0] // 4, image_hw[1] // 4)
+    last_stage = 3 if OUTPUT_NAME in outputs else max(STAGE_OUTPUTS.index(o) for o in outputs)
+    blocks = [b for b in config.blocks() if int(b[0].split(".")[1]) <= last_stage]
+    for i, (name, kind, cin, cout, stride) in enumerate(blocks):
         if kind == "bottleneck":
             x = bottleneck(net, x, name, cin, cout, stride)
-            hw //= stride
+            hw = None if hw is None else (hw[0] // stride, hw[1] // stride)
         else:
             x = mixblock(net, x, name, cout, config, hw)
-    logits = head(net, x)
-    if net.fp16:
-        logits = cast(net, logits, trt.float32, OUTPUT_NAME)
-    logits.name = OUTPUT_NAME
-    net.network.mark_output(logits)
+        stage = int(name.split(".")[1])
+        if (i + 1 == len(blocks) or int(blocks[i + 1][0].split(".")[1]) != stage) \
+                and STAGE_OUTPUTS[stage] in outputs:
+            mark_output(net, x, STAGE_OUTPUTS[stage])
+    if OUTPUT_NAME in outputs:
+        mark_output(net, head(net, x), OUTPUT_NAME)
 
 
 # --------------------------------------------------------------------------------------
@@ -373,18 +438,61 @@ def define_network(net: _Net, config: VariantConfig, image_size: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _check_arguments(fp16: Any, max_batch: Any, image_size: Any, plugins: Any, attention: Any = "matmul") -> None:
+SizeArg = Union[int, Tuple[int, int], Sequence[int]]
+
+
+def image_hw(value: Any, what: str = "image_size") -> Tuple[int, int]:
+    """An image size, an int (square) or (H, W), as (H, W); both positive multiples of 32."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        hw = tuple(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        hw = (value, value)
+    else:
+        raise ValueError(f"{what} must be an int or (H, W), got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 32 or v % 32 for v in hw):
+        raise ValueError(f"{what} must be a positive multiple of 32 (the network's total stride), or (H, W) of "
+                         f"such, got {value!r}")
+    return hw  # type: ignore[return-value]
+
+
+def resolve_outputs(outputs: Any) -> Tuple[str, ...]:
+    """``"logits"``, ``"features"`` (stage1..stage4) or names from OUTPUT_NAMES, in network order."""
+    if outputs == "logits":
+        return (OUTPUT_NAME,)
+    if outputs == "features":
+        return STAGE_OUTPUTS
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs) if isinstance(outputs, (list, tuple)) else None
+    if not names:
+        raise ValueError(f"outputs must be 'logits', 'features' or names from {', '.join(OUTPUT_NAMES)}, "
+                         f"got {outputs!r}")
+    unknown = [n for n in names if n not in OUTPUT_NAMES]
+    if unknown:
+        raise ValueError(f"unknown output {unknown[0]!r}: outputs are 'logits', 'features' or names from "
+                         f"{', '.join(OUTPUT_NAMES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"outputs name an output twice: {list(names)}")
+    return tuple(n for n in OUTPUT_NAMES if n in names)
+
+
+def _check_arguments(fp16: Any, max_batch: Any, plugins: Any, attention: Any = "matmul") -> None:
     if not isinstance(fp16, bool):
         raise ValueError(f"fp16 must be True or False, got {fp16!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
         raise ValueError(f"max_batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {max_batch!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
-        raise ValueError(f"image_size must be a positive multiple of 32 (the network's total stride), "
-                         f"got {image_size!r}")
     if plugins not in ("auto", True, False):
         raise ValueError(f"plugins must be 'auto', True or False, got {plugins!r}")
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {', '.join(repr(k) for k in ATTENTION_KINDS)}, got {attention!r}")
+
+
+def _profile_sizes(image_size: Any, min_image_size: Any, max_image_size: Any) -> Tuple[Tuple[int, int], ...]:
+    opt = image_hw(image_size)
+    low = image_hw(min_image_size, "min_image_size") if min_image_size is not None else opt
+    high = image_hw(max_image_size, "max_image_size") if max_image_size is not None else opt
+    if not (low[0] <= opt[0] <= high[0] and low[1] <= opt[1] <= high[1]):
+        raise ValueError(f"image sizes must satisfy min <= image_size <= max in H and in W, got min "
+                         f"{low[0]}x{low[1]}, image_size {opt[0]}x{opt[1]}, max {high[0]}x{high[1]}")
+    return low, opt, high
 
 
 def _state_as_numpy(weights: WeightsArg, config: VariantConfig, seed: int) -> Tuple[Dict[str, np.ndarray], str]:
@@ -416,34 +524,45 @@ def resolve_plugins(backend: Backend, plugins: Union[str, bool]) -> bool:
 
 
 def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
-                  max_batch: int = 32, image_size: int = 224, plugins: Union[str, bool] = "auto",
-                  seed: int = 0, backend: Optional[str] = None, attention: str = "matmul") -> BuiltNetwork:
+                  max_batch: int = 32, image_size: SizeArg = 224, plugins: Union[str, bool] = "auto",
+                  seed: int = 0, backend: Optional[str] = None, attention: str = "matmul",
+                  outputs: Any = "logits", min_image_size: Optional[SizeArg] = None,
+                  max_image_size: Optional[SizeArg] = None) -> BuiltNetwork:
     """Define the TensorRT network of a variant; nothing is compiled yet.
 
     ``weights`` is a safetensors path, a state dict, or None for the seeded untrained
     weights of :func:`trtvit_native.create_model`. The batch dimension is dynamic
-    (optimization profile 1 / max_batch / max_batch); the spatial size is fixed.
-    ``attention`` chooses the native attention where the plugins are not used:
-    ``"matmul"`` (MatMul-SoftMax-MatMul, softmax in fp32) or ``"fused"`` (the backend's
-    IAttention layer, where it has one).
+    (optimization profile 1 / max_batch / max_batch). ``image_size`` (an int or (H, W),
+    multiples of 32) is the spatial size, fixed unless ``min_image_size`` /
+    ``max_image_size`` make H and W dynamic, with ``image_size`` the optimization shape.
+    ``outputs``: ``"logits"``, ``"features"`` (stage1..stage4, strides 4..32) or a tuple of
+    names from ``stage1``..``stage4``, ``logits``. ``attention`` chooses the native attention
+    where the plugins are not used: ``"matmul"`` (MatMul-SoftMax-MatMul, softmax in fp32) or
+    ``"fused"`` (the backend's IAttention layer, where it has one).
     """
     config = get_config(name_or_config)
-    _check_arguments(fp16, max_batch, image_size, plugins, attention)
+    _check_arguments(fp16, max_batch, plugins, attention)
+    low, opt, high = _profile_sizes(image_size, min_image_size, max_image_size)
+    wanted = resolve_outputs(outputs)
+    dynamic = low != high
     be = get_backend(backend)
     if attention == "fused" and not be.has_attention_layer:
         raise BackendError(f"attention='fused' needs the IAttention layer (INetworkDefinition.add_attention), which "
                            f"{be.label} does not have; use attention='matmul'")
     use_plugins = resolve_plugins(be, plugins)
-    if use_plugins:
+    if use_plugins and (OUTPUT_NAME in wanted or "stage4" in wanted):
         from .kernels import attention_max_tokens
 
-        tokens, limit = (image_size // 32) ** 2, attention_max_tokens(config.head_dim)
+        tokens, limit = (high[0] // 32) * (high[1] // 32), attention_max_tokens(config.head_dim)
         if tokens > limit:
+            largest = f"{high[0]}x{high[1]}"
             if plugins is True:
                 raise ValueError(
                     f"the fused attention kernel supports head_dim 32 and 64, not {config.head_dim}" if limit == 0
-                    else f"image_size {image_size} gives {tokens} attention tokens; the fused attention kernel "
+                    else f"image_size {largest} gives {tokens} attention tokens; the fused attention kernel "
                          f"handles at most {limit} (head_dim {config.head_dim})")
+            log.warning("images up to %s give %d attention tokens, more than the fused attention kernel's %d: "
+                        "building with native attention and LayerNorm layers", largest, tokens, limit)
             use_plugins = False
     state, source = _state_as_numpy(weights, config, seed)
     start = time.perf_counter()
@@ -452,29 +571,31 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     net = _Net(be, network, state, fp16, plugins=use_plugins, attention=attention)
-    define_network(net, config, image_size)
+    define_network(net, config, opt, dynamic, wanted)
     builder_config = builder.create_builder_config()
     if not fp16 and hasattr(trt.BuilderFlag, "TF32"):
         # fp32 means fp32: no TF32 tensor-core math (10-bit mantissa) in convolutions
         # and matrix products, so an fp32 engine stays the exact reference it is meant as.
         builder_config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
-    shape = (3, image_size, image_size)
-    profile.set_shape(INPUT_NAME, (1,) + shape, (max_batch,) + shape, (max_batch,) + shape)
+    profile.set_shape(INPUT_NAME, (1, 3) + low, (max_batch, 3) + opt, (max_batch, 3) + high)
     builder_config.add_optimization_profile(profile)
     return BuiltNetwork(
         backend=be, builder=builder, network=network, config=builder_config, profile=profile, logger=logger,
-        variant=config, fp16=fp16, max_batch=max_batch, image_size=image_size,
+        variant=config, fp16=fp16, max_batch=max_batch, image_size=opt,
         num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, attention=attention,
         weight_bytes=net.weight_bytes,
         weights_source=source, definition_seconds=time.perf_counter() - start,
+        min_image_size=low, max_image_size=high, outputs=wanted,
         _keepalive=net.keep,
     )
 
 
 def build_engine(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
-                 max_batch: int = 32, image_size: int = 224, plugins: Union[str, bool] = "auto",
-                 seed: int = 0, backend: Optional[str] = None, attention: str = "matmul") -> bytes:
+                 max_batch: int = 32, image_size: SizeArg = 224, plugins: Union[str, bool] = "auto",
+                 seed: int = 0, backend: Optional[str] = None, attention: str = "matmul",
+                 outputs: Any = "logits", min_image_size: Optional[SizeArg] = None,
+                 max_image_size: Optional[SizeArg] = None) -> bytes:
     """Build the serialized TensorRT engine of a variant (see :func:`build_network`)."""
     return build_network(name_or_config, weights, fp16, max_batch, image_size, plugins, seed, backend,
-                         attention).build_serialized()
+                         attention, outputs, min_image_size, max_image_size).build_serialized()

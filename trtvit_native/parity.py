@@ -35,7 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .interpreter import run_network
-from .network import INPUT_NAME, BuiltNetwork
+from .network import INPUT_NAME, STAGE_OUTPUTS, BuiltNetwork
 
 __all__ = ["Difference", "LayerParity", "ParityReport", "Tolerance", "TOLERANCES", "compare", "fp16_rounding",
            "comparable_layers", "network_layers", "reference_layers", "parity_report"]
@@ -159,8 +159,8 @@ class ParityReport:
         return TOLERANCES[self.precision]
 
     @property
-    def logits(self) -> LayerParity:
-        return next(p for p in self.outputs if p.name == "logits")
+    def logits(self) -> Optional[LayerParity]:
+        return next((p for p in self.outputs if p.name == "logits"), None)
 
     @property
     def ok(self) -> bool:
@@ -177,10 +177,10 @@ class ParityReport:
                 f"{len(self.layers)} layers and {len(self.outputs)} output(s) compared")
         if first is not None:
             return f"{head}; first divergent layer {first.describe()}"
-        lg = self.logits.error
+        out = (self.logits or self.outputs[-1])
         return (f"{head}, each within {self.tolerance.factor:g}× the reference's own {self.precision} rounding "
-                f"noise (worst {worst.name} at {worst.ratio:.2f} of its bound); logits max|Δ| {lg.max_abs:.3g} = "
-                f"{lg.rel:.2e} of max|ref|, cosine {lg.cosine:.7f}")
+                f"noise (worst {worst.name} at {worst.ratio:.2f} of its bound); {out.name} max|Δ| "
+                f"{out.error.max_abs:.3g} = {out.error.rel:.2e} of max|ref|, cosine {out.error.cosine:.7f}")
 
     def table(self) -> str:
         rows = [f"{'layer':44s} {'shape':>20s} {'max|Δ|':>9s} {'rel':>9s} {'noise rel':>9s} {'×noise':>7s} "
@@ -250,10 +250,15 @@ def reference_layers(model: nn.Module, images: torch.Tensor, names: Sequence[str
         lambda m, i, o, name=name: captured.__setitem__(name, o.detach().double())) for name in names]
     try:
         with torch.no_grad(), (fp16_rounding() if precision == "fp16" else contextlib.nullcontext()):
-            captured["logits"] = model(x).detach().double()
+            out = model(x)
     finally:
         for h in hooks:
             h.remove()
+    if torch.is_tensor(out):
+        captured["logits"] = out.detach().double()
+    for k, stage in enumerate(STAGE_OUTPUTS):  # the stage outputs, as the network names them
+        if f"stages.{k}" in captured:
+            captured[stage] = captured[f"stages.{k}"]
     return captured
 
 
@@ -280,8 +285,11 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
     names = comparable_layers(built, model)
     got = network_outputs if network_outputs is not None else network_layers(built, images, names)
     precision = "fp16" if built.fp16 else "fp32"
-    ref = reference_layers(model, images, names, "fp32")
-    noisy = reference_layers(model, images, names, "fp16" if built.fp16 else "fp64")
+    modules = dict(model.named_modules())
+    hooked = names + [f"stages.{k}" for k in range(4) if STAGE_OUTPUTS[k] in built.output_names()
+                      and f"stages.{k}" in modules and f"stages.{k}" not in names]
+    ref = reference_layers(model, images, hooked, "fp32")
+    noisy = reference_layers(model, images, hooked, "fp16" if built.fp16 else "fp64")
     tol = TOLERANCES[precision]
     layers = [_layer_parity(n, got[n], ref[n], noisy[n], tol) for n in names]
     outputs = [_layer_parity(n, got[n], ref[n], noisy[n], tol) for n in built.output_names() if n in ref]

@@ -139,14 +139,15 @@ class EngineRunner:
             names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
             inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
             outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-            if len(inputs) != 1 or len(outputs) != 1:
-                raise EngineError(f"EngineRunner needs an engine with one input and one output; this one has inputs "
-                                  f"{inputs} and outputs {outputs}")
-            self.input_name, self.output_name = inputs[0], outputs[0]
+            if len(inputs) != 1 or not outputs:
+                raise EngineError(f"EngineRunner needs an engine with one input and at least one output; this one "
+                                  f"has inputs {inputs} and outputs {outputs}")
+            self.input_name, self.output_name, self.output_names = inputs[0], outputs[0], outputs
             self.min_shape, self.opt_shape, self.max_shape = (
                 tuple(int(v) for v in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
             self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
             self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+            self.output_dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in outputs}
             self.context = self.engine.create_execution_context()
             if self.context is None:
                 raise EngineError(f"{self.backend.label} could not create an execution context: {self._errors()}")
@@ -173,10 +174,12 @@ class EngineRunner:
                 "image_shape": self.image_shape, "input_dtype": str(self.input_dtype).replace("torch.", "")}
 
     def __call__(self, images: Any, out: Any = None) -> Any:
-        """Run the engine on ``images`` (any device; moved to the runner's) and return the output.
+        """Run the engine on ``images`` (any device; moved to the runner's) and return the output,
+        or ``{name: tensor}`` for an engine with several outputs (e.g. stage1..stage4).
 
-        ``out``, when given, is a contiguous tensor on the runner's device of the output's
-        shape and dtype that receives the result (no allocation per call).
+        ``out``, when given (one-output engines), is a contiguous tensor on the runner's
+        device of the output's shape and dtype that receives the result (no allocation per
+        call).
         """
         import torch
 
@@ -190,6 +193,20 @@ class EngineRunner:
         with torch.cuda.device(self.device):
             if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
                 raise EngineError(f"TensorRT rejected input shape {tuple(x.shape)}: {self._errors()}")
+            if len(self.output_names) > 1:
+                if out is not None:
+                    raise EngineError("out= is for engines with one output; this one has "
+                                      f"{', '.join(self.output_names)}")
+                results = {n: torch.empty(tuple(int(v) for v in ctx.get_tensor_shape(n)), dtype=self.output_dtypes[n],
+                                          device=self.device) for n in self.output_names}
+                for n, t in results.items():
+                    ctx.set_tensor_address(n, t.data_ptr())
+                ctx.set_tensor_address(self.input_name, x.data_ptr())
+                self._logger.messages.clear()
+                if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+                    raise EngineError(f"TensorRT could not run the engine on a batch of {x.shape[0]}: "
+                                      f"{self._errors()}")
+                return results
             out_shape = tuple(int(v) for v in ctx.get_tensor_shape(self.output_name))
             if out is None:
                 out = torch.empty(out_shape, dtype=self.output_dtype, device=self.device)
