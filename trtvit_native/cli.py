@@ -296,6 +296,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for batch in batches:
         images = torch.randn((batch,) + runner.image_shape, device=runner.device)
         out = runner(images)  # also checks the batch size against the profile
+        out = out if isinstance(out, torch.Tensor) else None  # engines with several outputs allocate per call
         samples = cuda_times_ms(lambda images=images, out=out: runner(images, out=out), args.iterations, warmup=10)
         median = statistics.median(samples)
         print(f"batch {batch:4d}: median {median:8.3f} ms, min {min(samples):8.3f} ms, "
@@ -315,7 +316,8 @@ def _check_metadata(meta: Optional[dict], sidecar: str) -> None:
 
 
 def _check_engine(runner, meta: dict) -> int:
-    """Logits of the engine vs the PyTorch reference (fp32) on the engine's GPU."""
+    """Every output of the engine vs the PyTorch reference (fp32) on the engine's GPU, at the
+    engine's optimization image size."""
     import torch
 
     from .model import create_model, synthetic_images
@@ -324,13 +326,25 @@ def _check_engine(runner, meta: dict) -> int:
 
     model = create_model(meta["variant"], weights=meta.get("weights_file"), seed=meta.get("seed") or 0)
     model = model.to(runner.device)
-    images = synthetic_images(min(4, runner.batch_range[1]), runner.image_shape[-1], seed=7).to(runner.device)
+    hw = tuple(meta.get("image_size", {}).get("opt") or runner.image_shape[-2:])
+    images = synthetic_images(min(4, runner.batch_range[1]), hw, seed=7).to(runner.device)
+    stages = {}
+    hooks = [model.stages[k].register_forward_hook(lambda m, i, o, k=k: stages.__setitem__(f"stage{k + 1}", o))
+             for k in range(4)]
     with torch.no_grad(), exact_fp32():
-        ref = model(images)
-    result = compare("logits", runner(images), ref)
-    ok = result.ok(GPU_TOLERANCES["fp16" if meta.get("precision") == "fp16" else "fp32"])
-    print(f"check    logits vs PyTorch fp32 on the GPU, batch {images.shape[0]}: max|Δ|/max|ref| {result.rel:.2e}, "
-          f"cosine {result.cosine:.7f}: {'PASS' if ok else 'FAIL'}")
+        refs = {"logits": model(images)}
+    for h in hooks:
+        h.remove()
+    refs.update(stages)
+    got = runner(images)
+    got = got if isinstance(got, dict) else {runner.output_name: got}
+    tol = GPU_TOLERANCES["fp16" if meta.get("precision") == "fp16" else "fp32"]
+    ok = True
+    for name, out in got.items():
+        result = compare(name, out, refs[name])
+        ok &= result.ok(tol)
+        print(f"check    {name} vs PyTorch fp32 on the GPU, batch {images.shape[0]}: max|Δ|/max|ref| "
+              f"{result.rel:.2e}, cosine {result.cosine:.7f}: {'PASS' if result.ok(tol) else 'FAIL'}")
     return 0 if ok else 1
 
 
