@@ -280,7 +280,7 @@ def test_fused_attention_output_equals_the_matmul_path_per_layer():
 def _declared(built, batch):
     from trtvit_native.interpreter import _declared_shapes
 
-    shapes = _declared_shapes(built.network, {"images": torch.zeros(batch, 3, built.image_size, built.image_size)})
+    shapes = _declared_shapes(built.network, {"images": torch.zeros(batch, 3, *built.image_size)})
     return {built.network.get_layer(i).name: (shapes[built.network.get_layer(i).get_output(0).name],
                                               built.network.get_layer(i).get_output(0).dtype)
             for i in range(built.network.num_layers)}

@@ -205,8 +205,13 @@ def test_builder_respects_the_attention_token_limit(monkeypatch):
     import trtvit_native.network as network
 
     monkeypatch.setattr(network, "resolve_plugins", lambda backend, plugins: plugins is not False)
-    with pytest.raises(ValueError, match="image_size 544 gives 289 attention tokens; the fused attention kernel "
+    with pytest.raises(ValueError, match="images up to 544x544 give 289 attention tokens; the fused attention kernel "
                                          "handles at most 256"):
         tv.build_network("trt-vit-a", fp16=True, max_batch=1, image_size=544, plugins=True)
     built = tv.build_network("trt-vit-a", fp16=True, max_batch=1, image_size=544, plugins="auto")
     assert not built.plugins
+    # a dynamic profile is checked at its largest size
+    with pytest.raises(ValueError, match="images up to 512x576 give 288 attention tokens"):
+        tv.build_network("trt-vit-a", fp16=True, max_batch=1, max_image_size=(512, 576), plugins=True)
+    assert not tv.build_network("trt-vit-a", fp16=True, max_batch=1, max_image_size=(512, 576),
+                                outputs="features", plugins="auto").plugins

@@ -113,6 +113,17 @@ def _parser() -> _Parser:
     sub.add_parser("info", help="list variants with parameters and GMACs")
     _add_train_arguments(sub.add_parser("train", help="train or fine-tune on an ImageFolder tree (see "
                                                        "trtvit_native.train)"))
+    tx = sub.add_parser("export-triton", help="write a Triton model repository entry for an engine")
+    tx.add_argument("engine", help="engine file from trtvit build (its ENGINE.json beside it)")
+    tx.add_argument("--repository", required=True, metavar="DIR", help="Triton model repository")
+    tx.add_argument("--name", metavar="NAME", help="model name (default: VARIANT-PRECISION)")
+    tx.add_argument("--version", type=int, default=1, metavar="N", help="model version folder (1)")
+    tx.add_argument("--instances", type=int, default=1, metavar="N", help="instances per GPU (1)")
+    tx.add_argument("--max-queue-delay-us", type=int, default=100, metavar="N",
+                    help="dynamic batching: longest wait to fill a batch, microseconds (100)")
+    tx.add_argument("--preprocess", action="store_true",
+                    help="also NAME_preprocess (Python backend: encoded images -> input) and NAME_pipeline (ensemble)")
+    tx.add_argument("--force", action="store_true", help="replace existing model folders")
     ev = sub.add_parser("eval", help="top-1/top-5 of the reference, the network (CPU) or an engine (GPU) on a folder")
     ev.add_argument("variant", help="variant name")
     ev.add_argument("--weights", required=True, metavar="FILE", help="safetensors weights (from trtvit train)")
@@ -377,6 +388,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_export_triton(args: argparse.Namespace) -> int:
+    from .triton import export_triton
+
+    written = export_triton(args.engine, args.repository, name=args.name, version=args.version,
+                            instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
+                            preprocess=args.preprocess, force=args.force)
+    for folder in written:
+        print(f"model      {folder}")
+    print(f"serve      tritonserver --model-repository {os.path.abspath(args.repository)}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
@@ -405,9 +428,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _UsageError("a command is required: build, run, info, parity, train or eval (see trtvit --help)")
+            raise _UsageError("a command is required: build, run, info, parity, train, eval or export-triton "
+                              "(see trtvit --help)")
         commands = {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity,
-                    "train": _cmd_train, "eval": _cmd_eval}
+                    "train": _cmd_train, "eval": _cmd_eval, "export-triton": _cmd_export_triton}
         return commands[args.command](args)
     except _UsageError as e:
         print(f"trtvit: error: {e}", file=sys.stderr)

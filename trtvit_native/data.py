@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .variants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING
 
 __all__ = ["PREPROCESSING", "IMAGE_EXTENSIONS", "DataError", "ImageFolder", "load_rgb", "eval_transform", "normalize",
-           "resize_and_center_crop"]
+           "resize_and_center_crop", "preprocess_encoded", "write_digits"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -36,30 +36,39 @@ class DataError(ValueError):
     """A data folder or image that cannot be used; the message names it."""
 
 
-def load_rgb(path: PathLike) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor (3, H, W)."""
+def load_rgb(path: Union[PathLike, bytes]) -> torch.Tensor:
+    """Decode an image (a file, or its encoded bytes) to a uint8 RGB tensor (3, H, W).
+    Grayscale, palette, RGBA (alpha dropped) and CMYK images are converted to RGB."""
+    import io
+
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    what = f"{len(path)} bytes of encoded image" if isinstance(path, (bytes, bytearray)) else f"image {path}"
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path) as img:
             array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
+        raise DataError(f"cannot decode {what}: {e}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def resize_and_center_crop(image: torch.Tensor, size: int, crop_pct: float = CROP_PCT) -> torch.Tensor:
-    """uint8 or float (3, H, W) -> float32 (3, size, size) in the input's value range:
-    shorter side resized to round(size / crop_pct) (bilinear, antialiased), center crop."""
+def resize_and_center_crop(image: torch.Tensor, size: Union[int, Sequence[int]],
+                           crop_pct: float = CROP_PCT) -> torch.Tensor:
+    """uint8 or float (3, H, W) -> float32 (3, h, w) for ``size`` S or (h, w), in the input's
+    value range: resized (bilinear, antialiased) to cover round(h / crop_pct) x
+    round(w / crop_pct) — for a square S, the shorter side to round(S / crop_pct) — then
+    center-cropped."""
     if image.dim() != 3 or image.shape[0] != 3:
         raise DataError(f"expected an RGB image (3, H, W), got shape {tuple(image.shape)}")
+    th, tw = (size, size) if isinstance(size, int) else tuple(size)
     h, w = image.shape[-2:]
-    short = round(size / crop_pct)
-    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    ch, cw = round(th / crop_pct), round(tw / crop_pct)
+    scale = max(ch / h, cw / w)
+    nh, nw = max(ch, round(h * scale)), max(cw, round(w * scale))
     x = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top:top + size, left:left + size]
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return x[:, top:top + th, left:left + tw]
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -69,10 +78,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
-def eval_transform(image: torch.Tensor, size: int) -> torch.Tensor:
-    """A decoded uint8 RGB image (3, H, W) -> the network input (3, size, size), as
+def eval_transform(image: torch.Tensor, size: Union[int, Sequence[int]]) -> torch.Tensor:
+    """A decoded uint8 RGB image (3, H, W) -> the network input (3, S, S) or (3, h, w), as
     ``PREPROCESSING`` says."""
     return normalize(resize_and_center_crop(image, size).clamp(0, 255))
+
+
+def preprocess_encoded(data: bytes, size: Union[int, Sequence[int]]) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, BMP...) -> the network input: decode, then
+    :func:`eval_transform`. What a serving pipeline runs per request."""
+    return eval_transform(load_rgb(bytes(data)), size)
 
 
 @dataclass

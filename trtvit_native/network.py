@@ -559,7 +559,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
             if plugins is True:
                 raise ValueError(
                     f"the fused attention kernel supports head_dim 32 and 64, not {config.head_dim}" if limit == 0
-                    else f"image_size {largest} gives {tokens} attention tokens; the fused attention kernel "
+                    else f"images up to {largest} give {tokens} attention tokens; the fused attention kernel "
                          f"handles at most {limit} (head_dim {config.head_dim})")
             log.warning("images up to %s give %d attention tokens, more than the fused attention kernel's %d: "
                         "building with native attention and LayerNorm layers", largest, tokens, limit)

@@ -1,0 +1,183 @@
+"""Triton model repositories: every config.pbtxt parsed with Triton's own ModelConfig schema
+(the protobuf module shipped in the tritonclient package), and the preprocessing function
+checked against the evaluation transform.
+
+No Triton server runs here: its packages are a container image (NGC) or Linux builds
+outside PyPI; the repositories are checked against its schema instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import trtvit_native as tv
+from trtvit_native.cli import main
+from trtvit_native.triton import export_triton
+from conftest import reference
+
+
+def _model_config_module():
+    """tritonclient/grpc/model_config_pb2.py, loaded on its own (the grpc package around it
+    wants grpcio, which the schema does not need)."""
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None:
+        pytest.fail("tritonclient is not installed (pip install tritonclient protobuf): the schema check needs it")
+    path = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+    module_spec = importlib.util.spec_from_file_location("model_config_pb2", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def parse_config(path: Path):
+    """A config.pbtxt as Triton's ModelConfig message (raises on anything off-schema)."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(path.read_text(), _model_config_module().ModelConfig())
+
+
+def _engine(tmp_path, name, capsys, *argv, weights=None):
+    target = tmp_path / f"{name}.engine"
+    extra = ["--weights", str(weights)] if weights else []
+    assert main(["build", "trt-vit-a", *extra, "--max-batch", "4", "--no-parity", *argv, "-o", str(target)]) == 0
+    capsys.readouterr()
+    return target
+
+
+@pytest.fixture(scope="module")
+def labelled_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "a.safetensors"
+    tv.save_weights(tv.create_model("trt-vit-a", num_classes=3), path, "trt-vit-a",
+                    metadata={"classes": json.dumps(["cat", "dog", "fox"])})
+    return path
+
+
+def test_classifier_repository_with_labels_and_pipeline(tmp_path, capsys, labelled_weights):
+    engine = _engine(tmp_path, "a", capsys, "--fp16", weights=labelled_weights)
+    repo = tmp_path / "models"
+    assert main(["export-triton", str(engine), "--repository", str(repo), "--name", "a", "--version", "3",
+                 "--instances", "2", "--max-queue-delay-us", "500", "--preprocess"]) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["a", "a_pipeline", "a_preprocess"]
+    config = parse_config(repo / "a" / "config.pbtxt")
+    assert config.name == "a" and config.platform == "tensorrt_plan" and config.max_batch_size == 4
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("images", 11, [3, 224, 224])]
+    assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [("logits", [3], "labels.txt")]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config.instance_group[0].count == 2 and config.instance_group[0].kind == 1  # KIND_GPU
+    assert (repo / "a" / "3" / "model.plan").read_bytes() == engine.read_bytes()
+    assert (repo / "a" / "labels.txt").read_text() == "cat\ndog\nfox\n"
+    pre = parse_config(repo / "a_preprocess" / "config.pbtxt")
+    assert pre.backend == "python" and pre.input[0].data_type == 13  # TYPE_STRING
+    assert list(pre.output[0].dims) == [3, 224, 224] and pre.output[0].name == "images"
+    assert json.loads((repo / "a_preprocess" / "1" / "settings.json").read_text())["image_size"] == [224, 224]
+    assert "preprocess_encoded" in (repo / "a_preprocess" / "1" / "model.py").read_text()
+    pipe = parse_config(repo / "a_pipeline" / "config.pbtxt")
+    assert pipe.platform == "ensemble" and [s.model_name for s in pipe.ensemble_scheduling.step] == ["a_preprocess",
+                                                                                                     "a"]
+    assert pipe.output[0].label_filename == "labels.txt" and (repo / "a_pipeline" / "labels.txt").exists()
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_features_and_dynamic_resolution_repositories(tmp_path, capsys):
+    engine = _engine(tmp_path, "f", capsys, "--outputs", "features", "--image-size", "256x384",
+                     "--min-image-size", "128", "--max-image-size", "512x640")
+    export_triton(str(engine), str(tmp_path / "models"), name="feat")
+    config = parse_config(tmp_path / "models" / "feat" / "config.pbtxt")
+    assert [list(i.dims) for i in config.input] == [[3, -1, -1]]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("stage1", [256, -1, -1]), ("stage2", [512, -1, -1]),
+                                                               ("stage3", [1024, -1, -1]), ("stage4", [2048, -1, -1])]
+    assert not (tmp_path / "models" / "feat" / "labels.txt").exists()
+    fixed = _engine(tmp_path, "s", capsys, "--outputs", "stage3,logits", "--fp32")
+    export_triton(str(fixed), str(tmp_path / "models"), preprocess=True)
+    config = parse_config(tmp_path / "models" / "trt-vit-a-fp32" / "config.pbtxt")
+    assert [(o.name, list(o.dims)) for o in config.output] == [("stage3", [1024, 14, 14]), ("logits", [1000])]
+    pipe = parse_config(tmp_path / "models" / "trt-vit-a-fp32_pipeline" / "config.pbtxt")
+    assert [o.name for o in pipe.output] == ["stage3", "logits"]
+
+
+def test_export_errors_are_named_and_write_nothing(tmp_path, capsys):
+    engine = _engine(tmp_path, "a", capsys)
+    repo = tmp_path / "models"
+    sidecar = Path(str(engine) + ".json")
+    good = sidecar.read_text()
+
+    def fails(message, *argv):
+        before = sorted(str(p) for p in repo.rglob("*")) if repo.exists() else []
+        code = main(["export-triton", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and err[0].startswith("trtvit: error: ") and message in err[0], err
+        assert (sorted(str(p) for p in repo.rglob("*")) if repo.exists() else []) == before
+
+    fails(f"engine file {tmp_path / 'none.engine'} does not exist", str(tmp_path / "none.engine"), "--repository",
+          str(repo))
+    sidecar.write_text("{broken")
+    fails(f"{sidecar} is not valid JSON", str(engine), "--repository", str(repo))
+    sidecar.write_text(json.dumps({"format": "something-else"}))
+    fails("is not engine metadata written by trtvit build", str(engine), "--repository", str(repo))
+    meta = json.loads(good)
+    sidecar.write_text(json.dumps({**meta, "plugins": True}))
+    fails("holds the trtvit plugins, which are Python classes: Triton's TensorRT backend cannot load it. Build it "
+          "with --plugins off", str(engine), "--repository", str(repo))
+    sidecar.write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    fails(f"{engine} does not match its metadata", str(engine), "--repository", str(repo))
+    sidecar.write_text(good)
+    assert main(["export-triton", str(engine), "--repository", str(repo), "--name", "m"]) == 0
+    capsys.readouterr()
+    fails(f"model folder {repo / 'm'} exists and is not empty (--force replaces it)", str(engine), "--repository",
+          str(repo), "--name", "m")
+    fails("--instances must be a positive integer", str(engine), "--repository", str(repo), "--instances", "0")
+    assert main(["export-triton", str(engine), "--repository", str(repo), "--name", "m", "--force",
+                 "--version", "2"]) == 0
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["2", "config.pbtxt"]
+
+
+def _encoded(image, fmt, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_preprocessing_equals_the_evaluation_transform_on_real_photographs():
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from trtvit_native.data import eval_transform, load_rgb, preprocess_encoded
+
+    cases = {
+        "astronaut RGB PNG": _encoded(Image.fromarray(data.astronaut()), "PNG"),
+        "coffee RGB JPEG": _encoded(Image.fromarray(data.coffee()), "JPEG", quality=90),
+        "camera grayscale PNG": _encoded(Image.fromarray(data.camera()), "PNG"),
+        "chelsea RGBA PNG": _encoded(Image.fromarray(data.chelsea()).convert("RGBA"), "PNG"),
+        "rocket CMYK JPEG": _encoded(Image.fromarray(data.rocket()).convert("CMYK"), "JPEG"),
+        "small BMP": _encoded(Image.fromarray(data.astronaut()).resize((97, 61)), "BMP"),
+    }
+    for label, encoded in cases.items():
+        with Image.open(io.BytesIO(encoded)) as img:
+            expected = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+        assert torch.equal(load_rgb(encoded), expected), label
+        for size in (224, (256, 384)):
+            got = preprocess_encoded(encoded, size)
+            ref = eval_transform(expected, size)
+            assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-6, label
+
+
+def test_the_pipeline_preprocessing_feeds_the_network_what_evaluation_does():
+    """Bytes -> preprocess_encoded -> network == file -> eval_transform -> reference."""
+    from PIL import Image
+    from skimage import data
+
+    from trtvit_native.data import preprocess_encoded
+
+    encoded = _encoded(Image.fromarray(data.coffee()), "PNG")
+    x = preprocess_encoded(encoded, 224)[None]
+    built = tv.build_network("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=False, max_batch=1)
+    with torch.no_grad():
+        assert torch.allclose(tv.interpret(built, x), reference("trt-vit-a")(x), atol=1e-4)
