@@ -268,9 +268,8 @@ int launch_fp16(const void* qkv, void* out, int batch, int tokens, int heads, fl
     const dim3 grid(static_cast<unsigned>(batch * heads),
                     static_cast<unsigned>((ntiles + tiles_per_block - 1) / tiles_per_block));
     const size_t smem = tc_shared_bytes(tokens, HD);  // <= 48 KB for the supported sizes
-    attention_fp16_kernel<HD><<<grid, warps * 32, smem, stream>>>(
-        static_cast<const __half*>(qkv), static_cast<__half*>(out), tokens, heads, tiles_per_block, scale_log2);
-    return launch_status();
+    return launch(attention_fp16_kernel<HD>, grid, dim3(warps * 32), smem, stream, static_cast<const __half*>(qkv),
+                  static_cast<__half*>(out), tokens, heads, tiles_per_block, scale_log2);
 }
 
 // ----------------------------------------------------------------------------------
@@ -450,9 +449,8 @@ int launch_fp32_kpl(const void* qkv, void* out, int batch, int tokens, int heads
         static_cast<long long>(batch) * heads >= kPairsForWholeBlocks ? tokens : kSimtWarps * R * 4;
     const dim3 grid(static_cast<unsigned>(batch * heads),
                     static_cast<unsigned>((tokens + rows_per_block - 1) / rows_per_block));
-    kernel<<<grid, kSimtWarps * 32, smem, stream>>>(static_cast<const float*>(qkv), static_cast<float*>(out), tokens,
-                                                   heads, rows_per_block, scale_log2);
-    return launch_status();
+    return launch(kernel, grid, dim3(kSimtWarps * 32), smem, stream, static_cast<const float*>(qkv),
+                  static_cast<float*>(out), tokens, heads, rows_per_block, scale_log2);
 }
 
 template <int HD>

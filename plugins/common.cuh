@@ -75,7 +75,26 @@ __device__ __forceinline__ float warp_max(float v) {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
-// Status of the launch just made on this thread (clears the runtime's last error).
-inline int launch_status() { return cudaGetLastError() == cudaSuccess ? TRTVIT_OK : TRTVIT_ERR_CUDA; }
+// Launch ``kernel`` and return the status of this launch alone. cudaLaunchKernel returns the
+// launch's own error, so an earlier, unrelated error pending on the thread is neither
+// reported as this launch's nor cleared (the caller still sees it); only an error of this
+// launch is taken off the thread's last-error slot.
+template <typename... Params>
+inline int launch_typed(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                        Params... values) {
+    void* args[] = {static_cast<void*>(&values)...};
+    if (cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, args, smem, stream) != cudaSuccess) {
+        cudaGetLastError();
+        return TRTVIT_ERR_CUDA;
+    }
+    return TRTVIT_OK;
+}
+
+template <typename... Params, typename... Args>
+inline int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                  Args... args) {
+    static_assert(sizeof...(Params) == sizeof...(Args), "launch: wrong number of kernel arguments");
+    return launch_typed<Params...>(kernel, grid, block, smem, stream, static_cast<Params>(args)...);
+}
 
 }  // namespace trtvit

@@ -81,12 +81,10 @@ int launch_ept(const T* x, const T* r, const T* gamma, const T* beta, T* sum_out
                cudaStream_t stream) {
     const unsigned blocks = static_cast<unsigned>((static_cast<long long>(rows) + kWarpsPerBlock - 1) / kWarpsPerBlock);
     if (r != nullptr)
-        layernorm_kernel<T, EPT, N, true><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(x, r, gamma, beta, sum_out, y,
-                                                                                      rows, d, eps);
-    else
-        layernorm_kernel<T, EPT, N, false><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(x, r, gamma, beta, sum_out, y,
-                                                                                       rows, d, eps);
-    return launch_status();
+        return launch(layernorm_kernel<T, EPT, N, true>, dim3(blocks), dim3(kWarpsPerBlock * 32), 0, stream, x, r,
+                      gamma, beta, sum_out, y, rows, d, eps);
+    return launch(layernorm_kernel<T, EPT, N, false>, dim3(blocks), dim3(kWarpsPerBlock * 32), 0, stream, x, r,
+                  gamma, beta, sum_out, y, rows, d, eps);
 }
 
 // Pick the smallest register tile (elements per lane) that holds a row.

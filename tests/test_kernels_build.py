@@ -162,6 +162,28 @@ def test_raising_launchers(library):
         library.layernorm_residual(FAKE, FAKE, FAKE, 0, FAKE, FAKE, 4, 64, 1e-5, kernels.FLOAT32)
 
 
+def test_counts_beyond_a_c_int_are_refused_not_wrapped(library):
+    """2^31 rows would wrap to a negative (or, at 2^32 + 4, a small valid) count in ctypes."""
+    for rows in (2 ** 31, 2 ** 32 + 4):
+        with pytest.raises(ValueError, match=rf"trtvit_layernorm: rows = {rows} does not fit the C ABI's int"):
+            library.layernorm_raw(FAKE, FAKE, FAKE, FAKE, rows, 64, 1e-5, kernels.FLOAT32, 0)
+        with pytest.raises(ValueError, match=rf"trtvit_layernorm_residual: rows = {rows} does not fit"):
+            library.layernorm_residual(FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, rows, 64, 1e-5, kernels.FLOAT32)
+    with pytest.raises(ValueError, match=r"trtvit_attention: batch = 4294967297 does not fit"):
+        library.attention(FAKE, FAKE, 2 ** 32 + 1, 49, 32, 32, 0.17, kernels.FLOAT16)
+
+
+def test_launches_report_their_own_status():
+    """Every kernel goes through launch() (cudaLaunchKernel's own return value), never the
+    thread's last error, which an earlier unrelated failure may hold."""
+    root = Path(__file__).resolve().parent.parent / "plugins"
+    sources = {p.name: p.read_text() for p in root.glob("*.cu")}
+    assert not any("<<<" in text for text in sources.values())
+    assert "cudaLaunchKernel(" in (root / "common.cuh").read_text()
+    assert not any("cudaGetLastError() ==" in text for text in sources.values())
+    assert sum(text.count("return launch(") for text in sources.values()) == 4
+
+
 def test_example_runs_or_reports_no_gpu(build_dir):
     result = subprocess.run([str(build_dir / "examples" / "cpp" / "check_kernels")], capture_output=True, text=True,
                             timeout=600)

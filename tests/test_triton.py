@@ -181,3 +181,27 @@ def test_the_pipeline_preprocessing_feeds_the_network_what_evaluation_does():
     built = tv.build_network("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=False, max_batch=1)
     with torch.no_grad():
         assert torch.allclose(tv.interpret(built, x), reference("trt-vit-a")(x), atol=1e-4)
+
+
+def test_build_from_a_weights_file_and_export_need_no_torch(tmp_path, labelled_weights):
+    """In a process where importing torch fails: import the package, build an engine from a
+    weights file without the parity check, export it to a Triton repository."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any import of torch now raises ImportError\n"
+        "import trtvit_native\n"
+        "from trtvit_native.cli import main\n"
+        f"assert main(['build', 'trt-vit-a', '--weights', {str(labelled_weights)!r}, '--no-parity', '--max-batch', "
+        f"'2', '-o', {str(tmp_path / 'a.engine')!r}]) == 0\n"
+        f"assert main(['export-triton', {str(tmp_path / 'a.engine')!r}, '--repository', "
+        f"{str(tmp_path / 'models')!r}, '--preprocess']) == 0\n"
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "models" / "trt-vit-a-fp16" / "1" / "model.plan").read_bytes() == \
+        (tmp_path / "a.engine").read_bytes()
+    assert json.loads((tmp_path / "a.engine.json").read_text())["labels"] == ["cat", "dog", "fox"]

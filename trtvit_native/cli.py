@@ -216,17 +216,18 @@ def _plugins_arg(value: str):
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .model import synthetic_images
     from .variants import get_config
     from .network import build_network
-    from .parity import parity_report
 
     get_config(args.variant)  # fail fast on an unknown name
     check_output_path(args.output)
     t0 = time.perf_counter()
-    model, state = _reference_and_weights(args.variant, args.weights)
+    if args.no_parity and args.weights:
+        model, weights = None, args.weights  # numpy from the file: no torch on this path
+    else:
+        model, weights = _reference_and_weights(args.variant, args.weights)
     t_weights = time.perf_counter() - t0
-    built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.max_batch,
+    built = build_network(args.variant, weights, fp16=args.fp16, max_batch=args.max_batch,
                           image_size=args.image_size, plugins=_plugins_arg(args.plugins), attention=args.attention,
                           outputs=_outputs(args.outputs), min_image_size=args.min_image_size,
                           max_image_size=args.max_image_size)
@@ -255,6 +256,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
           f"engine build {t_build:.2f} s")
     status = 0
     if not args.no_parity:
+        from .model import synthetic_images
+        from .parity import parity_report
+
         # image-like synthetic inputs: smooth fields and edges at several scales
         report = parity_report(built, model, synthetic_images(min(2, args.max_batch), built.image_size, seed=1))
         print(f"parity     {report.summary()} (CPU interpreter of the built network vs PyTorch reference)")
@@ -421,9 +425,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .backend import BackendError
-    from .interpreter import InterpreterError
     from .network import BuildError
     from .runtime import EngineError
+
+    def expected(e: BaseException) -> bool:
+        # The interpreter (torch) is imported only by the commands that use it: its error can
+        # only have been raised where it was.
+        interpreter = sys.modules.get(f"{__package__}.interpreter")
+        return isinstance(e, (ValueError, OSError, BackendError, BuildError, EngineError)) or (
+            interpreter is not None and isinstance(e, interpreter.InterpreterError))
 
     try:
         args = _parser().parse_args(argv)
@@ -436,13 +446,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _UsageError as e:
         print(f"trtvit: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, BackendError, BuildError, InterpreterError, EngineError) as e:
-        # WeightsError is a ValueError: every bad input ends here with its own message.
-        print(f"trtvit: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("trtvit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not expected(e):
+            raise
+        # WeightsError is a ValueError: every bad input ends here with its own message.
+        print(f"trtvit: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -120,16 +120,21 @@ class KernelLibrary:
         return self._lib.trtvit_attention_max_tokens(int(head_dim))
 
     # --- raw launchers: device pointers and stream as ints; return the status code ---
+    # Counts are C ints in the ABI: every one is checked here, so a count of 2^31 or more
+    # is an error naming it, never a value ctypes wraps around.
     def layernorm_raw(self, x: int, gamma: int, beta: int, y: int, rows: int, d: int, eps: float, dtype: int,
                       stream: int) -> int:
+        _check_c_ints("trtvit_layernorm", rows=rows, d=d, dtype=dtype)
         return self._lib.trtvit_layernorm(x, gamma, beta, y, rows, d, eps, dtype, stream)
 
     def layernorm_residual_raw(self, x: int, residual: int, gamma: int, beta: int, sum_out: int, y: int, rows: int,
                                d: int, eps: float, dtype: int, stream: int) -> int:
+        _check_c_ints("trtvit_layernorm_residual", rows=rows, d=d, dtype=dtype)
         return self._lib.trtvit_layernorm_residual(x, residual, gamma, beta, sum_out, y, rows, d, eps, dtype, stream)
 
     def attention_raw(self, qkv: int, out: int, batch: int, tokens: int, heads: int, head_dim: int, scale: float,
                       dtype: int, stream: int) -> int:
+        _check_c_ints("trtvit_attention", batch=batch, tokens=tokens, heads=heads, head_dim=head_dim, dtype=dtype)
         return self._lib.trtvit_attention(qkv, out, batch, tokens, heads, head_dim, scale, dtype, stream)
 
     # --- the same launchers, raising KernelError on a non-zero status ---
@@ -154,6 +159,16 @@ class KernelLibrary:
         """Raise :class:`KernelError` for a non-zero ``status`` returned by ``function``."""
         if status != OK:
             raise KernelError(function, status, self.status_string(status))
+
+
+C_INT_MAX = 2 ** 31 - 1
+
+
+def _check_c_ints(function: str, **counts: int) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not -C_INT_MAX - 1 <= value <= C_INT_MAX:
+            raise ValueError(f"{function}: {name} = {value!r} does not fit the C ABI's int (at most {C_INT_MAX}); "
+                             f"split the work into calls of fewer {name}")
 
 
 _loaded: Dict[Path, KernelLibrary] = {}
