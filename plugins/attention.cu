@@ -453,19 +453,25 @@ int launch_fp32_kpl(const void* qkv, void* out, int batch, int tokens, int heads
                   static_cast<float*>(out), tokens, heads, rows_per_block, scale_log2);
 }
 
+// OK when `smem` bytes of dynamic shared memory fit a block on the current device (above
+// the 48 KB default, the device's opt-in limit decides).
+int shared_memory_fits(size_t smem) {
+    if (smem <= static_cast<size_t>(kDefaultSharedBytes)) return TRTVIT_OK;
+    int device = 0, limit = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+        cudaGetLastError();
+        return TRTVIT_ERR_CUDA;
+    }
+    return smem <= static_cast<size_t>(limit) ? TRTVIT_OK : TRTVIT_ERR_UNSUPPORTED;
+}
+
 template <int HD>
 int launch_fp32(const void* qkv, void* out, int batch, int tokens, int heads, float scale_log2,
                 cudaStream_t stream) {
     const size_t smem = simt_shared_bytes(tokens, HD);
-    if (smem > static_cast<size_t>(kDefaultSharedBytes)) {
-        int device = 0, limit = 0;
-        if (cudaGetDevice(&device) != cudaSuccess ||
-            cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-            cudaGetLastError();
-            return TRTVIT_ERR_CUDA;
-        }
-        if (smem > static_cast<size_t>(limit)) return TRTVIT_ERR_UNSUPPORTED;
-    }
+    const int fits = shared_memory_fits(smem);
+    if (fits != TRTVIT_OK) return fits;
     if (tokens <= 64) return launch_fp32_kpl<HD, 2>(qkv, out, batch, tokens, heads, scale_log2, smem, stream);
     if (tokens <= 128) return launch_fp32_kpl<HD, 4>(qkv, out, batch, tokens, heads, scale_log2, smem, stream);
     return launch_fp32_kpl<HD, 8>(qkv, out, batch, tokens, heads, scale_log2, smem, stream);
@@ -476,6 +482,15 @@ int launch_fp32(const void* qkv, void* out, int batch, int tokens, int heads, fl
 
 extern "C" TRTVIT_API int trtvit_attention_max_tokens(int head_dim) {
     return head_dim == 32 ? trtvit::kMaxTokensHd32 : head_dim == 64 ? trtvit::kMaxTokensHd64 : 0;
+}
+
+extern "C" TRTVIT_API int trtvit_attention_supported(int tokens, int head_dim, int dtype) {
+    using namespace trtvit;
+    if (tokens <= 0 || (dtype != TRTVIT_FLOAT32 && dtype != TRTVIT_FLOAT16)) return TRTVIT_ERR_INVALID_ARGUMENT;
+    const int max_tokens = trtvit_attention_max_tokens(head_dim);
+    if (max_tokens == 0 || tokens > max_tokens) return TRTVIT_ERR_UNSUPPORTED;
+    if (dtype == TRTVIT_FLOAT16) return TRTVIT_OK;  // tc_shared_bytes <= 37 KB for every supported size
+    return shared_memory_fits(simt_shared_bytes(tokens, head_dim));
 }
 
 extern "C" TRTVIT_API int trtvit_attention(const void* qkv, void* out, int batch, int tokens, int heads,

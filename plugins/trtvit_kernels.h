@@ -53,6 +53,14 @@ TRTVIT_API int trtvit_kernels_version(void);
  * fp16 attention fits in 48 KB for every N up to the maximum. */
 TRTVIT_API int trtvit_attention_max_tokens(int head_dim);
 
+/* Whether trtvit_attention can run `tokens` tokens of `head_dim` in `dtype` on the current
+ * CUDA device: TRTVIT_OK, or TRTVIT_ERR_UNSUPPORTED (more tokens than
+ * trtvit_attention_max_tokens, or fp32 needing more shared memory than the device's opt-in
+ * limit, e.g. N > 224 / N > 120 on Turing), TRTVIT_ERR_INVALID_ARGUMENT, or TRTVIT_ERR_CUDA
+ * when the device cannot be queried. Launches nothing; asks the device only for fp32 sizes
+ * above 48 KB. For build-time checks, before an engine is made that could not run. */
+TRTVIT_API int trtvit_attention_supported(int tokens, int head_dim, int dtype);
+
 /* y = LN(x) over the last dimension: x, y are rows x d, row-major; gamma, beta: d values,
  * all of the same dtype. mean and (biased) variance in fp32:
  *   y = (x - mean) * rsqrt(var + eps) * gamma + beta.

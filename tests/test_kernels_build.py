@@ -110,6 +110,32 @@ def test_host_queries_need_no_gpu(library):
     assert library.status_string(99) == "unknown status"
 
 
+def test_attention_support_query(library):
+    """fp16 and small fp32 sizes are answered without a device; fp32 above 48 KB of shared
+    memory asks the device (CUDA error where there is none)."""
+    OK, UNSUPPORTED, INVALID = kernels.OK, kernels.UNSUPPORTED, kernels.INVALID_ARGUMENT
+    assert library.attention_supported(49, 32, kernels.FLOAT32) == OK
+    assert library.attention_supported(164, 32, kernels.FLOAT32) == OK  # 48 KB: no device needed
+    assert library.attention_supported(256, 32, kernels.FLOAT16) == OK
+    assert library.attention_supported(128, 64, kernels.FLOAT16) == OK
+    assert library.attention_supported(257, 32, kernels.FLOAT16) == UNSUPPORTED
+    assert library.attention_supported(129, 64, kernels.FLOAT32) == UNSUPPORTED
+    assert library.attention_supported(10, 48, kernels.FLOAT32) == UNSUPPORTED
+    assert library.attention_supported(0, 32, kernels.FLOAT32) == INVALID
+    assert library.attention_supported(10, 32, 7) == INVALID
+    big = library.attention_supported(256, 32, kernels.FLOAT32)
+    assert big in ((OK, UNSUPPORTED) if _has_gpu() else (kernels.CUDA_ERROR,))
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 FAKE = 0x1000  # a non-null, 16-byte aligned address the launchers must never touch
 
 

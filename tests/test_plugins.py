@@ -191,6 +191,44 @@ def test_interpreter_takes_plugin_fields_from_the_layer_s_plugin():
         _plugin_layer(trt, _FakePluginLayer(foreign), [x, gamma, beta])
 
 
+def test_attention_plugin_refuses_at_build_time_what_the_gpu_cannot_run(monkeypatch):
+    """configure_plugin (build time, on the target GPU) checks the profile's largest token
+    count with the kernel library's device query: a Turing-like device (64 KB of shared
+    memory: fp32 up to 224 tokens at head_dim 32) refuses 256 fp32 tokens, not fp16."""
+    from trtvit_native import kernels
+
+    class TuringLike:
+        def attention_supported(self, tokens, head_dim, dtype):
+            return kernels.UNSUPPORTED if dtype == kernels.FLOAT32 and tokens > 224 else kernels.OK
+
+        def status_string(self, status):
+            return "unsupported on this device"
+
+    monkeypatch.setattr(kernels, "load_kernel_library", lambda *args: TuringLike())
+    trt = tv.get_backend().trt
+    plugin = tp.plugin_classes(trt)["Attention"][0]({"heads": 8, "head_dim": 32, "scale": 0.17})
+
+    def desc(dtype, max_tokens):
+        d = trt.DynamicPluginTensorDesc()
+        d.desc.type = dtype
+        d.desc.dims = trt.Dims([-1, -1, 768])
+        d.min, d.max = trt.Dims([1, 1, 768]), trt.Dims([2, max_tokens, 768])
+        return d
+
+    import trtvit_native.network as network
+
+    monkeypatch.setattr(network, "resolve_plugins", lambda backend, plugins: plugins is not False)
+    with pytest.raises(ValueError, match=r"images up to 512x512 give 256 attention tokens; the fused attention "
+                                         r"kernel handles at most 224 \(head_dim 32\)"):
+        tv.build_network("trt-vit-a", fp16=False, max_batch=1, image_size=512, plugins=True)
+    assert not tv.build_network("trt-vit-a", fp16=False, max_batch=1, image_size=512, plugins="auto").plugins
+
+    plugin.configure_plugin([desc(trt.DataType.FLOAT, 224)], [])
+    plugin.configure_plugin([desc(trt.DataType.HALF, 256)], [])
+    with pytest.raises(tp.PluginError, match=r"Attention: 256 tokens of head_dim 32 in fp32 cannot run on this GPU"):
+        plugin.configure_plugin([desc(trt.DataType.FLOAT, 256)], [])
+
+
 def test_unavailable_reason_names_what_is_missing():
     backend = tv.get_backend()
     reason = tp.unavailable_reason(backend)

@@ -34,8 +34,8 @@ LAYERNORM_MAX_D = 4096
 # shapes can be validated where the library is not present.
 _ATTENTION_MAX_TOKENS = {32: 256, 64: 128}
 # The C functions the library exports, and nothing else.
-EXPORTED_SYMBOLS = ("trtvit_attention", "trtvit_attention_max_tokens", "trtvit_kernels_version", "trtvit_layernorm",
-                    "trtvit_layernorm_residual", "trtvit_status_string")
+EXPORTED_SYMBOLS = ("trtvit_attention", "trtvit_attention_max_tokens", "trtvit_attention_supported",
+                    "trtvit_kernels_version", "trtvit_layernorm", "trtvit_layernorm_residual", "trtvit_status_string")
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -95,6 +95,7 @@ class KernelLibrary:
             "trtvit_status_string": ([i], ctypes.c_char_p),
             "trtvit_kernels_version": ([], i),
             "trtvit_attention_max_tokens": ([i], i),
+            "trtvit_attention_supported": ([i, i, i], i),
             "trtvit_layernorm": ([vp, vp, vp, vp, i, i, f, i, vp], i),
             "trtvit_layernorm_residual": ([vp, vp, vp, vp, vp, vp, i, i, f, i, vp], i),
             "trtvit_attention": ([vp, vp, i, i, i, i, f, i, vp], i),
@@ -118,6 +119,12 @@ class KernelLibrary:
     def attention_max_tokens(self, head_dim: int) -> int:
         """Largest token count of the attention kernel for ``head_dim`` (0: unsupported)."""
         return self._lib.trtvit_attention_max_tokens(int(head_dim))
+
+    def attention_supported(self, tokens: int, head_dim: int, dtype: int) -> int:
+        """Status of running ``tokens`` tokens in ``dtype`` on the current device (OK,
+        UNSUPPORTED, ...); queries the device only for fp32 above 48 KB of shared memory."""
+        _check_c_ints("trtvit_attention_supported", tokens=tokens, head_dim=head_dim, dtype=dtype)
+        return self._lib.trtvit_attention_supported(tokens, head_dim, dtype)
 
     # --- raw launchers: device pointers and stream as ints; return the status code ---
     # Counts are C ints in the ABI: every one is checked here, so a count of 2^31 or more

@@ -551,9 +551,13 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
                            f"{be.label} does not have; use attention='matmul'")
     use_plugins = resolve_plugins(be, plugins)
     if use_plugins and (OUTPUT_NAME in wanted or "stage4" in wanted):
-        from .kernels import attention_max_tokens
+        from .kernels import FLOAT32, UNSUPPORTED, attention_max_tokens, load_kernel_library
 
         tokens, limit = (high[0] // 32) * (high[1] // 32), attention_max_tokens(config.head_dim)
+        if not fp16 and 0 < tokens <= limit and load_kernel_library().attention_supported(
+                tokens, config.head_dim, FLOAT32) == UNSUPPORTED:
+            limit = next(n for n in range(tokens, 0, -1)  # what this GPU's shared memory allows
+                         if load_kernel_library().attention_supported(n, config.head_dim, FLOAT32) != UNSUPPORTED)
         if tokens > limit:
             largest = f"{high[0]}x{high[1]}"
             if plugins is True:
