@@ -44,13 +44,19 @@ def _outputs(text: str):
     return text if text in ("logits", "features") else tuple(t.strip() for t in text.split(",") if t.strip())
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    from .network import ATTENTION_KINDS  # numpy only: no torch, no TensorRT
-    p.add_argument("variant", help="variant name (see `trtvit info`)")
-    p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded untrained weights)")
+def _add_precision(p: argparse.ArgumentParser) -> None:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="fp16 network (default)")
     prec.add_argument("--fp32", dest="fp16", action="store_false", help="fp32 network")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """The network options ``build`` and ``parity`` share: ``parity`` checks the network
+    ``build`` would make from the same options."""
+    from .network import ATTENTION_KINDS  # numpy only: no torch, no TensorRT
+    p.add_argument("variant", help="variant name (see `trtvit info`)")
+    p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded untrained weights)")
+    _add_precision(p)
     p.add_argument("--image-size", type=_size, default=224, metavar="S",
                    help="input size S or HxW, multiples of 32 (224); the optimization shape when dynamic")
     p.add_argument("--min-image-size", type=_size, metavar="S", help="smallest input, S or HxW: dynamic H and W")
@@ -59,6 +65,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="logits (default), features (stage1..stage4), or a comma list of stage1..stage4, logits")
     p.add_argument("--attention", choices=ATTENTION_KINDS, default="matmul",
                    help="native attention: matmul (MatMul-SoftMax-MatMul, default) or fused (IAttention layer)")
+    p.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
+                   help="fused CUDA plugins: auto (when available), on (required), off")
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,8 +104,6 @@ def _parser() -> _Parser:
     build = sub.add_parser("build", help="build a serialized engine")
     _add_common(build)
     build.add_argument("--max-batch", type=int, default=32, metavar="N", help="largest batch of the profile (32)")
-    build.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
-                       help="fused CUDA plugins: auto (when available), on (required), off")
     build.add_argument("--no-parity", action="store_true", help="skip the CPU parity check")
     build.add_argument("--keep-failed", action="store_true",
                        help="write the engine even when the parity check fails (the exit status is still 1)")
@@ -108,8 +114,8 @@ def _parser() -> _Parser:
                      help="batch size to time (repeatable; default: 1 and the engine's largest)")
     run.add_argument("--iterations", type=int, default=100, metavar="K", help="timed runs per batch size (100)")
     run.add_argument("--check", action="store_true",
-                     help="also compare the engine's logits with the PyTorch reference on the same GPU (needs "
-                          "ENGINE.json from trtvit build)")
+                     help="also compare every output of the engine with the PyTorch reference on the same GPU "
+                          "(needs ENGINE.json from trtvit build)")
     sub.add_parser("info", help="list variants with parameters and GMACs")
     _add_train_arguments(sub.add_parser("train", help="train or fine-tune on an ImageFolder tree (see "
                                                        "trtvit_native.train)"))
@@ -133,16 +139,12 @@ def _parser() -> _Parser:
     what.add_argument("--network", action="store_true",
                       help="also run the TensorRT network built from the weights on the CPU interpreter")
     what.add_argument("--engine", metavar="FILE", help="also run this engine file on the GPU")
-    prec = ev.add_mutually_exclusive_group()
-    prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="fp16 network (default)")
-    prec.add_argument("--fp32", dest="fp16", action="store_false", help="fp32 network")
+    _add_precision(ev)
     ev.add_argument("--batch-size", type=int, default=32, metavar="N", help="(32)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
     _add_common(parity)
     parity.add_argument("--batch", type=int, default=2, metavar="N", help="images per check (2)")
-    parity.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
-                        help="fused CUDA plugins, as trtvit build makes the network: auto, on, off")
     parity.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (0)")
     return parser
 
@@ -189,26 +191,6 @@ def check_output_path(path: str) -> None:
     os.unlink(probe)
     if os.path.exists(path) and not os.path.isfile(path):
         raise ValueError(f"output {path} exists and is not a regular file")
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Write ``path`` through a temporary file in its directory and a rename; an error names
-    ``path``, and leaves neither a partial ``path`` nor the temporary file."""
-    from .weights import new_file_mode
-
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600; the file gets the usual permissions
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"could not write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _plugins_arg(value: str):
@@ -270,8 +252,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
                       f"{args.output} not written (trtvit parity {args.variant} shows every layer; "
                       f"--keep-failed writes the engine anyway)", file=sys.stderr)
                 return status
-    _write_atomically(args.output, plan)
-    _write_atomically(args.output + ".json", (json.dumps(metadata, indent=2) + "\n").encode())
+    from .weights import write_atomically
+
+    write_atomically(args.output, plan)
+    write_atomically(args.output + ".json", (json.dumps(metadata, indent=2) + "\n").encode())
     print(f"metadata   {args.output}.json (tensor names and shapes, batch range, preprocessing, SHA-256)")
     if status:
         print(f"trtvit: error: parity check failed; {args.output} written anyway (--keep-failed)", file=sys.stderr)

@@ -32,6 +32,12 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 STAGE_OUTPUTS = ("stage1", "stage2", "stage3", "stage4")  # strides 4, 8, 16, 32
 OUTPUT_NAMES = STAGE_OUTPUTS + (OUTPUT_NAME,)
+
+
+def output_stride(name: str) -> Optional[int]:
+    """Input pixels per output pixel of a stage output (4, 8, 16, 32); None for the logits."""
+    return None if name == OUTPUT_NAME else 4 * 2 ** STAGE_OUTPUTS.index(name)
+
 MAX_BATCH_LIMIT = 4096
 # Native attention: MatMul-SoftMax-MatMul with an fp32 softmax, or the backend's fused
 # attention layer (IAttention, INetworkDefinition.add_attention).
@@ -88,10 +94,9 @@ class BuiltNetwork:
         """(B, C, H, W) of a stage output or (B, classes) of the logits; -1 where dynamic."""
         if name == OUTPUT_NAME:
             return [-1, self.num_classes]
-        k = STAGE_OUTPUTS.index(name)
-        stride = 4 * 2 ** k
+        stride = output_stride(name)
         hw = [-1, -1] if self.dynamic_size else [self.image_size[0] // stride, self.image_size[1] // stride]
-        return [-1, self.variant.widths[k]] + hw
+        return [-1, self.variant.widths[STAGE_OUTPUTS.index(name)]] + hw
 
     @property
     def num_layers(self) -> int:
@@ -128,7 +133,7 @@ class BuiltNetwork:
 
         h, w = (-1, -1) if self.dynamic_size else self.image_size
         outputs = [{"name": n, "dtype": "float32", "shape": self.output_shape(n),
-                    "stride": None if n == OUTPUT_NAME else 4 * 2 ** STAGE_OUTPUTS.index(n)} for n in self.outputs]
+                    "stride": output_stride(n)} for n in self.outputs]
         meta = {
             "format": "trtvit-engine-metadata/1",
             "variant": self.variant.name,
@@ -370,10 +375,8 @@ def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig,
     """
     d = config.mix_dim
     y = conv_bn(net, x, f"{name}.reduce")
-    if hw is None:
-        tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, -1), second=(0, 2, 1))
-    else:
-        tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, hw[0] * hw[1]), second=(0, 2, 1))
+    tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, -1 if hw is None else hw[0] * hw[1]),
+                     second=(0, 2, 1))
     tokens = transformer(net, tokens, f"{name}.transformer", config.heads, config.head_dim)
     if hw is None:
         map_shape = net.named(net.network.add_shape(y), f"{name}.map_shape")

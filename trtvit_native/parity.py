@@ -57,7 +57,7 @@ class Tolerance:
 
 
 # Set from the error/noise ratios measured on every layer of the four variants
-# (`python benchmarks/parity_cpu.py --noise`; README "Parity"), with the margin stated there.
+# (`python benchmarks/parity_cpu.py`; README "Parity"), with the margin stated there.
 TOLERANCES: Dict[str, Tolerance] = {
     "fp32": Tolerance(factor=8.0, floor=8.0, unit=2.0 ** -24),
     "fp16": Tolerance(factor=3.0, floor=2.0, unit=2.0 ** -11),
@@ -106,10 +106,6 @@ class LayerParity:
     bound_max: float
     bound_rms: float
     network_shape: tuple = ()
-
-    @property
-    def shape_ok(self) -> bool:
-        return self.error is not None
 
     @property
     def ratio(self) -> float:

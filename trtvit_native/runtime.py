@@ -146,8 +146,8 @@ class EngineRunner:
             self.min_shape, self.opt_shape, self.max_shape = (
                 tuple(int(v) for v in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
             self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
-            self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
             self.output_dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in outputs}
+            self.output_dtype = self.output_dtypes[self.output_name]
             self.context = self.engine.create_execution_context()
             if self.context is None:
                 raise EngineError(f"{self.backend.label} could not create an execution context: {self._errors()}")
@@ -193,31 +193,25 @@ class EngineRunner:
         with torch.cuda.device(self.device):
             if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
                 raise EngineError(f"TensorRT rejected input shape {tuple(x.shape)}: {self._errors()}")
-            if len(self.output_names) > 1:
-                if out is not None:
+            shapes = {n: tuple(int(v) for v in ctx.get_tensor_shape(n)) for n in self.output_names}
+            if out is not None:
+                if len(self.output_names) > 1:
                     raise EngineError("out= is for engines with one output; this one has "
                                       f"{', '.join(self.output_names)}")
-                results = {n: torch.empty(tuple(int(v) for v in ctx.get_tensor_shape(n)), dtype=self.output_dtypes[n],
-                                          device=self.device) for n in self.output_names}
-                for n, t in results.items():
-                    ctx.set_tensor_address(n, t.data_ptr())
-                ctx.set_tensor_address(self.input_name, x.data_ptr())
-                self._logger.messages.clear()
-                if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-                    raise EngineError(f"TensorRT could not run the engine on a batch of {x.shape[0]}: "
-                                      f"{self._errors()}")
-                return results
-            out_shape = tuple(int(v) for v in ctx.get_tensor_shape(self.output_name))
-            if out is None:
-                out = torch.empty(out_shape, dtype=self.output_dtype, device=self.device)
-            elif (tuple(out.shape) != out_shape or out.dtype != self.output_dtype or out.device != self.device
-                  or not out.is_contiguous()):
-                raise EngineError(f"out must be a contiguous {self.output_dtype} tensor of shape {out_shape} on "
-                                  f"{self.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+                shape = shapes[self.output_name]
+                if (tuple(out.shape) != shape or out.dtype != self.output_dtype or out.device != self.device
+                        or not out.is_contiguous()):
+                    raise EngineError(f"out must be a contiguous {self.output_dtype} tensor of shape {shape} on "
+                                      f"{self.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+                results = {self.output_name: out}
+            else:
+                results = {n: torch.empty(shapes[n], dtype=self.output_dtypes[n], device=self.device)
+                           for n in self.output_names}
             ctx.set_tensor_address(self.input_name, x.data_ptr())
-            ctx.set_tensor_address(self.output_name, out.data_ptr())
+            for n, t in results.items():
+                ctx.set_tensor_address(n, t.data_ptr())
             self._logger.messages.clear()
             stream = torch.cuda.current_stream(self.device)
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise EngineError(f"TensorRT could not run the engine on a batch of {x.shape[0]}: {self._errors()}")
-        return out
+        return results[self.output_name] if len(self.output_names) == 1 else results

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from .data import DataError, DecodedImages, ImageFolder, check_same_classes, normalize
 from .variants import get_config
+from .weights import write_atomically
 
 __all__ = ["TrainConfig", "train", "main", "TrainError"]
 
@@ -160,24 +161,10 @@ def _all_sum(values: List[float], dist_: _Dist) -> List[float]:
     return t.tolist()
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    from .weights import new_file_mode
-
-    fd, tmp = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _save_tensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save
 
-    _atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    write_atomically(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 # --------------------------------------------------------------------------------------
@@ -185,12 +172,17 @@ def _save_tensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether the module or parameter ``name`` lies under the module path ``prefix``."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def _frozen_names(model: torch.nn.Module, prefixes: Sequence[str]) -> List[str]:
     """Parameters under the module prefixes; an unknown prefix is an error."""
     names = [n for n, _ in model.named_parameters()]
     frozen = []
     for prefix in prefixes:
-        hit = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        hit = [n for n in names if _under(n, prefix)]
         if not hit:
             raise TrainError(f"--freeze {prefix!r} matches no parameter (module paths such as stem, stages.0, "
                              f"stages.3.1.transformer, head)")
@@ -198,12 +190,15 @@ def _frozen_names(model: torch.nn.Module, prefixes: Sequence[str]) -> List[str]:
     return sorted(set(frozen))
 
 
-def _build_model(config: TrainConfig, classes: List[str], say) -> Tuple[torch.nn.Module, List[str]]:
+def _build_model(config: TrainConfig, classes: List[str], say,
+                 load_init: bool = True) -> Tuple[torch.nn.Module, List[str]]:
+    """The model to train and its frozen parameter names. ``load_init``: start from
+    ``config.init`` (a resumed run starts from its own last weights instead)."""
     from .model import create_model
     from .weights import WeightsError, class_names, load_weights
 
     model = create_model(config.variant, num_classes=len(classes), seed=config.seed)
-    if config.init:
+    if config.init and load_init:
         try:
             state = load_weights(config.init, arch=config.variant)
         except WeightsError as e:
@@ -262,7 +257,7 @@ def _save_state(run_dir: str, epoch: int, config: TrainConfig, optimizer: torch.
              "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
              "best_val_top1": best, "metrics": metrics,
              "data_order": "torch.randperm(n, generator seeded with seed * 1000003 + epoch)"}
-    _atomic_write(os.path.join(run_dir, "state.json"), (json.dumps(state, indent=1) + "\n").encode())
+    write_atomically(os.path.join(run_dir, "state.json"), (json.dumps(state, indent=1) + "\n").encode())
 
 
 def read_run(run_dir: str) -> Dict[str, Any]:
@@ -303,12 +298,12 @@ def _load_state(run_dir: str, state: Dict[str, Any], optimizer: torch.optim.Opti
 # --------------------------------------------------------------------------------------
 
 
-def _save_weights(model: torch.nn.Module, path: str, config: TrainConfig, classes: List[str], folder: ImageFolder,
+def _save_weights(model: torch.nn.Module, path: str, config: TrainConfig, folder: ImageFolder,
                   epochs_done: int, val_top1: Optional[float]) -> None:
     from .weights import save_weights
 
     save_weights(model, path, config.variant, metadata={
-        "classes": json.dumps(classes), "image_size": str(config.image_size), "source": "trained",
+        "classes": json.dumps(folder.classes), "image_size": str(config.image_size), "source": "trained",
         "data": folder.fingerprint_json(), "epochs": str(epochs_done),
         "val_top1": "" if val_top1 is None else f"{val_top1:.6f}"})
 
@@ -332,15 +327,12 @@ def _plot(metrics: List[dict], path: str) -> None:
     ax2.set(xlabel="epoch", ylabel="top-1 %", title="accuracy")
     ax2.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=80)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, png.getvalue())
 
 
 # --------------------------------------------------------------------------------------
@@ -377,7 +369,7 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
         check_same_classes(folder.classes, val.classes, config.val)
     if state is not None and state["data"] != folder.fingerprint():
         raise TrainError(f"--resume {resume}: the data in {config.data} changed since the run started")
-    model, frozen = _build_model(config, folder.classes, say)
+    model, frozen = _build_model(config, folder.classes, say, load_init=state is None)
     if dist_.main:
         from .cli import check_output_path
 
@@ -392,8 +384,7 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
     device = dist_.device
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
-    frozen_modules = [m for n, m in model.named_modules()
-                      if any(n == f or n.startswith(f + ".") for f in config.freeze)]
+    frozen_modules = [m for n, m in model.named_modules() if any(_under(n, f) for f in config.freeze)]
     if state is not None:
         from .weights import load_weights
 
@@ -444,7 +435,6 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
         if folder.skipped:
             say(f"skipped {len(folder.skipped)} unreadable image(s) of {config.data}")
 
-    last = None
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
@@ -491,18 +481,15 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
             line.update(val_top1=v_top1 / v_images, val_top5=v_top5 / v_images, val_loss=v_loss / v_images)
         line["seconds"] = time.perf_counter() - t0
         metrics.append(line)
-        last = line
         score = line.get("val_top1", -line["train_loss"])
         improved = score > best
         best = max(best, score)
         if dist_.main:
-            _save_weights(model, os.path.join(config.run_dir, "last.safetensors"), config, folder.classes, folder,
-                          epoch + 1, line.get("val_top1"))
-            if improved:
-                _save_weights(model, os.path.join(config.run_dir, "best.safetensors"), config, folder.classes,
-                              folder, epoch + 1, line.get("val_top1"))
+            for name in ("last", "best") if improved else ("last",):
+                _save_weights(model, os.path.join(config.run_dir, f"{name}.safetensors"), config, folder, epoch + 1,
+                              line.get("val_top1"))
             _save_state(config.run_dir, epoch + 1, config, optimizer, scheduler, scaler, best, metrics, folder)
-            _atomic_write(os.path.join(config.run_dir, "metrics.jsonl"),
+            write_atomically(os.path.join(config.run_dir, "metrics.jsonl"),
                           "".join(json.dumps(m) + "\n" for m in metrics).encode())
             _plot(metrics, os.path.join(config.run_dir, "curves.png"))
             val_text = f", val top-1 {100 * line['val_top1']:.2f} %" if "val_top1" in line else ""
@@ -516,14 +503,14 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
     if dist_.main and finished:
         source = "best.safetensors" if val is not None else "last.safetensors"
         with open(os.path.join(config.run_dir, source), "rb") as f:
-            _atomic_write(config.output, f.read())
+            write_atomically(config.output, f.read())
         say(f"wrote {config.output} ({source.split('.')[0]} epoch{' by val top-1' if val is not None else ''})")
     if dist_.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-    return {**(last or (metrics[-1] if metrics else {})), "output": config.output if finished else None,
+    return {**(metrics[-1] if metrics else {}), "output": config.output if finished else None,
             "run_dir": config.run_dir, "finished": finished}
 
 
@@ -544,8 +531,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    result = train(config_from_args(args), resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
-    return 0 if result is not None else 1
+    train(config_from_args(args), resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
+from .weights import current_umask
+
 __all__ = ["TritonExportError", "export_triton", "read_engine_metadata"]
 
 
@@ -172,7 +174,7 @@ def _write_model(repository: str, name: str, files: Dict[str, bytes], force: boo
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(data)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
         if os.path.isdir(target):
             old = tempfile.mkdtemp(prefix=f".{name}-old-", dir=repository)
             os.rename(target, os.path.join(old, name))
@@ -184,12 +186,6 @@ def _write_model(repository: str, name: str, files: Dict[str, bytes], force: boo
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def export_triton(engine: str, repository: str, name: Optional[str] = None, version: int = 1, instances: int = 1,

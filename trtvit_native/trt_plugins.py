@@ -272,7 +272,10 @@ def plugin_classes(trt: ModuleType) -> Dict[str, Tuple[type, type]]:
             """At build time, on the GPU the engine is built for: refuse the largest token
             count of the profile where the kernel cannot run it there (fp32 above the
             device's shared-memory limit), rather than fail in enqueue later."""
-            check_device_support(self.fields["head_dim"], inputs[0])
+            desc = inputs[0]
+            dims = [int(d) for d in (desc.max if desc.max is not None and len(desc.max) else desc.desc.dims)]
+            if len(dims) == 3 and dims[1] > 0:
+                check_device_support(dims[1], self.fields["head_dim"], self.dtype_code(desc.desc.type))
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
             from .kernels import load_kernel_library
@@ -389,15 +392,11 @@ def reference_attention(qkv: "torch.Tensor", heads: int, head_dim: int, scale: f
     return (probs @ v).transpose(1, 2).reshape(b, n, heads * head_dim).to(qkv.dtype)
 
 
-def check_device_support(head_dim: int, desc: Any) -> None:
-    """``desc``: the qkv input's DynamicPluginTensorDesc (``desc.type``, ``max`` dims)."""
-    from .kernels import CUDA_ERROR, FLOAT16, FLOAT32, OK, load_kernel_library
+def check_device_support(tokens: int, head_dim: int, dtype: int) -> None:
+    """Refuse an attention size the kernel cannot run on the current GPU (dtype: the kernel
+    library's FLOAT32 / FLOAT16 code)."""
+    from .kernels import CUDA_ERROR, FLOAT16, OK, load_kernel_library
 
-    dims = [int(d) for d in desc.max] if desc.max is not None and len(desc.max) else [int(d) for d in desc.desc.dims]
-    tokens = dims[1] if len(dims) == 3 else -1
-    if tokens <= 0:
-        return
-    dtype = FLOAT16 if desc.desc.type == _half_type(desc) else FLOAT32
     lib = load_kernel_library()
     status = lib.attention_supported(tokens, head_dim, dtype)
     if status not in (OK, CUDA_ERROR):  # CUDA_ERROR: no device to ask; enqueue checks again
@@ -405,10 +404,6 @@ def check_device_support(head_dim: int, desc: Any) -> None:
                           f"{'fp16' if dtype == FLOAT16 else 'fp32'} cannot run on this GPU: "
                           f"{lib.status_string(status)} (fp32 attention beyond 48 KB of shared memory needs the "
                           f"device's opt-in limit: N <= 224 / 120 on Turing)")
-
-
-def _half_type(desc: Any) -> Any:
-    return type(desc.desc.type).HALF
 
 
 def plugin_layer_fields(trt: ModuleType, layer: Any) -> Tuple[str, Dict[str, Any]]:

@@ -19,7 +19,7 @@ from .variants import VARIANTS, VariantConfig, expected_shapes, get_config
 if TYPE_CHECKING:  # torch is needed only by the functions that return torch tensors
     import torch
 
-__all__ = ["WeightsError", "FORMAT_VERSION", "read_metadata", "class_names", "expected_shapes", "save_weights", "load_weights", "load_arrays",
+__all__ = ["WeightsError", "FORMAT_VERSION", "read_metadata", "class_names", "write_atomically", "expected_shapes", "save_weights", "load_weights", "load_arrays",
            "validate_arrays", "validate_state_dict"]
 
 FORMAT_VERSION = "trtvit_native/1"
@@ -120,12 +120,37 @@ def validate_state_dict(state: Mapping[str, "torch.Tensor"], config: Union[str, 
     return {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIX)}
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def new_file_mode() -> int:
     """The permissions a new file gets under the process umask (0o666 & ~umask): what files
     written through a temporary file and a rename get, rather than the temp file's 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~current_umask()
+
+
+def write_atomically(path: PathLike, data: bytes) -> None:
+    """Write ``path`` through a temporary file in its directory and a rename, with the usual
+    permissions. An error names ``path`` and leaves neither a partial ``path`` nor the
+    temporary file."""
+    import tempfile
+
+    path = os.fspath(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def save_weights(model_or_state_dict: Union["torch.nn.Module", Mapping[str, "torch.Tensor"]], path: PathLike,
