@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .variants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING
+from .variants import CROP_PCT, PREPROCESSING
 
 __all__ = ["PREPROCESSING", "IMAGE_EXTENSIONS", "DataError", "ImageFolder", "load_rgb", "eval_transform", "normalize",
            "resize_and_center_crop", "preprocess_encoded", "write_digits"]
@@ -72,10 +72,11 @@ def resize_and_center_crop(image: torch.Tensor, size: Union[int, Sequence[int]],
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """Pixel values 0..255 (float, (..., 3, H, W)) -> the network input: /255, ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255.0
-    return (images.float() - mean) / std
+    """Pixel values 0..255 (float, (..., 3, H, W)) -> the network input: /255, then
+    :func:`trtvit_native.model.imagenet_normalize`."""
+    from .model import imagenet_normalize
+
+    return imagenet_normalize(images.float() / 255.0)
 
 
 def eval_transform(image: torch.Tensor, size: Union[int, Sequence[int]]) -> torch.Tensor:

@@ -198,9 +198,10 @@ def synthetic_images(batch: int, image_size: Union[int, Sequence[int]] = 224, se
 
 
 def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std per channel of RGB images in [0, 1]: the input the network expects."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """(x - mean) / std per channel of RGB images in [0, 1], (..., 3, H, W): the input the
+    network expects."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
     return (images - mean) / std
 
 
