@@ -70,7 +70,14 @@ class BuildPyWithKernels(build_py):
             build_kernel_library(Path(self.build_lib) / "trtvit_native")
 
 
-TRAIN_REQUIRES = ["kornia>=0.7", "tqdm>=4.60", "matplotlib>=3.5", "Pillow>=9"]
+# torch is an extra, not a requirement: building from a weights file, exporting to Triton
+# and running engines need none of it. Install the build that fits the machine first (on
+# a CPU-only machine its CPU build) and the "torch" extra then leaves it as it is.
+TORCH_REQUIRES = ["torch>=2.1"]
+TRAIN_REQUIRES = TORCH_REQUIRES + ["kornia>=0.7", "tqdm>=4.60", "matplotlib>=3.5", "Pillow>=9"]
+# EngineRunner and the kernel launchers without torch: CUDA memory and streams through
+# cuda-python, arrays as numpy (TensorRT itself: the "rtx" extra, or NVIDIA's tensorrt wheel).
+RUNTIME_REQUIRES = ["cuda-python>=12.0", "numpy>=1.22"]
 
 setup(
     name="trtvit_native",
@@ -82,13 +89,16 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["trtvit_native", "trtvit_native.*"]),
     package_data={"trtvit_native": ["lib/*.so", "lib/*.h"]},
-    install_requires=["numpy>=1.22", "safetensors>=0.4", "torch>=2.1"],
+    install_requires=["numpy>=1.22", "safetensors>=0.4"],
     extras_require={
+        # the PyTorch reference: seeded weights, parity checks, the CPU interpreter, training
+        "torch": TORCH_REQUIRES,
+        "runtime": RUNTIME_REQUIRES,
         "rtx": ["tensorrt-rtx>=1.2"],
         # trtvit train / eval: augmentation (kornia: pure torch), progress bars, curves, image decoding
         "train": TRAIN_REQUIRES,
         "test": ["pytest>=7", "scikit-image>=0.21", "scikit-learn>=1.0", "nvidia-cuda-cuobjdump",
-                 "tritonclient>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES,
+                 "tritonclient>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES + RUNTIME_REQUIRES,
         "bench": ["onnx>=1.14"],
     },
     entry_points={"console_scripts": ["trtvit=trtvit_native.cli:main"]},

@@ -5,8 +5,8 @@
 #
 #   1. the kernel library and the C++ example, built for this GPU (CMake, or nvcc alone
 #      where CMake is missing), and the example run;
-#   2. pytest -m gpu (kernels against torch, the plugins' enqueue, engines against the
-#      reference);
+#   2. pytest -m gpu (kernels against torch with every array kind, the plugins' enqueue,
+#      engines against the reference, the runtime with every array and stream kind);
 #   3. benchmarks/kernels.py (kernel speed against torch and the copy bandwidth);
 #   4. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
 #      TensorRT module is importable.
@@ -84,7 +84,7 @@ export TRTVIT_KERNELS_LIB="$root/build/libtrtvit_kernels.so"
 
 step cpp_example 120 ./build/examples/cpp/check_kernels
 step pytest_gpu 900 "$py" -m pytest -m gpu -v -rs -p no:cacheprovider --junitxml="$out/pytest_gpu.xml" \
-  tests/test_kernels_gpu.py tests/test_engine_gpu.py
+  tests/test_kernels_gpu.py tests/test_engine_gpu.py tests/test_runtime_gpu.py
 step kernels 600 "$py" benchmarks/kernels.py --json "$out/kernels.json"
 if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; then
   step engine 900 "$py" benchmarks/engine_gpu.py --json "$out/engine.json"

@@ -250,3 +250,16 @@ def test_run_check_needs_weights_it_can_find(capsys, tmp_path):
     (tmp_path / "x.engine.json").write_text("[1, 2]")
     code, _, err = run(capsys, "run", str(engine))
     assert code == 1 and "is not engine metadata written by trtvit build" in _one_error_line(err)
+
+
+def test_commands_that_need_torch_say_so_where_it_is_missing(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys\nsys.modules['torch'] = None\nfrom trtvit_native.cli import main\n"
+              f"sys.exit(main(['build', 'trt-vit-a', '-o', {str(tmp_path / 'a.engine')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "trtvit: error: trtvit build needs torch, which is not installed: pip install 'trtvit_native[torch]'" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "a.engine").exists()

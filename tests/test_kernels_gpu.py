@@ -168,12 +168,122 @@ def test_attention_errors_are_reported():
         kernels.attention(_randn(1, 8, 144, dtype=torch.float16, seed=0), 1, 48)
     with pytest.raises(kernels.KernelError, match="unsupported"):
         kernels.attention(_randn(1, 129, 192 * 2, dtype=torch.float32, seed=0), 2, 64)
-    with pytest.raises(ValueError, match="must be a CUDA tensor"):
-        kernels.attention(torch.zeros(1, 8, 96), 1, 32)
     with pytest.raises(ValueError, match=r"qkv must have shape \(B, N, 96\)"):
         kernels.attention(_randn(1, 8, 95, dtype=torch.float16, seed=0), 1, 32)
-    with pytest.raises(ValueError, match="dtype torch.bfloat16 is not supported"):
+    with pytest.raises(ValueError, match="qkv has dtype bfloat16, which has no numpy equivalent"):
         kernels.attention(_randn(1, 8, 96, dtype=torch.bfloat16, seed=0), 1, 32)
+
+
+# --- the launchers with every array kind (numpy, CuPy, CUDA array interface, DLPack) ---
+
+
+def _needs_cuda_python():
+    import importlib.util
+
+    if importlib.util.find_spec("cuda") is None:
+        pytest.skip("cuda-python is not installed (pip install 'trtvit_native[runtime]')")
+
+
+class _CudaArrayOnly:
+    """Exposes only __cuda_array_interface__ (as numba or a C extension would)."""
+
+    def __init__(self, t):
+        self._t = t
+        self.__cuda_array_interface__ = t.__cuda_array_interface__
+
+
+class _DLPackOnly:
+    """Exposes only the DLPack protocol."""
+
+    def __init__(self, t):
+        self._t = t
+
+    def __dlpack__(self, stream=None):
+        return self._t.__dlpack__(stream=stream)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+def test_launchers_take_host_arrays_and_answer_in_kind():
+    _needs_cuda_python()
+    import numpy as np
+
+    x = _randn(64, 512, dtype=torch.float32, seed=21)
+    r = _randn(64, 512, dtype=torch.float32, seed=22)
+    w, b = _ln_params(512, torch.float32)
+    total, want = kernels.layernorm(x, w, b, residual=r)
+    got = kernels.layernorm(x.cpu().numpy(), w.cpu().numpy(), b.cpu().numpy(), residual=r.cpu().numpy())
+    assert all(isinstance(g, np.ndarray) for g in got)
+    assert np.array_equal(got[0], total.cpu().numpy()) and np.array_equal(got[1], want.cpu().numpy())
+    cpu = kernels.layernorm(x.cpu(), w.cpu(), b.cpu())  # CPU torch tensors: copied, answered as CPU tensors
+    assert isinstance(cpu, torch.Tensor) and cpu.device.type == "cpu"
+    assert torch.equal(cpu, kernels.layernorm(x, w, b).cpu())
+    qkv = _randn(2, 49, 3 * 64, dtype=torch.float16, seed=23)
+    out = kernels.attention(qkv.cpu().numpy(), 2)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float16
+    assert np.array_equal(out, kernels.attention(qkv, 2).cpu().numpy())
+    with pytest.raises(ValueError, match="x is in host memory and .* device memory|weight is in device memory"):
+        kernels.layernorm(x.cpu().numpy(), w, b)
+
+
+def test_launchers_take_cuda_array_interface_and_dlpack_arrays():
+    _needs_cuda_python()
+    from trtvit_native.arrays import DeviceArray
+
+    qkv = _randn(4, 49, 3 * 128, dtype=torch.float16, seed=24)
+    want = kernels.attention(qkv, 4)
+    torch.cuda.synchronize()
+    for wrapped in (_CudaArrayOnly(qkv), _DLPackOnly(qkv)):
+        out = kernels.attention(wrapped, 4)
+        assert isinstance(out, DeviceArray) and out.shape == tuple(want.shape)
+        torch.cuda.synchronize()
+        assert torch.equal(torch.as_tensor(out, device=DEV), want)
+    x = _randn(7, 24, dtype=torch.float32, seed=25)
+    w, b = _ln_params(24, torch.float32)
+    y = kernels.layernorm(_CudaArrayOnly(x), _CudaArrayOnly(w), _CudaArrayOnly(b))
+    torch.cuda.synchronize()
+    assert torch.equal(torch.as_tensor(y, device=DEV), kernels.layernorm(x, w, b))
+
+
+def test_launchers_refuse_host_memory_behind_a_cuda_array_interface():
+    _needs_cuda_python()
+    import numpy as np
+
+    host = np.zeros((1, 8, 96), np.float16)
+
+    class HostPointer:
+        __cuda_array_interface__ = {"shape": host.shape, "typestr": host.dtype.str,
+                                    "data": (host.ctypes.data, False), "version": 3}
+
+    with pytest.raises(ValueError, match="points to host memory"):
+        kernels.attention(HostPointer(), 1)
+
+
+def test_launchers_take_cupy_arrays_and_streams():
+    _needs_cuda_python()
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    from cuda.bindings import runtime as rt
+
+    qkv_t = _randn(8, 49, 3 * 256, dtype=torch.float16, seed=26)
+    want = kernels.attention(qkv_t, 8)
+    torch.cuda.synchronize()
+    qkv = cupy.asarray(qkv_t)
+    out = kernels.attention(qkv, 8)
+    assert isinstance(out, cupy.ndarray)
+    assert torch.equal(torch.as_tensor(out, device=DEV), want)
+    with cupy.cuda.Stream(non_blocking=True) as side:  # CuPy's current stream is the one used
+        out = kernels.attention(qkv, 8)
+        side.synchronize()
+    assert torch.equal(torch.as_tensor(out, device=DEV), want)
+    err, stream = rt.cudaStreamCreate()
+    try:
+        for given in (stream, int(stream), cupy.cuda.ExternalStream(int(stream))):
+            out = kernels.attention(qkv, 8, stream=given)
+            rt.cudaStreamSynchronize(stream)
+            assert torch.equal(torch.as_tensor(out, device=DEV), want)
+    finally:
+        rt.cudaStreamDestroy(stream)
 
 
 def test_library_matches_its_python_mirror():

@@ -1,11 +1,32 @@
-"""EngineRunner's checks that need no GPU: input shapes against the profile, bad engines."""
+"""The runtime's checks that need no GPU: the engine's input contract, every array and
+stream kind it accepts, the errors it gives (no CUDA device, wrong dtype or shape, batch
+outside the profile, host memory where device memory is needed), and that none of it
+imports torch.
 
+``EngineIO.check_call`` is the first thing ``EngineRunner.__call__`` does: the tests
+below exercise the runner's own checks, on the contract of a real built network.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
-from trtvit_native.runtime import EngineError, EngineRunner, check_input_shape
+from trtvit_native import arrays, kernels
+from trtvit_native.arrays import ArrayError, parse_dlpack_capsule, stream_handle, view_array
+from trtvit_native.runtime import EngineError, EngineIO, EngineRunner, check_input_shape
+from conftest import network
 
 MIN, MAX = (1, 3, 224, 224), (32, 3, 224, 224)
+
+
+def _gpu_present() -> bool:
+    try:
+        return arrays.no_device_reason() is None
+    except arrays.CudaUnavailable:
+        return False
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 224, 224), (7, 3, 224, 224), (32, 3, 224, 224)])
@@ -31,9 +52,265 @@ def test_missing_and_empty_engines_are_named(tmp_path):
         EngineRunner(tmp_path / "nothing.engine")
     with pytest.raises(EngineError, match=r"the engine is empty \(0 bytes\)"):
         EngineRunner(b"")
+    with pytest.raises(EngineError, match="engine must be the serialized plan .* got list"):
+        EngineRunner([1, 2])
+    with pytest.raises(EngineError, match="is a directory, not an engine file"):
+        EngineRunner(tmp_path)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given where there is no GPU")
-def test_without_a_gpu_the_error_says_so():
-    with pytest.raises(EngineError, match="running an engine needs a CUDA GPU"):
+@pytest.mark.skipif(_gpu_present(), reason="checks the error given where CUDA sees no GPU")
+def test_without_a_gpu_the_error_says_why_in_cudas_words():
+    with pytest.raises(EngineError, match=r"running an engine needs a CUDA GPU, and CUDA sees none "
+                                          r"\(cudaGetDeviceCount reports cudaError\w+: "):
         EngineRunner(b"\x00" * 16)
+
+
+# --------------------------------------------------------------------------------------
+# The input contract of a real network, and the runner's checks against it
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def io():
+    built = network("trt-vit-a", True, 4)
+    contract = EngineIO.from_metadata(built.metadata(b"plan"))
+    profile = built.config.get_optimization_profile(0) if hasattr(built.config, "get_optimization_profile") else None
+    if profile is not None:  # the same range TensorRT was given
+        lo, opt, hi = (tuple(s) for s in profile.get_shape("images"))
+        assert (contract.min_shape, contract.opt_shape, contract.max_shape) == (lo, opt, hi)
+    return contract
+
+
+class FakeDeviceArray:
+    """An array in device memory as a CUDA library describes it (no GPU needed to check it)."""
+
+    def __init__(self, shape, typestr="<f4", strides=None, stream=None, ptr=1 << 40):
+        self.shape = tuple(shape)
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False),
+                                         "version": 3, "strides": strides, "stream": stream}
+
+
+def test_contract_from_metadata(io):
+    assert io.input_name == "images" and io.input_dtype == np.float32
+    assert io.min_shape == (1, 3, 224, 224) and io.max_shape == (4, 3, 224, 224)
+    assert io.output_names == ("logits",) and io.output_dtypes == (np.float32,)
+    with pytest.raises(EngineError, match="engine metadata lacks the input contract"):
+        EngineIO.from_metadata({"input": {"name": "images"}})
+
+
+@pytest.mark.parametrize("images", [
+    np.zeros((2, 3, 224, 224), np.float32), np.zeros((4, 3, 224, 224), np.float64),
+    np.zeros((1, 3, 224, 224), np.float16), torch.zeros(2, 3, 224, 224), torch.zeros(2, 3, 224, 224).half(),
+    FakeDeviceArray((3, 3, 224, 224)),
+], ids=["numpy", "numpy-f64", "numpy-f16", "torch-cpu", "torch-cpu-f16", "device"])
+def test_accepted_images(io, images):
+    view, out = io.check_call(images)
+    assert out is None and view.shape == tuple(images.shape)
+    assert view.on_device == isinstance(images, FakeDeviceArray)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((5, 3, 224, 224), np.float32), r"batch size 5 is outside the engine's profile: it accepts 1\.\.4"),
+    (FakeDeviceArray((5, 3, 224, 224)), r"batch size 5 is outside the engine's profile"),
+    (np.zeros((2, 1, 224, 224), np.float32), r"images has 1 channels; the engine takes 3"),
+    (np.zeros((2, 3, 256, 256), np.float32), r"images are 256x256; the engine was built for 224x224"),
+    (np.zeros((3, 224, 224), np.float32), r"images must have 4 dimensions"),
+    (np.zeros((2, 3, 224, 224), np.uint8), r"images must hold floating-point pixels .* got uint8"),
+    (torch.zeros(2, 3, 224, 224, dtype=torch.int64), r"images must hold floating-point pixels .* got int64"),
+    (FakeDeviceArray((2, 3, 224, 224), "<f8"),
+     r"images is float64 \(2, 3, 224, 224\) in device memory; the engine takes float32"),
+    (FakeDeviceArray((2, 3, 224, 224), "<f2"), r"images is float16 .* the engine takes float32"),
+    (FakeDeviceArray((2, 3, 224, 224), strides=(4, 8, 1792, 401408)), r"images in device memory must be C-contiguous"),
+    ([[1.0]], r"images must be a numpy array, a CuPy array, a torch tensor, or an object with "
+              r"__cuda_array_interface__ or __dlpack__; got builtins.list"),
+    (torch.zeros(1, 3, 224, 224, dtype=torch.bfloat16), r"images has dtype bfloat16, which has no numpy equivalent"),
+], ids=["batch-host", "batch-device", "channels", "size", "ndim", "uint8", "int64", "device-f64", "device-f16",
+        "strided", "list", "bfloat16"])
+def test_refused_images_are_named(io, images, message):
+    with pytest.raises(EngineError, match=message):
+        io.check_call(images)
+
+
+def test_out_must_be_where_the_images_are(io):
+    with pytest.raises(EngineError, match=r"out is host memory \(numpy\) but images are in device memory"):
+        io.check_call(FakeDeviceArray((2, 3, 224, 224)), out=np.empty((2, 1000), np.float32))
+    with pytest.raises(EngineError, match=r"out is host memory \(torch\) but images are in device memory"):
+        io.check_call(FakeDeviceArray((2, 3, 224, 224)), out=torch.empty(2, 1000))
+    with pytest.raises(EngineError, match="out is device memory but images are host memory"):
+        io.check_call(np.zeros((2, 3, 224, 224), np.float32), out=FakeDeviceArray((2, 1000)))
+    with pytest.raises(EngineError, match=r"out must be a C-contiguous float32 array of shape \(2, 1000\), got "
+                                          r"float32 \(3, 1000\)"):
+        images, out = io.check_call(np.zeros((2, 3, 224, 224), np.float32), out=np.empty((3, 1000), np.float32))
+        io.check_out(images, out, (2, 1000))
+    with pytest.raises(EngineError, match=r"out must be a C-contiguous float32 array .* got float16"):
+        io.check_call(FakeDeviceArray((2, 3, 224, 224)), out=FakeDeviceArray((2, 1000), "<f2"))
+
+
+def test_several_outputs_take_no_out():
+    built = network("trt-vit-a", True, 4)
+    meta = built.metadata(b"plan")
+    meta["outputs"] = [dict(meta["outputs"][0], name=n) for n in ("stage1", "stage2")]
+    contract = EngineIO.from_metadata(meta)
+    with pytest.raises(EngineError, match="out= is for engines with one output; this one has stage1, stage2"):
+        contract.check_call(np.zeros((1, 3, 224, 224), np.float32), out=np.empty(1, np.float32))
+
+
+# --------------------------------------------------------------------------------------
+# Array kinds: DLPack, the CUDA array interface, streams
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+    np.arange(24, dtype=np.float16).reshape(2, 3, 4)[:, ::2],
+    np.arange(48, dtype=np.float32).reshape(4, 12)[1:],
+    np.arange(6, dtype=np.int32),
+], ids=["contiguous", "strided", "offset", "int32"])
+def test_dlpack_capsules_are_read_as_numpy_describes_them(array):
+    info = parse_dlpack_capsule(array.__dlpack__())
+    assert info["ptr"] == array.ctypes.data and info["shape"] == array.shape and info["dtype"] == array.dtype
+    assert info["device_type"] == arrays.DLPACK_CPU and info["contiguous"] == array.flags.c_contiguous
+
+
+def test_dlpack_byte_offset_is_added_to_the_data_pointer():
+    import ctypes
+
+    base = np.arange(16, dtype=np.float32)
+    shape = (ctypes.c_int64 * 1)(3)
+    managed = (ctypes.c_byte * (ctypes.sizeof(arrays._DLTensor) + 16))()  # DLTensor, manager_ctx, deleter
+    tensor = arrays._DLTensor.from_buffer(managed)
+    tensor.data, tensor.ndim, tensor.shape, tensor.byte_offset = base.ctypes.data, 1, shape, 8
+    tensor.device.device_type, tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes = 1, 2, 32, 1
+    new_capsule = ctypes.pythonapi.PyCapsule_New
+    new_capsule.restype, new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    info = parse_dlpack_capsule(new_capsule(ctypes.addressof(managed), b"dltensor", None))
+    assert info["ptr"] == base.ctypes.data + 8 and info["shape"] == (3,) and info["contiguous"]
+
+
+def test_dlpack_capsules_of_torch_tensors():
+    t = torch.arange(30, dtype=torch.float32).reshape(5, 6)[1:, 2:]
+    info = parse_dlpack_capsule(torch.utils.dlpack.to_dlpack(t))
+    assert info["ptr"] == t.data_ptr() and info["shape"] == (4, 4) and not info["contiguous"]
+    with pytest.raises(ArrayError, match=r"DLPack dtype \(code 4, 16 bits, 1 lanes\) is not supported"):
+        parse_dlpack_capsule(torch.utils.dlpack.to_dlpack(torch.zeros(2, dtype=torch.bfloat16)))
+    capsule = np.zeros(2).__dlpack__()
+    np.from_dlpack(type("Holder", (), {"__dlpack__": lambda self, stream=None: capsule,
+                                       "__dlpack_device__": lambda self: (1, 0)})())
+    with pytest.raises(ArrayError, match="did not return an unused 'dltensor' capsule"):
+        parse_dlpack_capsule(capsule)  # consumed once already
+
+
+class DLPackOnly:
+    def __init__(self, array, device=None):
+        self.array, self.device = array, device
+
+    def __dlpack__(self, stream=None):
+        return self.array.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.device or self.array.__dlpack_device__()
+
+
+def test_views_of_every_kind():
+    host = np.ones((2, 3), np.float32)
+    view = view_array(DLPackOnly(host), "x")  # a CPU DLPack array is read as numpy (no copy)
+    assert view.kind == "numpy" and not view.on_device and np.shares_memory(view.host, host)
+    with pytest.raises(ArrayError, match=r"x is on DLPack device type 14; CPU \(1\) and CUDA \(2, 13\)"):
+        view_array(DLPackOnly(host, (14, 0)), "x")
+    device = view_array(FakeDeviceArray((2, 3), stream=7), "x")
+    assert device.kind == "cuda" and device.on_device and device.stream == 7 and device.device is None
+    legacy = FakeDeviceArray((2, 3), stream=5)
+    legacy.__cuda_array_interface__["version"] = 2  # no stream before version 3
+    assert view_array(legacy, "x").stream is None
+    broken = FakeDeviceArray((2, 3))
+    del broken.__cuda_array_interface__["typestr"]
+    with pytest.raises(ArrayError, match="x: its __cuda_array_interface__ is malformed"):
+        view_array(broken, "x")
+
+
+def test_stream_handles_of_every_kind():
+    from cuda.bindings import driver, runtime
+
+    class TorchLike:
+        cuda_stream = 11
+
+    class CudaStreamProtocol:
+        def __cuda_stream__(self):
+            return (0, 13)
+
+    assert stream_handle(0) == 0 and stream_handle(17) == 17
+    assert stream_handle(runtime.cudaStream_t(5)) == 5 and stream_handle(driver.CUstream(9)) == 9
+    assert stream_handle(TorchLike()) == 11 and stream_handle(CudaStreamProtocol()) == 13
+    for bad, message in ((True, "got True"), (-1, "non-negative"), ("s", "got str"), (1.5, "got float")):
+        with pytest.raises(ArrayError, match=message):
+            stream_handle(bad)
+
+
+# --------------------------------------------------------------------------------------
+# The kernel launchers' checks (no GPU reached)
+# --------------------------------------------------------------------------------------
+
+
+def test_kernel_launchers_check_their_arrays_before_any_cuda_call():
+    x, w, b = FakeDeviceArray((4, 8)), FakeDeviceArray((8,)), FakeDeviceArray((8,))
+    with pytest.raises(ValueError, match="layernorm: weight is in host memory and x in device memory"):
+        kernels.layernorm(x, np.ones(8, np.float32), b)
+    with pytest.raises(ValueError, match="layernorm: bias has dtype float16, x float32"):
+        kernels.layernorm(x, w, FakeDeviceArray((8,), "<f2"))
+    with pytest.raises(ValueError, match="layernorm: dtype float64 of x is not supported"):
+        kernels.layernorm(np.zeros((4, 8)), np.ones(8), np.zeros(8))
+    with pytest.raises(ValueError, match="layernorm: weight and bias need 8 values, got 7 and 8"):
+        kernels.layernorm(x, FakeDeviceArray((7,)), b)
+    with pytest.raises(ValueError, match="layernorm: x must be contiguous"):
+        kernels.layernorm(FakeDeviceArray((4, 8), strides=(4, 16)), w, b)
+    with pytest.raises(ValueError, match=r"attention: qkv must have shape \(B, N, 96\)"):
+        kernels.attention(FakeDeviceArray((1, 8, 95), "<f2"), 1, 32)
+    with pytest.raises(ValueError, match="attention: qkv must be a numpy array, a CuPy array"):
+        kernels.attention("qkv", 1, 32)
+    with pytest.raises(ValueError, match="stream must be an int handle"):
+        kernels.attention(FakeDeviceArray((1, 8, 96), "<f2"), 1, 32, stream="default")
+
+
+# --------------------------------------------------------------------------------------
+# No torch
+# --------------------------------------------------------------------------------------
+
+
+def _run_without_torch(script: str) -> subprocess.CompletedProcess:
+    prelude = "import sys\nsys.modules['torch'] = None  # any import of torch now raises ImportError\n"
+    return subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, timeout=300)
+
+
+def test_runner_construction_and_checks_import_no_torch():
+    built = network("trt-vit-a", True, 4)
+    meta = built.metadata(b"plan")
+    script = (
+        "import numpy as np\n"
+        "import trtvit_native as tv\n"
+        "from trtvit_native.runtime import EngineIO\n"
+        "try:\n"
+        "    tv.EngineRunner(b'not an engine')\n"
+        "except tv.EngineError as e:\n"
+        "    print('EngineError:', e)\n"
+        f"io = EngineIO.from_metadata({meta!r})\n"
+        "view, _ = io.check_call(np.zeros((2, 3, 224, 224), np.float32))\n"
+        "print('checked', view.shape)\n"
+        "assert sys.modules.get('torch') is None\n"
+    )
+    proc = _run_without_torch(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checked (2, 3, 224, 224)" in proc.stdout
+    if not _gpu_present():
+        assert "EngineError: running an engine needs a CUDA GPU" in proc.stdout
+
+
+def test_without_cuda_python_the_error_names_the_extra():
+    proc = _run_without_torch(
+        "sys.modules['cuda'] = None\n"
+        "import trtvit_native as tv\n"
+        "try:\n"
+        "    tv.EngineRunner(b'x')\n"
+        "except tv.EngineError as e:\n"
+        "    print(e)\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "needs cuda-python" in proc.stdout and "pip install 'trtvit_native[runtime]'" in proc.stdout

@@ -7,7 +7,8 @@ Main entry points: :func:`create_model` (PyTorch reference), :func:`save_weights
 :func:`load_weights` (safetensors), :func:`build_network` / :func:`build_engine`
 (TensorRT), :func:`interpret` (CPU execution of the built network),
 :func:`parity_report` (layer-by-layer comparison with the reference) and
-:class:`EngineRunner` (running an engine on a GPU with torch tensors).
+:class:`EngineRunner` (running an engine on a GPU with numpy, CuPy, torch or any CUDA array,
+without torch: TensorRT, cuda-python and numpy).
 """
 
 from importlib import import_module
@@ -27,7 +28,8 @@ _EXPORTS = {
     "photographs": "model", "imagenet_normalize": "model",
     "InterpreterError": "interpreter", "interpret": "interpreter",
     "ParityReport": "parity", "parity_report": "parity",
-    "EngineError": "runtime", "EngineRunner": "runtime",
+    "EngineError": "runtime", "EngineRunner": "runtime", "EngineIO": "runtime",
+    "ArrayError": "arrays", "DeviceArray": "arrays",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -263,10 +263,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """Load an engine and time it on random images; torch only for --check's reference."""
     import statistics
 
-    import torch
+    import numpy as np
 
+    from . import arrays
     from .runtime import EngineRunner, cuda_times_ms
 
     if os.path.isdir(args.engine):
@@ -292,14 +294,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     info = runner.describe()
     print(f"engine   {args.engine}{what}: batch {low}..{high}, images {'x'.join(map(str, runner.image_shape))}")
     print(f"device   {info['device']}; {info['backend']}")
-    for batch in batches:
-        images = torch.randn((batch,) + runner.image_shape, device=runner.device)
-        out = runner(images)  # also checks the batch size against the profile
-        out = out if isinstance(out, torch.Tensor) else None  # engines with several outputs allocate per call
-        samples = cuda_times_ms(lambda images=images, out=out: runner(images, out=out), args.iterations, warmup=10)
-        median = statistics.median(samples)
-        print(f"batch {batch:4d}: median {median:8.3f} ms, min {min(samples):8.3f} ms, "
-              f"{batch / median * 1e3:9.1f} images/s ({args.iterations} runs)")
+    rng = np.random.default_rng(0)
+    with arrays.device_scope(runner.device):
+        stream = arrays.create_stream()  # a caller's stream: calls are queued back to back, not waited for
+        try:
+            for batch in batches:
+                host = rng.standard_normal((batch,) + runner.image_shape, dtype=np.float32)
+                runner(host)  # numpy in and out; also checks the batch size against the profile
+                images = arrays.DeviceArray.from_host(host, runner.device)
+                out = runner(images)
+                out = None if isinstance(out, dict) else out  # engines with several outputs allocate per call
+                samples = cuda_times_ms(lambda images=images, out=out: runner(images, out=out, stream=stream),
+                                        args.iterations, warmup=10, stream=stream)
+                median = statistics.median(samples)
+                print(f"batch {batch:4d}: median {median:8.3f} ms, min {min(samples):8.3f} ms, "
+                      f"{batch / median * 1e3:9.1f} images/s ({args.iterations} runs)")
+        finally:
+            arrays.synchronize(stream)
+            arrays.destroy_stream(stream)
     if args.check:
         return _check_engine(runner, meta)
     return 0
@@ -324,9 +336,10 @@ def _check_engine(runner, meta: dict) -> int:
     from .runtime import GPU_TOLERANCES, exact_fp32
 
     model = create_model(meta["variant"], weights=meta.get("weights_file"), seed=meta.get("seed") or 0)
-    model = model.to(runner.device)
+    device = torch.device("cuda", runner.device)
+    model = model.to(device)
     hw = tuple(meta.get("image_size", {}).get("opt") or runner.image_shape[-2:])
-    images = synthetic_images(min(4, runner.batch_range[1]), hw, seed=7).to(runner.device)
+    images = synthetic_images(min(4, runner.batch_range[1]), hw, seed=7).to(device)
     stages = {}
     hooks = [model.stages[k].register_forward_hook(lambda m, i, o, k=k: stages.__setitem__(f"stage{k + 1}", o))
              for k in range(4)]
@@ -408,6 +421,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .arrays import CudaError, CudaUnavailable
     from .backend import BackendError
     from .network import BuildError
     from .runtime import EngineError
@@ -416,9 +430,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         # The interpreter (torch) is imported only by the commands that use it: its error can
         # only have been raised where it was.
         interpreter = sys.modules.get(f"{__package__}.interpreter")
-        return isinstance(e, (ValueError, OSError, BackendError, BuildError, EngineError)) or (
+        return isinstance(e, (ValueError, OSError, BackendError, BuildError, EngineError, CudaError,
+                              CudaUnavailable)) or (
             interpreter is not None and isinstance(e, interpreter.InterpreterError))
 
+    args = None
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
@@ -433,6 +449,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("trtvit: interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:
+        if e.name not in ("torch", "kornia", "tqdm", "matplotlib", "PIL"):
+            raise
+        extra = "torch" if e.name == "torch" else "train"
+        print(f"trtvit: error: trtvit {getattr(args, 'command', '')} needs {e.name}, which is not installed: pip install "
+              f"'trtvit_native[{extra}]' (torch: install the build for this machine first, e.g. its CPU build); "
+              f"building from a weights file with --no-parity, export-triton and run need no torch", file=sys.stderr)
+        return 1
     except Exception as e:
         if not expected(e):
             raise

@@ -9,18 +9,23 @@ loaded at import time, and importing needs neither torch nor a GPU.
 launchers that take device pointers as ints and a CUDA stream handle (int, 0 for the
 legacy default stream) and return the C status code; and the same launchers without the
 suffix, raising :class:`KernelError` on a non-zero status. :func:`layernorm` and
-:func:`attention` are checked wrappers for CUDA torch tensors.
+:func:`attention` are checked wrappers taking numpy, CuPy and torch arrays, or any array with
+``__cuda_array_interface__`` or DLPack, and answering in the same kind (see
+:mod:`trtvit_native.arrays`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 if TYPE_CHECKING:
-    import torch
+    from .arrays import ArrayView
 
 __all__ = ["LIBRARY_NAME", "KernelLibraryError", "KernelError", "KernelLibrary", "find_kernel_library",
            "load_kernel_library", "attention_max_tokens", "layernorm", "attention", "EXPORTED_SYMBOLS"]
@@ -206,96 +211,156 @@ def load_kernel_library(path: Union[None, str, Path] = None) -> KernelLibrary:
 
 
 # --------------------------------------------------------------------------------------
-# torch wrappers
+# Array launchers: numpy, CuPy, torch, __cuda_array_interface__ and DLPack arrays
 # --------------------------------------------------------------------------------------
 
 
-def _dtype_code(t: "torch.Tensor", what: str) -> int:
-    import torch
+def _views(what: str, stream: Optional[int], **named: Any) -> Dict[str, "ArrayView"]:
+    """Views of the array arguments, checked to share one place, dtype (float32 or float16)
+    and device, device arrays C-contiguous; ValueError naming the argument otherwise."""
+    from .arrays import ArrayError, view_array
 
-    if t.dtype == torch.float32:
-        return FLOAT32
-    if t.dtype == torch.float16:
-        return FLOAT16
-    raise ValueError(f"{what}: dtype {t.dtype} is not supported (float32 or float16)")
+    try:
+        views = {n: view_array(a, n, stream) for n, a in named.items() if a is not None}
+    except ArrayError as e:
+        raise ValueError(f"{what}: {e}") from None
+    first = next(iter(views.values()))
+    if first.dtype not in (np.float32, np.float16):
+        raise ValueError(f"{what}: dtype {first.dtype.name} of {first.name} is not supported (float32 or float16)")
+    for v in views.values():
+        if v.on_device != first.on_device:
+            place = lambda w: "device" if w.on_device else "host"  # noqa: E731
+            raise ValueError(f"{what}: {v.name} is in {place(v)} memory and {first.name} in {place(first)} memory; "
+                             f"pass all arrays in one place")
+        if v.dtype != first.dtype:
+            raise ValueError(f"{what}: {v.name} has dtype {v.dtype.name}, {first.name} {first.dtype.name}")
+        if v.on_device and not v.contiguous:
+            raise ValueError(f"{what}: {v.name} must be contiguous")
+        if v.on_device and None not in (v.device, first.device) and v.device != first.device:
+            raise ValueError(f"{what}: {v.name} is on cuda:{v.device}, {first.name} on cuda:{first.device}")
+    return views
 
 
-def _check_cuda(what: str, **tensors: "torch.Tensor") -> None:
-    first = next(iter(tensors.values()))
-    for name, t in tensors.items():
-        if not t.is_cuda:
-            raise ValueError(f"{what}: {name} must be a CUDA tensor, got device {t.device}")
-        if t.device != first.device:
-            raise ValueError(f"{what}: {name} is on {t.device}, not {first.device} like the others")
-        if t.dtype != first.dtype:
-            raise ValueError(f"{what}: {name} has dtype {t.dtype}, the others {first.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{what}: {name} must be contiguous")
+def _launch(what: str, views: Dict[str, "ArrayView"], out_shapes: Sequence[Tuple[int, ...]],
+            launch: Callable[[Dict[str, int], List[int], int], None], stream: Optional[int]) -> List[Any]:
+    """Run ``launch(input pointers, output pointers, stream)`` on the arrays of ``views`` and
+    return the outputs, new arrays of the inputs' kind.
+
+    Torch tensors on a GPU run on torch's current stream (or ``stream``) with torch
+    tensors out, through torch alone. Other device arrays run on ``stream``, else the
+    stream their producer named (CuPy: its current stream), else the legacy default
+    stream. Host arrays are copied to the GPU and back (the call waits for the results).
+    """
+    first = next(iter(views.values()))
+    dtype = first.dtype
+    if first.on_device and first.kind == "torch":
+        import torch
+
+        device = torch.device("cuda", first.device)
+        current = torch.cuda.current_stream(device)
+        run = current.cuda_stream if stream is None else stream
+        with torch.cuda.device(device):
+            if run != current.cuda_stream:
+                torch.cuda.ExternalStream(run, device=device).wait_stream(current)
+            outs = [torch.empty(shape, dtype=getattr(torch, dtype.name), device=device) for shape in out_shapes]
+            launch({n: v.ptr for n, v in views.items()}, [o.data_ptr() for o in outs], run)
+        return outs
+
+    from . import arrays
+
+    if first.on_device:
+        devices = {n: v.device if v.device is not None else arrays.pointer_device(v.ptr, f"{what}: {n}")
+                   for n, v in views.items()}
+        device = devices[first.name]
+        for n, d in devices.items():
+            if d != device:
+                raise ValueError(f"{what}: {n} is on cuda:{d}, {first.name} on cuda:{device}")
+        run = stream if stream is not None else (first.stream if first.stream is not None else 0)
+        with arrays.device_scope(device):
+            for v in views.values():
+                arrays.wait_for(v.stream, run)
+            outs = [arrays.empty_device(first.kind, shape, dtype, device) for shape in out_shapes]
+            launch({n: v.ptr for n, v in views.items()}, [p for _, p in outs], run)
+        return [o for o, _ in outs]
+
+    run = 0 if stream is None else stream
+    device = int(arrays.cuda_call("cudaGetDevice"))
+    with arrays.device_scope(device):
+        inputs = {n: arrays.DeviceArray.from_host(np.ascontiguousarray(v.host), device, run) for n, v in views.items()}
+        outs = [arrays.DeviceArray(shape, dtype, device) for shape in out_shapes]
+        launch({n: a.ptr for n, a in inputs.items()}, [o.ptr for o in outs], run)
+        return [arrays.host_result(first.kind, o.copy_to_host(run)) for o in outs]
 
 
-def layernorm(x: "torch.Tensor", weight: "torch.Tensor", bias: "torch.Tensor", eps: float = 1e-5,
-              residual: Optional["torch.Tensor"] = None,
-              library: Optional[KernelLibrary] = None) -> Union["torch.Tensor", Tuple["torch.Tensor", "torch.Tensor"]]:
-    """LayerNorm over the last axis of a CUDA tensor (float32 or float16, contiguous).
+def _stream(stream: Any) -> Optional[int]:
+    from .arrays import ArrayError, stream_handle
+
+    try:
+        return None if stream is None else stream_handle(stream)
+    except ArrayError as e:
+        raise ValueError(str(e)) from None
+
+
+def layernorm(x: Any, weight: Any, bias: Any, eps: float = 1e-5, residual: Any = None,
+              library: Optional[KernelLibrary] = None, stream: Any = None) -> Any:
+    """LayerNorm over the last axis of ``x`` (float32 or float16; any array kind of
+    :mod:`trtvit_native.arrays`, device arrays contiguous).
 
     Returns ``LN(x)``; with ``residual`` returns ``(x + residual, LN(x + residual))``, the
-    sum rounded to the dtype and the LayerNorm taken of that rounded sum. Runs on the
-    current torch stream of the tensors' device.
+    sum rounded to the dtype and the LayerNorm taken of that rounded sum. Results are of
+    ``x``'s kind. Torch tensors run on torch's current stream, CuPy arrays on CuPy's, host
+    arrays are copied in and out; ``stream`` overrides.
     """
-    import torch
-
+    handle = _stream(stream)
+    views = _views("layernorm", handle, x=x, weight=weight, bias=bias, residual=residual)
+    vx = views["x"]
+    if len(vx.shape) < 1 or vx.shape[-1] == 0:
+        raise ValueError(f"layernorm: x needs a non-empty last axis, got shape {vx.shape}")
+    d = vx.shape[-1]
+    sizes = [math.prod(views[n].shape) for n in ("weight", "bias")]
+    if sizes != [d, d]:
+        raise ValueError(f"layernorm: weight and bias need {d} values, got {sizes[0]} and {sizes[1]}")
+    if residual is not None and views["residual"].shape != vx.shape:
+        raise ValueError(f"layernorm: residual shape {views['residual'].shape} differs from x {vx.shape}")
+    dtype = FLOAT32 if vx.dtype == np.float32 else FLOAT16
+    rows = math.prod(vx.shape) // d
     lib = library or load_kernel_library()
-    tensors = {"x": x, "weight": weight, "bias": bias}
-    if residual is not None:
-        tensors["residual"] = residual
-    _check_cuda("layernorm", **tensors)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"layernorm: x needs a non-empty last axis, got shape {tuple(x.shape)}")
-    d = x.shape[-1]
-    if weight.numel() != d or bias.numel() != d:
-        raise ValueError(f"layernorm: weight and bias need {d} values, got {weight.numel()} and {bias.numel()}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"layernorm: residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
-    dtype = _dtype_code(x, "layernorm")
-    rows = x.numel() // d
-    y = torch.empty_like(x)
-    total = torch.empty_like(x) if residual is not None else None
-    if rows > 0:
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        with torch.cuda.device(x.device):
-            if residual is None:
-                lib.layernorm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), rows, d, eps, dtype,
-                              stream)
-            else:
-                lib.layernorm_residual(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-                                       total.data_ptr(), y.data_ptr(), rows, d, eps, dtype, stream)
-    return y if total is None else (total, y)
+
+    def run(ptr: Dict[str, int], out: List[int], s: int) -> None:
+        if rows == 0:
+            return
+        if residual is None:
+            lib.layernorm(ptr["x"], ptr["weight"], ptr["bias"], out[0], rows, d, eps, dtype, s)
+        else:
+            lib.layernorm_residual(ptr["x"], ptr["residual"], ptr["weight"], ptr["bias"], out[0], out[1], rows, d,
+                                   eps, dtype, s)
+
+    outs = _launch("layernorm", views, [vx.shape] * (1 if residual is None else 2), run, handle)
+    return outs[0] if residual is None else (outs[0], outs[1])
 
 
-def attention(qkv: "torch.Tensor", heads: int, head_dim: int = 32, scale: Optional[float] = None,
-              library: Optional[KernelLibrary] = None) -> "torch.Tensor":
-    """Fused attention of a packed (B, N, 3 * heads * head_dim) CUDA tensor -> (B, N, heads * head_dim).
+def attention(qkv: Any, heads: int, head_dim: int = 32, scale: Optional[float] = None,
+              library: Optional[KernelLibrary] = None, stream: Any = None) -> Any:
+    """Fused attention of a packed (B, N, 3 * heads * head_dim) array -> (B, N, heads * head_dim).
 
     The last axis is laid out (3, heads, head_dim): q, k, v, then heads, as the output of
-    one ``Linear(d, 3d)``. ``scale`` defaults to ``head_dim ** -0.5``. Runs on the current
-    torch stream of the tensor's device.
+    one ``Linear(d, 3d)``. ``scale`` defaults to ``head_dim ** -0.5``. Array kinds and
+    streams as :func:`layernorm`.
     """
-    import torch
-
-    lib = library or load_kernel_library()
-    _check_cuda("attention", qkv=qkv)
+    handle = _stream(stream)
     if heads <= 0 or head_dim <= 0:
         raise ValueError(f"attention: heads and head_dim must be positive, got {heads} and {head_dim}")
-    if qkv.dim() != 3 or qkv.shape[2] != 3 * heads * head_dim:
+    view = _views("attention", handle, qkv=qkv)["qkv"]
+    if len(view.shape) != 3 or view.shape[2] != 3 * heads * head_dim:
         raise ValueError(f"attention: qkv must have shape (B, N, {3 * heads * head_dim}) for {heads} heads of "
-                         f"{head_dim}, got {tuple(qkv.shape)}")
-    b, n, _ = qkv.shape
-    dtype = _dtype_code(qkv, "attention")
-    out = torch.empty(b, n, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
-    if b * n == 0:
-        return out
+                         f"{head_dim}, got {view.shape}")
+    b, n, _ = view.shape
+    dtype = FLOAT32 if view.dtype == np.float32 else FLOAT16
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    stream = torch.cuda.current_stream(qkv.device).cuda_stream
-    with torch.cuda.device(qkv.device):
-        lib.attention(qkv.data_ptr(), out.data_ptr(), b, n, heads, head_dim, scale, dtype, stream)
-    return out
+    lib = library or load_kernel_library()
+
+    def run(ptr: Dict[str, int], out: List[int], s: int) -> None:
+        if b * n:
+            lib.attention(ptr["qkv"], out[0], b, n, heads, head_dim, scale, dtype, s)
+
+    return _launch("attention", {"qkv": view}, [(b, n, heads * head_dim)], run, handle)[0]

@@ -1,24 +1,42 @@
-"""Running a serialized TRT-ViT engine on a CUDA GPU, with torch tensors as buffers.
+"""Running a serialized TRT-ViT engine on a CUDA GPU with TensorRT, cuda-python and numpy.
 
     runner = EngineRunner("trt-vit-c-fp16.engine")      # or the bytes of build_engine()
-    logits = runner(images)                             # (B, 3, S, S) float32 -> (B, classes)
+    logits = runner(images)                             # (B, 3, S, S) -> (B, classes)
 
-Works with full TensorRT and with TensorRT-RTX (whichever :func:`get_backend` picks).
-The engine runs on torch's current stream of the runner's device, so it orders with the
-caller's other torch work. Every input is checked against the engine's optimization
-profile before TensorRT sees it: a wrong batch size, channel count, image size or dtype
-is an :class:`EngineError` naming the value and the accepted range.
+``images`` may be a numpy array (host memory: copied through pinned buffers on the
+runner's stream), a CuPy array, a torch tensor, or any object with
+``__cuda_array_interface__`` or DLPack (device memory: used in place, no copy); the outputs
+come back as the same kind (numpy in, numpy out; CuPy in, CuPy out; see
+:mod:`trtvit_native.arrays`). Nothing here imports torch: ``pip install
+"trtvit_native[runtime]"`` (TensorRT, cuda-python, numpy) is all it needs.
+
+Streams: by default the runner has its own stream and each call returns when its outputs
+are ready. Given a stream (``EngineRunner(..., stream=s)`` or ``runner(x, stream=s)``: a
+cuda-python, CuPy or torch stream, or a raw handle), the work is queued on it and the
+call returns at once for device arrays (host arrays are still waited for: numpy results
+must be complete). Device inputs are first ordered after the stream that produced them.
+
+Every input is checked before TensorRT sees it: a wrong kind, dtype, layout, batch size,
+channel count or image size, or host memory where device memory is needed, is an
+:class:`EngineError` naming the array, the value and what the engine accepts. Works with
+full TensorRT and with TensorRT-RTX (whichever :func:`get_backend` picks).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
+from . import arrays
+from .arrays import ArrayError, ArrayView, CudaError, CudaUnavailable
 from .backend import Backend, CollectingLogger, get_backend
 
-__all__ = ["EngineError", "EngineRunner", "check_input_shape", "exact_fp32", "GPU_TOLERANCES", "cuda_times_ms"]
+__all__ = ["EngineError", "EngineRunner", "EngineIO", "check_input_shape", "exact_fp32", "GPU_TOLERANCES",
+           "cuda_times_ms"]
 
 # Engine logits vs the fp32 PyTorch reference on the same GPU: max|Δ| / max|ref| and cosine.
 # fp32: both sides in fp32 (no TF32), with different kernels and summation orders.
@@ -41,27 +59,6 @@ def exact_fp32() -> Iterator[None]:
 
 class EngineError(RuntimeError):
     """An engine that cannot be loaded or run, or an input it does not accept."""
-
-
-def cuda_times_ms(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 5) -> List[float]:
-    """Per-call GPU milliseconds of ``fn``: ``repeats`` samples, each the CUDA-event time of
-    ``inner`` back-to-back calls on the current stream divided by ``inner``, after ``warmup``
-    untimed calls."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    return samples
 
 
 def check_input_shape(shape: Sequence[int], min_shape: Sequence[int], max_shape: Sequence[int],
@@ -88,69 +85,224 @@ def check_input_shape(shape: Sequence[int], min_shape: Sequence[int], max_shape:
             raise EngineError(f"{name} shape {shape}: axis {axis} is {v}, the engine accepts {a}..{b}")
 
 
-def _torch_dtype(trt: Any, dtype: Any) -> Any:
-    import torch
 
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32}
-    if dtype not in table:
-        raise EngineError(f"engine tensor dtype {dtype} is not supported by EngineRunner")
-    return table[dtype]
+def cuda_times_ms(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 5,
+                  stream: int = 0) -> List[float]:
+    """Per-call GPU milliseconds of ``fn``: ``repeats`` samples, each the CUDA-event time on
+    ``stream`` of ``inner`` back-to-back calls divided by ``inner``, after ``warmup`` untimed
+    calls. ``fn`` must queue its work on ``stream`` (an :class:`EngineRunner`'s ``stream``)."""
+    for _ in range(warmup):
+        fn()
+    arrays.synchronize(stream)
+    start, end = arrays.cuda_call("cudaEventCreate"), arrays.cuda_call("cudaEventCreate")
+    samples = []
+    try:
+        for _ in range(repeats):
+            arrays.cuda_call("cudaEventRecord", start, stream)
+            for _ in range(inner):
+                fn()
+            arrays.cuda_call("cudaEventRecord", end, stream)
+            arrays.cuda_call("cudaEventSynchronize", end)
+            samples.append(float(arrays.cuda_call("cudaEventElapsedTime", start, end)) / inner)
+    finally:
+        arrays.cuda_call("cudaEventDestroy", start)
+        arrays.cuda_call("cudaEventDestroy", end)
+    return samples
+
+
+_NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT8": np.int8, "BOOL": np.bool_,
+                 "INT64": np.int64, "UINT8": np.uint8}
+
+
+def _numpy_dtype(trt_dtype: Any) -> np.dtype:
+    name = getattr(trt_dtype, "name", str(trt_dtype)).upper()
+    if name not in _NUMPY_DTYPES:
+        raise EngineError(f"engine tensor dtype {name} is not supported by EngineRunner")
+    return np.dtype(_NUMPY_DTYPES[name])
+
+
+@dataclass(frozen=True)
+class EngineIO:
+    """An engine's input contract: tensor names and dtypes, and the input's profile range.
+
+    The runner's checks of its arguments live here and need neither a GPU nor the engine:
+    :meth:`from_metadata` gives the same contract from ENGINE.json.
+    """
+
+    input_name: str
+    input_dtype: np.dtype
+    min_shape: Tuple[int, ...]
+    opt_shape: Tuple[int, ...]
+    max_shape: Tuple[int, ...]
+    output_names: Tuple[str, ...]
+    output_dtypes: Tuple[np.dtype, ...]
+
+    @classmethod
+    def from_engine(cls, trt: Any, engine: Any) -> "EngineIO":
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or not outputs:
+            raise EngineError(f"EngineRunner needs an engine with one input and at least one output; this one has "
+                              f"inputs {inputs} and outputs {outputs}")
+        lo, opt, hi = (tuple(int(v) for v in s) for s in engine.get_tensor_profile_shape(inputs[0], 0))
+        return cls(inputs[0], _numpy_dtype(engine.get_tensor_dtype(inputs[0])), lo, opt, hi, tuple(outputs),
+                   tuple(_numpy_dtype(engine.get_tensor_dtype(n)) for n in outputs))
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> "EngineIO":
+        """The contract ENGINE.json (``trtvit build``'s metadata) describes."""
+        try:
+            inp, batch, size = meta["input"], meta["batch"], meta["image_size"]
+            channels = int(inp["shape"][1])
+            shapes = [(int(batch[k]), channels, *(int(v) for v in size[k])) for k in ("min", "opt", "max")]
+            return cls(inp["name"], np.dtype(inp["dtype"]), *shapes,
+                       tuple(o["name"] for o in meta["outputs"]), tuple(np.dtype(o["dtype"]) for o in meta["outputs"]))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise EngineError(f"engine metadata lacks the input contract ({type(e).__name__}: {e})") from None
+
+    def check_images(self, view: ArrayView) -> None:
+        """Dtype, layout and shape of the input; no CUDA call."""
+        name = view.name
+        if view.on_device:
+            if view.dtype != self.input_dtype:
+                raise EngineError(f"{name} is {view.describe()}; the engine takes {self.input_dtype.name} (device "
+                                  f"arrays are used in place, not converted: convert it first)")
+            if not view.contiguous:
+                raise EngineError(f"{name} in device memory must be C-contiguous (it is a strided view); make a "
+                                  f"contiguous copy first")
+        elif view.dtype.kind != "f":
+            raise EngineError(f"{name} must hold floating-point pixels (normalized images), got {view.dtype.name}")
+        check_input_shape(view.shape, self.min_shape, self.max_shape, name)
+
+    def check_out(self, images: ArrayView, out: ArrayView, shape: Optional[Tuple[int, ...]] = None) -> None:
+        """An ``out=`` buffer: in the same place as the images, with the output's dtype and,
+        when known, shape."""
+        if len(self.output_names) != 1:
+            raise EngineError(f"out= is for engines with one output; this one has {', '.join(self.output_names)}")
+        if images.on_device and not out.on_device:
+            raise EngineError(f"out is host memory ({out.kind}) but images are in device memory: the engine "
+                              f"writes its output in place, so out must be device memory too")
+        if out.on_device and not images.on_device:
+            raise EngineError(f"out is device memory but images are host memory ({images.kind}); pass a numpy "
+                              f"out, or images in device memory")
+        dtype = self.output_dtypes[0]
+        if out.dtype != dtype or not out.contiguous or (shape is not None and out.shape != tuple(shape)):
+            want = f"shape {tuple(shape)}" if shape is not None else "the output's shape"
+            raise EngineError(f"out must be a C-contiguous {dtype.name} array of {want}, got {out.describe()}"
+                              + ("" if out.contiguous else " (strided)"))
+
+    def check_call(self, images: Any, out: Any = None, stream: Optional[int] = None
+                   ) -> Tuple[ArrayView, Optional[ArrayView]]:
+        """Views of ``images`` and ``out`` after every check that needs no GPU."""
+        try:
+            view = arrays.view_array(images, self.input_name, stream)
+            out_view = None if out is None else arrays.view_array(out, "out", stream)
+        except ArrayError as e:
+            raise EngineError(str(e)) from None
+        self.check_images(view)
+        if out_view is not None:
+            self.check_out(view, out_view)
+        return view, out_view
+
+
+def _read_plan(engine: Union[bytes, bytearray, memoryview, str, Path]) -> bytes:
+    if isinstance(engine, (str, Path)):
+        path = Path(engine)
+        if path.is_dir():
+            raise EngineError(f"{path} is a directory, not an engine file")
+        if not path.is_file():
+            raise EngineError(f"engine file {path} does not exist")
+        plan = path.read_bytes()
+    elif isinstance(engine, (bytes, bytearray, memoryview)):
+        plan = bytes(engine)
+    else:
+        raise EngineError(f"engine must be the serialized plan (bytes) or an engine file path, got "
+                          f"{type(engine).__name__}")
+    if not plan:
+        raise EngineError("the engine is empty (0 bytes)")
+    return plan
+
+
+def _device_ordinal(device: Any) -> Optional[int]:
+    """None, an int, "cuda", "cuda:N", or a torch.device -> an ordinal (None: the current one)."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return device
+    text = str(device)
+    if text == "cuda":
+        return None
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    raise EngineError(f"device must be a CUDA device (an ordinal, 'cuda' or 'cuda:N'), got {device!r}")
+
+
+@contextlib.contextmanager
+def _cuda_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except CudaError as e:
+        raise EngineError(f"{what}: {e}") from None
+    except ArrayError as e:
+        raise EngineError(str(e)) from None
 
 
 class EngineRunner:
     """A deserialized engine with one execution context, callable on image batches.
 
     ``engine`` is the serialized plan (bytes) or the path of an engine file; ``device`` a
-    CUDA device (default: torch's current one). The engine must have one input and one
-    output tensor (the engines of :func:`build_engine`: ``images`` and ``logits``).
-    A runner holds one execution context: use one runner per thread or stream.
+    CUDA device ordinal (or "cuda:N"; default: the current device); ``stream`` the stream
+    to queue work on (default: the runner's own). The engine must have one input and at
+    least one output (the engines of :func:`build_engine`: ``images`` and ``logits``, or
+    the feature maps). A runner holds one execution context and one set of staging
+    buffers: use one runner per thread.
     """
 
     def __init__(self, engine: Union[bytes, bytearray, memoryview, str, Path], device: Any = None,
-                 backend: Optional[str] = None):
-        import torch
+                 backend: Optional[str] = None, stream: Any = None):
+        plan = _read_plan(engine)
+        try:
+            reason = arrays.no_device_reason()
+        except CudaUnavailable as e:
+            raise EngineError(f"running an engine needs a CUDA GPU: {e}") from None
+        if reason is not None:
+            raise EngineError(f"running an engine needs a CUDA GPU, and CUDA sees none ({reason}); engines can "
+                              f"still be built without one")
+        ordinal = _device_ordinal(device)
+        self._own_stream: Optional[int] = None
+        self._staging: Dict[str, Any] = {}
+        with _cuda_errors("setting up the runner"):
+            self.device: int = int(arrays.cuda_call("cudaGetDevice")) if ordinal is None else ordinal
+            self.backend: Backend = get_backend(backend)
+            trt = self.backend.trt
+            self._logger = CollectingLogger(trt)
+            with arrays.device_scope(self.device):
+                self.device_name = arrays.device_name(self.device)
+                self._runtime = trt.Runtime(self._logger)
+                self.engine = self._runtime.deserialize_cuda_engine(plan)
+                if self.engine is None:
+                    raise EngineError(f"{self.backend.label} could not deserialize the engine ({len(plan):,d} bytes) "
+                                      f"on {self.device_name}: {self._errors()}")
+                self.io = EngineIO.from_engine(trt, self.engine)
+                self.context = self.engine.create_execution_context()
+                if self.context is None:
+                    raise EngineError(f"{self.backend.label} could not create an execution context: "
+                                      f"{self._errors()}")
+                if stream is None:
+                    self._own_stream = arrays.create_stream()
+                    self.stream = self._own_stream
+                else:
+                    self.stream = arrays.stream_handle(stream)
 
-        if isinstance(engine, (str, Path)):
-            path = Path(engine)
-            if path.is_dir():
-                raise EngineError(f"{path} is a directory, not an engine file")
-            if not path.is_file():
-                raise EngineError(f"engine file {path} does not exist")
-            plan = path.read_bytes()
-        else:
-            plan = bytes(engine)
-        if not plan:
-            raise EngineError("the engine is empty (0 bytes)")
-        if not torch.cuda.is_available():
-            raise EngineError("running an engine needs a CUDA GPU, and torch sees none "
-                              "(torch.cuda.is_available() is False); engines can still be built without one")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        if self.device.type != "cuda":
-            raise EngineError(f"device must be a CUDA device, got {self.device}")
-        self.backend: Backend = get_backend(backend)
-        trt = self.backend.trt
-        self._logger = CollectingLogger(trt)
-        with torch.cuda.device(self.device):
-            self._runtime = trt.Runtime(self._logger)
-            self.engine = self._runtime.deserialize_cuda_engine(plan)
-            if self.engine is None:
-                raise EngineError(f"{self.backend.label} could not deserialize the engine ({len(plan):,d} bytes) on "
-                                  f"{torch.cuda.get_device_name(self.device)}: {self._errors()}")
-            names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-            inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-            if len(inputs) != 1 or not outputs:
-                raise EngineError(f"EngineRunner needs an engine with one input and at least one output; this one "
-                                  f"has inputs {inputs} and outputs {outputs}")
-            self.input_name, self.output_name, self.output_names = inputs[0], outputs[0], outputs
-            self.min_shape, self.opt_shape, self.max_shape = (
-                tuple(int(v) for v in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
-            self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
-            self.output_dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in outputs}
-            self.output_dtype = self.output_dtypes[self.output_name]
-            self.context = self.engine.create_execution_context()
-            if self.context is None:
-                raise EngineError(f"{self.backend.label} could not create an execution context: {self._errors()}")
+    # The contract, under the names callers use.
+    input_name = property(lambda self: self.io.input_name)
+    output_names = property(lambda self: list(self.io.output_names))
+    output_name = property(lambda self: self.io.output_names[0])
+    input_dtype = property(lambda self: self.io.input_dtype)
+    min_shape = property(lambda self: self.io.min_shape)
+    opt_shape = property(lambda self: self.io.opt_shape)
+    max_shape = property(lambda self: self.io.max_shape)
 
     def _errors(self) -> str:
         errors = self._logger.errors()
@@ -163,55 +315,116 @@ class EngineRunner:
 
     @property
     def image_shape(self) -> Tuple[int, ...]:
-        """(channels, height, width) of one input image."""
+        """(channels, height, width) of one input image (the largest, for a dynamic size)."""
         return self.max_shape[1:]
 
     def describe(self) -> Dict[str, Any]:
-        import torch
+        return {"backend": self.backend.label, "device": self.device_name, "input": self.input_name,
+                "outputs": self.output_names, "batch_range": self.batch_range, "image_shape": self.image_shape,
+                "input_dtype": self.input_dtype.name, "stream": "own" if self._own_stream is not None else "caller's"}
 
-        return {"backend": self.backend.label, "device": torch.cuda.get_device_name(self.device),
-                "input": self.input_name, "output": self.output_name, "batch_range": self.batch_range,
-                "image_shape": self.image_shape, "input_dtype": str(self.input_dtype).replace("torch.", "")}
+    def close(self) -> None:
+        """Release the runner's own stream and staging buffers (also done when it is collected)."""
+        getattr(self, "_staging", {}).clear()
+        if getattr(self, "_own_stream", None) is not None:
+            try:
+                arrays.destroy_stream(self._own_stream)
+            except Exception:  # interpreter shutdown
+                pass
+            self._own_stream = None
 
-    def __call__(self, images: Any, out: Any = None) -> Any:
-        """Run the engine on ``images`` (any device; moved to the runner's) and return the output,
-        or ``{name: tensor}`` for an engine with several outputs (e.g. stage1..stage4).
+    def __del__(self) -> None:
+        self.close()
 
-        ``out``, when given (one-output engines), is a contiguous tensor on the runner's
-        device of the output's shape and dtype that receives the result (no allocation per
-        call).
+    def _set_shape(self, shape: Tuple[int, ...]) -> Dict[str, Tuple[int, ...]]:
+        if not self.context.set_input_shape(self.input_name, tuple(shape)):
+            raise EngineError(f"TensorRT rejected input shape {tuple(shape)}: {self._errors()}")
+        return {n: tuple(int(v) for v in self.context.get_tensor_shape(n)) for n in self.output_names}
+
+    def _execute(self, stream: int, batch: int) -> None:
+        self._logger.messages.clear()
+        if not self.context.execute_async_v3(stream):
+            raise EngineError(f"TensorRT could not run the engine on a batch of {batch}: {self._errors()}")
+
+    def __call__(self, images: Any, out: Any = None, stream: Any = None) -> Any:
+        """Run the engine on ``images`` and return the output, or ``{name: array}`` for an
+        engine with several outputs (e.g. stage1..stage4), of the kind ``images`` is.
+
+        ``out`` (one-output engines) receives the result instead of a new array: device
+        memory for device images, a numpy array for host images; C-contiguous, of the
+        output's shape and dtype. ``stream`` overrides the runner's stream for this call.
         """
-        import torch
-
-        if not isinstance(images, torch.Tensor):
-            raise EngineError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if not images.is_floating_point():
-            raise EngineError(f"images must be a floating-point tensor, got {images.dtype}")
-        check_input_shape(images.shape, self.min_shape, self.max_shape, self.input_name)
-        x = images.to(device=self.device, dtype=self.input_dtype).contiguous()
-        ctx = self.context
-        with torch.cuda.device(self.device):
-            if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
-                raise EngineError(f"TensorRT rejected input shape {tuple(x.shape)}: {self._errors()}")
-            shapes = {n: tuple(int(v) for v in ctx.get_tensor_shape(n)) for n in self.output_names}
-            if out is not None:
-                if len(self.output_names) > 1:
-                    raise EngineError("out= is for engines with one output; this one has "
-                                      f"{', '.join(self.output_names)}")
-                shape = shapes[self.output_name]
-                if (tuple(out.shape) != shape or out.dtype != self.output_dtype or out.device != self.device
-                        or not out.is_contiguous()):
-                    raise EngineError(f"out must be a contiguous {self.output_dtype} tensor of shape {shape} on "
-                                      f"{self.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-                results = {self.output_name: out}
+        run_stream = self.stream if stream is None else arrays.stream_handle(stream)
+        view, out_view = self.io.check_call(images, out, run_stream)
+        with _cuda_errors(f"running the engine on {self.device_name}"), arrays.device_scope(self.device):
+            if view.on_device:
+                results = self._run_device(view, out_view, run_stream)
             else:
-                results = {n: torch.empty(shapes[n], dtype=self.output_dtypes[n], device=self.device)
-                           for n in self.output_names}
-            ctx.set_tensor_address(self.input_name, x.data_ptr())
-            for n, t in results.items():
-                ctx.set_tensor_address(n, t.data_ptr())
-            self._logger.messages.clear()
-            stream = torch.cuda.current_stream(self.device)
-            if not ctx.execute_async_v3(stream.cuda_stream):
-                raise EngineError(f"TensorRT could not run the engine on a batch of {x.shape[0]}: {self._errors()}")
+                results = self._run_host(view, out_view, run_stream)
         return results[self.output_name] if len(self.output_names) == 1 else results
+
+    def _run_device(self, view: ArrayView, out_view: Optional[ArrayView], stream: int) -> Dict[str, Any]:
+        device = view.device if view.device is not None else arrays.pointer_device(view.ptr, view.name)
+        if device != self.device:
+            raise EngineError(f"{view.name} is on cuda:{device}, the runner on cuda:{self.device}")
+        shapes = self._set_shape(view.shape)
+        if out_view is not None:
+            self.io.check_out(view, out_view, shapes[self.output_name])
+            out_device = out_view.device if out_view.device is not None else arrays.pointer_device(out_view.ptr, "out")
+            if out_device != self.device:
+                raise EngineError(f"out is on cuda:{out_device}, the runner on cuda:{self.device}")
+            buffers = {self.output_name: (out_view.keep, out_view.ptr)}
+        else:
+            buffers = {n: arrays.empty_device(view.kind, shapes[n], d, self.device)
+                       for n, d in zip(self.output_names, self.io.output_dtypes)}
+        arrays.wait_for(view.stream, stream)
+        self.context.set_tensor_address(self.input_name, view.ptr)
+        for n, (_, ptr) in buffers.items():
+            self.context.set_tensor_address(n, ptr)
+        self._execute(stream, view.shape[0])
+        if stream == self._own_stream:
+            arrays.synchronize(stream)
+        return {n: obj for n, (obj, _) in buffers.items()}
+
+    def _staging_buffers(self) -> Dict[str, Any]:
+        """Pinned host and device buffers for the profile's largest input and outputs, made once."""
+        if not self._staging:
+            shapes = self._set_shape(self.max_shape)
+            specs = [(self.input_name, self.max_shape, self.input_dtype)] + [
+                (n, shapes[n], d) for n, d in zip(self.output_names, self.io.output_dtypes)]
+            for name, shape, dtype in specs:
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+                self._staging[name] = (arrays.PinnedBuffer(nbytes), arrays.DeviceArray((nbytes,), np.uint8,
+                                                                                       self.device))
+        return self._staging
+
+    def _run_host(self, view: ArrayView, out_view: Optional[ArrayView], stream: int) -> Dict[str, Any]:
+        rt = arrays.cudart()
+        staging = self._staging_buffers()
+        shapes = self._set_shape(view.shape)
+        if out_view is not None:
+            self.io.check_out(view, out_view, shapes[self.output_name])
+        pinned, device = staging[self.input_name]
+        pinned.view(view.shape, self.input_dtype)[...] = view.host  # converts the dtype while copying
+        nbytes = int(np.prod(view.shape)) * self.input_dtype.itemsize
+        arrays.cuda_call("cudaMemcpyAsync", device.ptr, pinned.ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                         stream)
+        self.context.set_tensor_address(self.input_name, device.ptr)
+        for n in self.output_names:
+            self.context.set_tensor_address(n, staging[n][1].ptr)
+        self._execute(stream, view.shape[0])
+        for n, dtype in zip(self.output_names, self.io.output_dtypes):
+            pinned_out, device_out = staging[n]
+            arrays.cuda_call("cudaMemcpyAsync", pinned_out.ptr, device_out.ptr,
+                             int(np.prod(shapes[n])) * dtype.itemsize, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                             stream)
+        arrays.synchronize(stream)
+        results = {}
+        for n, dtype in zip(self.output_names, self.io.output_dtypes):
+            host = staging[n][0].view(shapes[n], dtype)
+            if out_view is not None:
+                out_view.host[...] = host
+                results[n] = out_view.keep
+            else:
+                results[n] = arrays.host_result(view.kind, host.copy())
+        return results
