@@ -295,6 +295,11 @@ def test_runner_construction_and_checks_import_no_torch():
         f"io = EngineIO.from_metadata({meta!r})\n"
         "view, _ = io.check_call(np.zeros((2, 3, 224, 224), np.float32))\n"
         "print('checked', view.shape)\n"
+        "from trtvit_native import kernels\n"
+        "try:\n"
+        "    kernels.attention(np.zeros((1, 8, 96), np.float16), 1)\n"
+        "except Exception as e:\n"
+        "    print('kernels:', type(e).__name__, e)\n"
         "assert sys.modules.get('torch') is None\n"
     )
     proc = _run_without_torch(script)

@@ -354,7 +354,10 @@ class EngineRunner:
         memory for device images, a numpy array for host images; C-contiguous, of the
         output's shape and dtype. ``stream`` overrides the runner's stream for this call.
         """
-        run_stream = self.stream if stream is None else arrays.stream_handle(stream)
+        try:
+            run_stream = self.stream if stream is None else arrays.stream_handle(stream)
+        except ArrayError as e:
+            raise EngineError(str(e)) from None
         view, out_view = self.io.check_call(images, out, run_stream)
         with _cuda_errors(f"running the engine on {self.device_name}"), arrays.device_scope(self.device):
             if view.on_device:
