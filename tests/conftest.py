@@ -50,3 +50,55 @@ def tmp_weights(tmp_path):
     path = tmp_path / "a.safetensors"
     tv.save_weights(state, path, "trt-vit-a")
     return path, state
+
+
+# --- for the GPU tests ------------------------------------------------------------------
+
+
+def engine_backend_or_skip(needs_cuda_python: bool = False) -> "tv.Backend":
+    """The TensorRT backend that builds and runs engines here; skips the calling test module
+    (with the reason) without a CUDA GPU, without cuda-python where it is needed, or
+    without a TensorRT module."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
+    if needs_cuda_python and importlib.util.find_spec("cuda") is None:
+        pytest.skip("cuda-python is not installed (pip install 'trtvit_native[runtime]')", allow_module_level=True)
+    try:
+        return tv.get_backend()
+    except tv.BackendError as e:
+        pytest.skip(f"no TensorRT module to build and run engines: {e}", allow_module_level=True)
+
+
+def runner_or_skip(plan: bytes, **kwargs) -> "tv.EngineRunner":
+    """An EngineRunner of ``plan``; skips, with TensorRT's words, where this TensorRT cannot
+    load its own engine on the device at hand (TensorRT-RTX lists compute capabilities)."""
+    try:
+        return tv.EngineRunner(plan, **kwargs)
+    except tv.EngineError as e:
+        if "could not deserialize" not in str(e) and "could not create an execution context" not in str(e):
+            raise
+        pytest.skip(f"engines of {tv.get_backend().label} do not load on {torch.cuda.get_device_name()}: {e}")
+
+
+class CudaArrayOnly:
+    """A device array that exposes only ``__cuda_array_interface__`` (as numba or a C
+    extension would)."""
+
+    def __init__(self, t):
+        self._t = t
+        self.__cuda_array_interface__ = t.__cuda_array_interface__
+
+
+class DLPackOnly:
+    """An array that exposes only the DLPack protocol."""
+
+    def __init__(self, t, device=None):
+        self._t, self._device = t, device
+
+    def __dlpack__(self, stream=None):
+        return self._t.__dlpack__(stream=stream) if stream is not None else self._t.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self._device or self._t.__dlpack_device__()

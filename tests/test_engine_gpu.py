@@ -11,17 +11,11 @@ import torch
 
 import trtvit_native as tv
 from trtvit_native.runtime import GPU_TOLERANCES, exact_fp32
-from conftest import cosine, photographs, random_images, reference
+from conftest import cosine, engine_backend_or_skip, photographs, random_images, reference, runner_or_skip
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
-
-try:
-    BACKEND = tv.get_backend()
-except tv.BackendError as e:
-    pytest.skip(f"no TensorRT module to build and run engines: {e}", allow_module_level=True)
+BACKEND = engine_backend_or_skip()
 
 DEV = torch.device("cuda")
 
@@ -44,14 +38,7 @@ def engine(request):
     fp16, attention = request.param
     plan = tv.build_engine("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=fp16, max_batch=4,
                            attention=attention)
-    try:
-        return fp16, tv.EngineRunner(plan)
-    except tv.EngineError as e:
-        if "could not deserialize" not in str(e) and "could not create an execution context" not in str(e):
-            raise
-        # The device is outside what this TensorRT's engines support (TensorRT-RTX lists
-        # compute capabilities): a fact about the device, reported with TensorRT's words.
-        pytest.skip(f"{BACKEND.label} engines do not load on {torch.cuda.get_device_name()}: {e}")
+    return fp16, runner_or_skip(plan)
 
 
 def test_engine_matches_the_reference_on_the_gpu(engine):

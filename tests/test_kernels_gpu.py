@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from trtvit_native import kernels
+from conftest import CudaArrayOnly, DLPackOnly
 
 pytestmark = pytest.mark.gpu
 
@@ -184,27 +185,6 @@ def _needs_cuda_python():
         pytest.skip("cuda-python is not installed (pip install 'trtvit_native[runtime]')")
 
 
-class _CudaArrayOnly:
-    """Exposes only __cuda_array_interface__ (as numba or a C extension would)."""
-
-    def __init__(self, t):
-        self._t = t
-        self.__cuda_array_interface__ = t.__cuda_array_interface__
-
-
-class _DLPackOnly:
-    """Exposes only the DLPack protocol."""
-
-    def __init__(self, t):
-        self._t = t
-
-    def __dlpack__(self, stream=None):
-        return self._t.__dlpack__(stream=stream)
-
-    def __dlpack_device__(self):
-        return self._t.__dlpack_device__()
-
-
 def test_launchers_take_host_arrays_and_answer_in_kind():
     _needs_cuda_python()
     import numpy as np
@@ -234,14 +214,14 @@ def test_launchers_take_cuda_array_interface_and_dlpack_arrays():
     qkv = _randn(4, 49, 3 * 128, dtype=torch.float16, seed=24)
     want = kernels.attention(qkv, 4)
     torch.cuda.synchronize()
-    for wrapped in (_CudaArrayOnly(qkv), _DLPackOnly(qkv)):
+    for wrapped in (CudaArrayOnly(qkv), DLPackOnly(qkv)):
         out = kernels.attention(wrapped, 4)
         assert isinstance(out, DeviceArray) and out.shape == tuple(want.shape)
         torch.cuda.synchronize()
         assert torch.equal(torch.as_tensor(out, device=DEV), want)
     x = _randn(7, 24, dtype=torch.float32, seed=25)
     w, b = _ln_params(24, torch.float32)
-    y = kernels.layernorm(_CudaArrayOnly(x), _CudaArrayOnly(w), _CudaArrayOnly(b))
+    y = kernels.layernorm(CudaArrayOnly(x), CudaArrayOnly(w), CudaArrayOnly(b))
     torch.cuda.synchronize()
     assert torch.equal(torch.as_tensor(y, device=DEV), kernels.layernorm(x, w, b))
 

@@ -17,7 +17,7 @@ import torch
 from trtvit_native import arrays, kernels
 from trtvit_native.arrays import ArrayError, parse_dlpack_capsule, stream_handle, view_array
 from trtvit_native.runtime import EngineError, EngineIO, EngineRunner, check_input_shape
-from conftest import network
+from conftest import DLPackOnly, network
 
 MIN, MAX = (1, 3, 224, 224), (32, 3, 224, 224)
 
@@ -198,17 +198,6 @@ def test_dlpack_capsules_of_torch_tensors():
                                        "__dlpack_device__": lambda self: (1, 0)})())
     with pytest.raises(ArrayError, match="did not return an unused 'dltensor' capsule"):
         parse_dlpack_capsule(capsule)  # consumed once already
-
-
-class DLPackOnly:
-    def __init__(self, array, device=None):
-        self.array, self.device = array, device
-
-    def __dlpack__(self, stream=None):
-        return self.array.__dlpack__()
-
-    def __dlpack_device__(self):
-        return self.device or self.array.__dlpack_device__()
 
 
 def test_views_of_every_kind():

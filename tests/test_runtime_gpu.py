@@ -5,36 +5,18 @@ or where TensorRT cannot load its own engine on this device. The reference for e
 kind is the engine's own result on torch tensors: the kinds must change nothing.
 """
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
 
 import trtvit_native as tv
-from conftest import random_images, reference
+from conftest import CudaArrayOnly, DLPackOnly, engine_backend_or_skip, random_images, reference, runner_or_skip
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
-if importlib.util.find_spec("cuda") is None:
-    pytest.skip("cuda-python is not installed (pip install 'trtvit_native[runtime]')", allow_module_level=True)
-try:
-    BACKEND = tv.get_backend()
-except tv.BackendError as e:
-    pytest.skip(f"no TensorRT module to build and run engines: {e}", allow_module_level=True)
+BACKEND = engine_backend_or_skip(needs_cuda_python=True)
 
 DEV = torch.device("cuda")
-
-
-def _runner(plan, **kwargs):
-    try:
-        return tv.EngineRunner(plan, **kwargs)
-    except tv.EngineError as e:
-        if "could not deserialize" not in str(e) and "could not create an execution context" not in str(e):
-            raise
-        pytest.skip(f"{BACKEND.label} engines do not load on {torch.cuda.get_device_name()}: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +26,7 @@ def plan():
 
 @pytest.fixture(scope="module")
 def runner(plan):
-    return _runner(plan)
+    return runner_or_skip(plan)
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +35,6 @@ def expected(runner):
     out = runner(images.to(DEV))
     assert isinstance(out, torch.Tensor) and out.device.type == "cuda" and out.shape == (3, 1000)
     return images, out.cpu()
-
-
-class _CudaArrayOnly:
-    def __init__(self, t):
-        self._t = t
-        self.__cuda_array_interface__ = t.__cuda_array_interface__
-
-
-class _DLPackOnly:
-    def __init__(self, t):
-        self._t = t
-
-    def __dlpack__(self, stream=None):
-        return self._t.__dlpack__(stream=stream)
-
-    def __dlpack_device__(self):
-        return self._t.__dlpack_device__()
 
 
 def test_numpy_in_numpy_out(runner, expected):
@@ -91,7 +56,7 @@ def test_cpu_torch_in_cpu_torch_out(runner, expected):
 def test_device_arrays_are_used_in_place_and_answered_in_kind(runner, expected):
     images, want = expected
     on_gpu = images.to(DEV)
-    for wrapped in (_CudaArrayOnly(on_gpu), _DLPackOnly(on_gpu)):
+    for wrapped in (CudaArrayOnly(on_gpu), DLPackOnly(on_gpu)):
         out = runner(wrapped)
         assert isinstance(out, tv.DeviceArray) and out.shape == (3, 1000)
         assert np.array_equal(out.copy_to_host(), want.numpy())
@@ -113,7 +78,7 @@ def test_caller_streams_of_every_kind(plan, expected):
     on_gpu = images.to(DEV)
     err, stream = rt.cudaStreamCreate()
     try:
-        runner = _runner(plan, stream=stream)
+        runner = runner_or_skip(plan, stream=stream)
         out = runner(on_gpu)
         rt.cudaStreamSynchronize(stream)
         assert torch.equal(out.cpu(), want)
