@@ -74,10 +74,8 @@ def test_without_a_gpu_the_error_says_why_in_cudas_words():
 def io():
     built = network("trt-vit-a", True, 4)
     contract = EngineIO.from_metadata(built.metadata(b"plan"))
-    profile = built.config.get_optimization_profile(0) if hasattr(built.config, "get_optimization_profile") else None
-    if profile is not None:  # the same range TensorRT was given
-        lo, opt, hi = (tuple(s) for s in profile.get_shape("images"))
-        assert (contract.min_shape, contract.opt_shape, contract.max_shape) == (lo, opt, hi)
+    lo, opt, hi = (tuple(s) for s in built.profile.get_shape("images"))  # the range TensorRT was given
+    assert (contract.min_shape, contract.opt_shape, contract.max_shape) == (lo, opt, hi)
     return contract
 
 
