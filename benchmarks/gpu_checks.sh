@@ -59,6 +59,9 @@ fi
   nvcc --version | tail -n 2
   "$py" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
   "$py" -c "import trtvit_native as tv; print(tv.get_backend().label)" 2>&1 | tail -n 1
+  "$py" -c "import cuda.bindings as b; print('cuda-python', b.__version__)" 2> /dev/null ||
+    echo "cuda-python not installed: the runtime's and the array launchers' GPU tests skip (see TRTVIT_WHEELS)"
+  "$py" -c "import cupy; print('CuPy', cupy.__version__)" 2> /dev/null || echo "CuPy not installed"
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 
