@@ -282,6 +282,11 @@ def test_numpy_and_cpu_torch_in_kind_out(emulated, classifier):
         runner(images.numpy(), out=np.zeros((2, 1000), np.float32))
     with pytest.raises(tv.EngineError, match="batch size 5 is outside the engine's profile: it accepts 1..4"):
         runner(np.zeros((5, 3, 64, 64), np.float32))
+    with runner:  # closing releases the staging buffers and the runner's own stream
+        pass
+    assert not cuda.pinned_memory and runner._own_stream is None
+    with pytest.raises(tv.EngineError, match="the runner is closed"):
+        runner(images.numpy())
 
 
 def test_device_arrays_in_place_with_the_producers_stream_waited_for(emulated, classifier):
@@ -349,9 +354,15 @@ def test_several_outputs_come_back_by_name(emulated):
         runner(images.numpy(), out=np.zeros(1, np.float32))
 
 
-def test_engines_that_do_not_load_are_named(emulated):
+def test_engines_that_do_not_load_and_devices_that_do_not_exist_are_named(emulated):
     with pytest.raises(tv.EngineError, match=r"could not deserialize the engine \(7 bytes\) on Emulated GPU"):
         tv.EngineRunner(b"unknown")
+    with pytest.raises(tv.EngineError, match=r"device cuda:2 does not exist: CUDA sees 1 device\(s\), cuda:0..cuda:0"):
+        tv.EngineRunner(b"unknown", device="cuda:2")
+    with pytest.raises(tv.EngineError, match=r"device must be a CUDA device .* got 'cpu'"):
+        tv.EngineRunner(b"unknown", device="cpu")
+    with pytest.raises(tv.EngineError, match="stream must be an int handle"):
+        tv.EngineRunner(b"unknown", stream="fast")
 
 
 def test_trtvit_run_times_an_engine_file(emulated, classifier, tmp_path, capsys):

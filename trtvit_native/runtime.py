@@ -270,9 +270,17 @@ class EngineRunner:
             raise EngineError(f"running an engine needs a CUDA GPU, and CUDA sees none ({reason}); engines can "
                               f"still be built without one")
         ordinal = _device_ordinal(device)
+        try:
+            given_stream = None if stream is None else arrays.stream_handle(stream)
+        except ArrayError as e:
+            raise EngineError(str(e)) from None
         self._own_stream: Optional[int] = None
         self._staging: Dict[str, Any] = {}
         with _cuda_errors("setting up the runner"):
+            count = int(arrays.cuda_call("cudaGetDeviceCount"))
+            if ordinal is not None and ordinal >= count:
+                raise EngineError(f"device cuda:{ordinal} does not exist: CUDA sees {count} device(s), "
+                                  f"cuda:0..cuda:{count - 1}")
             self.device: int = int(arrays.cuda_call("cudaGetDevice")) if ordinal is None else ordinal
             self.backend: Backend = get_backend(backend)
             trt = self.backend.trt
@@ -289,11 +297,11 @@ class EngineRunner:
                 if self.context is None:
                     raise EngineError(f"{self.backend.label} could not create an execution context: "
                                       f"{self._errors()}")
-                if stream is None:
+                if given_stream is None:
                     self._own_stream = arrays.create_stream()
                     self.stream = self._own_stream
                 else:
-                    self.stream = arrays.stream_handle(stream)
+                    self.stream = given_stream
 
     # The contract, under the names callers use.
     input_name = property(lambda self: self.io.input_name)
@@ -324,7 +332,9 @@ class EngineRunner:
                 "input_dtype": self.input_dtype.name, "stream": "own" if self._own_stream is not None else "caller's"}
 
     def close(self) -> None:
-        """Release the runner's own stream and staging buffers (also done when it is collected)."""
+        """Release the runner's own stream and staging buffers (also done when it is collected,
+        and at the end of ``with EngineRunner(...) as runner:``); the runner cannot run after."""
+        self._closed = True
         getattr(self, "_staging", {}).clear()
         if getattr(self, "_own_stream", None) is not None:
             try:
@@ -332,6 +342,12 @@ class EngineRunner:
             except Exception:  # interpreter shutdown
                 pass
             self._own_stream = None
+
+    def __enter__(self) -> "EngineRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __del__(self) -> None:
         self.close()
@@ -354,6 +370,8 @@ class EngineRunner:
         memory for device images, a numpy array for host images; C-contiguous, of the
         output's shape and dtype. ``stream`` overrides the runner's stream for this call.
         """
+        if getattr(self, "_closed", False):
+            raise EngineError("the runner is closed")
         try:
             run_stream = self.stream if stream is None else arrays.stream_handle(stream)
         except ArrayError as e:
