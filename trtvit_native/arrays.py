@@ -43,7 +43,7 @@ __all__ = ["ArrayError", "CudaError", "CudaUnavailable", "ArrayView", "DeviceArr
            "parse_dlpack_capsule", "DLPACK_CPU", "DLPACK_CUDA", "DLPACK_CUDA_MANAGED"]
 
 # DLPack device types (dlpack.h: DLDeviceType).
-DLPACK_CPU, DLPACK_CUDA, DLPACK_CUDA_HOST, DLPACK_CUDA_MANAGED = 1, 2, 3, 13
+DLPACK_CPU, DLPACK_CUDA, DLPACK_CUDA_MANAGED = 1, 2, 13
 _DLPACK_TYPE_CODES = {0: "i", 1: "u", 2: "f"}  # kDLInt, kDLUInt, kDLFloat (4: bfloat, not numpy)
 
 

@@ -278,12 +278,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sidecar = args.engine + ".json"
     meta = None
     if os.path.isfile(sidecar):
-        try:
-            with open(sidecar) as f:
-                meta = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{sidecar} is not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or "variant" not in meta:
+        from .weights import read_engine_json
+
+        meta = read_engine_json(sidecar)
+        if "variant" not in meta:
             raise ValueError(f"{sidecar} is not engine metadata written by trtvit build (no 'variant')")
     if args.check:
         _check_metadata(meta, sidecar)

@@ -34,6 +34,7 @@ LIBRARY_NAME = "libtrtvit_kernels.so"
 # Status codes and dtype codes of plugins/trtvit_kernels.h.
 OK, INVALID_ARGUMENT, UNSUPPORTED, CUDA_ERROR = 0, 1, 2, 3
 FLOAT32, FLOAT16 = 0, 1
+_DTYPE_CODES = {np.dtype(np.float32): FLOAT32, np.dtype(np.float16): FLOAT16}
 LAYERNORM_MAX_D = 4096
 # Mirrors trtvit_attention_max_tokens() (checked against the library by the tests), so
 # shapes can be validated where the library is not present.
@@ -225,7 +226,7 @@ def _views(what: str, stream: Optional[int], **named: Any) -> Dict[str, "ArrayVi
     except ArrayError as e:
         raise ValueError(f"{what}: {e}") from None
     first = next(iter(views.values()))
-    if first.dtype not in (np.float32, np.float16):
+    if first.dtype not in _DTYPE_CODES:
         raise ValueError(f"{what}: dtype {first.dtype.name} of {first.name} is not supported (float32 or float16)")
     for v in views.values():
         if v.on_device != first.on_device:
@@ -286,7 +287,7 @@ def _launch(what: str, views: Dict[str, "ArrayView"], out_shapes: Sequence[Tuple
     run = 0 if stream is None else stream
     device = int(arrays.cuda_call("cudaGetDevice"))
     with arrays.device_scope(device):
-        inputs = {n: arrays.DeviceArray.from_host(np.ascontiguousarray(v.host), device, run) for n, v in views.items()}
+        inputs = {n: arrays.DeviceArray.from_host(v.host, device, run) for n, v in views.items()}
         outs = [arrays.DeviceArray(shape, dtype, device) for shape in out_shapes]
         launch({n: a.ptr for n, a in inputs.items()}, [o.ptr for o in outs], run)
         return [arrays.host_result(first.kind, o.copy_to_host(run)) for o in outs]
@@ -322,7 +323,7 @@ def layernorm(x: Any, weight: Any, bias: Any, eps: float = 1e-5, residual: Any =
         raise ValueError(f"layernorm: weight and bias need {d} values, got {sizes[0]} and {sizes[1]}")
     if residual is not None and views["residual"].shape != vx.shape:
         raise ValueError(f"layernorm: residual shape {views['residual'].shape} differs from x {vx.shape}")
-    dtype = FLOAT32 if vx.dtype == np.float32 else FLOAT16
+    dtype = _DTYPE_CODES[vx.dtype]
     rows = math.prod(vx.shape) // d
     lib = library or load_kernel_library()
 
@@ -355,7 +356,7 @@ def attention(qkv: Any, heads: int, head_dim: int = 32, scale: Optional[float] =
         raise ValueError(f"attention: qkv must have shape (B, N, {3 * heads * head_dim}) for {heads} heads of "
                          f"{head_dim}, got {view.shape}")
     b, n, _ = view.shape
-    dtype = FLOAT32 if view.dtype == np.float32 else FLOAT16
+    dtype = _DTYPE_CODES[view.dtype]
     scale = head_dim ** -0.5 if scale is None else float(scale)
     lib = library or load_kernel_library()
 

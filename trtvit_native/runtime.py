@@ -240,6 +240,7 @@ def _device_ordinal(device: Any) -> Optional[int]:
 
 @contextlib.contextmanager
 def _cuda_errors(what: str) -> Iterator[None]:
+    """CUDA failures (prefixed with ``what``) and refused arrays or streams as EngineError."""
     try:
         yield
     except CudaError as e:
@@ -270,13 +271,10 @@ class EngineRunner:
             raise EngineError(f"running an engine needs a CUDA GPU, and CUDA sees none ({reason}); engines can "
                               f"still be built without one")
         ordinal = _device_ordinal(device)
-        try:
-            given_stream = None if stream is None else arrays.stream_handle(stream)
-        except ArrayError as e:
-            raise EngineError(str(e)) from None
         self._own_stream: Optional[int] = None
         self._staging: Dict[str, Any] = {}
         with _cuda_errors("setting up the runner"):
+            given_stream = None if stream is None else arrays.stream_handle(stream)
             count = int(arrays.cuda_call("cudaGetDeviceCount"))
             if ordinal is not None and ordinal >= count:
                 raise EngineError(f"device cuda:{ordinal} does not exist: CUDA sees {count} device(s), "
@@ -372,16 +370,12 @@ class EngineRunner:
         """
         if getattr(self, "_closed", False):
             raise EngineError("the runner is closed")
-        try:
+        with _cuda_errors(f"running the engine on {self.device_name}"):
             run_stream = self.stream if stream is None else arrays.stream_handle(stream)
-        except ArrayError as e:
-            raise EngineError(str(e)) from None
-        view, out_view = self.io.check_call(images, out, run_stream)
-        with _cuda_errors(f"running the engine on {self.device_name}"), arrays.device_scope(self.device):
-            if view.on_device:
-                results = self._run_device(view, out_view, run_stream)
-            else:
-                results = self._run_host(view, out_view, run_stream)
+            view, out_view = self.io.check_call(images, out, run_stream)
+            with arrays.device_scope(self.device):
+                run = self._run_device if view.on_device else self._run_host
+                results = run(view, out_view, run_stream)
         return results[self.output_name] if len(self.output_names) == 1 else results
 
     def _run_device(self, view: ArrayView, out_view: Optional[ArrayView], stream: int) -> Dict[str, Any]:

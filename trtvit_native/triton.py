@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from .weights import current_umask
+from .weights import current_umask, read_engine_json
 
 __all__ = ["TritonExportError", "export_triton", "read_engine_metadata"]
 
@@ -45,14 +45,10 @@ def read_engine_metadata(engine: str) -> Dict[str, Any]:
     if not os.path.isfile(sidecar):
         raise TritonExportError(f"{sidecar} does not exist: export-triton needs the metadata trtvit build writes "
                                 f"beside the engine")
-    try:
-        with open(sidecar) as f:
-            meta = json.load(f)
-    except ValueError as e:
-        raise TritonExportError(f"{sidecar} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "trtvit-engine-metadata/1":
+    meta = read_engine_json(sidecar, TritonExportError)
+    if meta.get("format") != "trtvit-engine-metadata/1":
         raise TritonExportError(f"{sidecar} is not engine metadata written by trtvit build "
-                                f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+                                f"(format {meta.get('format')!r})")
     for key in ("input", "batch", "sha256", "plugins"):
         if key not in meta:
             raise TritonExportError(f"{sidecar} has no {key!r}: not engine metadata written by this version of "

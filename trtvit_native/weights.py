@@ -153,6 +153,20 @@ def write_atomically(path: PathLike, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def read_engine_json(path: PathLike, error: type = ValueError) -> Dict[str, Any]:
+    """The JSON object in ``path`` (ENGINE.json, the metadata ``trtvit build`` writes beside an
+    engine); ``error`` naming the file when it is not valid JSON or not an object. What it
+    must contain is for each reader to check."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise error(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise error(f"{path} is not engine metadata written by trtvit build (not a JSON object)")
+    return meta
+
+
 def save_weights(model_or_state_dict: Union["torch.nn.Module", Mapping[str, "torch.Tensor"]], path: PathLike,
                  arch: Union[str, VariantConfig], dtype: Optional["torch.dtype"] = None,
                  metadata: Optional[Mapping[str, str]] = None) -> None:
