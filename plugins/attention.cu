@@ -29,7 +29,6 @@
 #include <cfloat>
 #include <climits>
 #include <mutex>
-#include <vector>
 
 #include "common.cuh"
 
@@ -447,22 +446,24 @@ constexpr int keys_per_lane(int tokens) { return tokens <= 64 ? 2 : tokens <= 12
 // by the device's opt-in limit. The attribute belongs to the device and is shared by every
 // host thread (several TensorRT contexts or Triton instances launch concurrently); set per
 // call to the call's own size, another thread could lower it between this thread's
-// setting and its launch, which then fails.
+// setting and its launch, which then fails. (Devices from ordinal kDevices on, if any, have
+// the same value set on every call: still call-independent, so still race-free.)
 class SharedMemoryAttribute {
   public:
     int ensure(const void* kernel, size_t most, int device, int optin_limit) {
         std::lock_guard<std::mutex> lock(mutex_);
-        if (std::find(devices_.begin(), devices_.end(), device) != devices_.end()) return TRTVIT_OK;
+        if (device >= 0 && device < kDevices && set_[device]) return TRTVIT_OK;
         const int value = static_cast<int>(std::min(most, static_cast<size_t>(optin_limit)));
         const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, value);
         if (err != cudaSuccess) return cuda_failure(err);
-        devices_.push_back(device);
+        if (device >= 0 && device < kDevices) set_[device] = true;
         return TRTVIT_OK;
     }
 
   private:
+    static constexpr int kDevices = 64;
     std::mutex mutex_;
-    std::vector<int> devices_;  // where the attribute is set
+    bool set_[kDevices] = {};  // set_[d]: the attribute is set on device d
 };
 
 // Largest dynamic shared memory of the fp32 kernel with KPL keys per lane.
