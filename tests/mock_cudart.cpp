@@ -54,6 +54,19 @@ int hold_ms = 0;            // armed when > 0
 bool holding = false;       // a call is being held
 int launches_while_held = 0;
 
+// The race hook, at the end of a successful cudaFuncSetAttribute: between the caller's
+// attribute call and its launch.
+void hold_after_attribute() {
+    std::unique_lock<std::mutex> lock(hold_mutex);
+    if (hold_ms > 0) {
+        const int ms = hold_ms;
+        hold_ms = 0;
+        holding = true;
+        hold_cv.wait_for(lock, std::chrono::milliseconds(ms), [] { return launches_while_held > 0; });
+        holding = false;
+    }
+}
+
 cudaError_t fail(cudaError_t err) {
     last_error = err;
     return err;
@@ -189,8 +202,8 @@ MOCK_API int trtvit_mock_launches(void) { return launches; }
 MOCK_API int trtvit_mock_attribute_calls(void) { return attribute_calls; }
 MOCK_API int trtvit_mock_last_attribute_value(void) { return last_attribute_value; }
 
-// Arm the race hook: the next cudaFuncSetAttribute (on any thread) is held, after setting
-// nothing yet, until a launch on another thread has returned or `milliseconds` have passed.
+// Arm the race hook: the next successful cudaFuncSetAttribute (on any thread) returns only
+// once a launch on another thread has returned, or after `milliseconds`.
 MOCK_API void trtvit_mock_hold_next_attribute(int milliseconds) {
     std::lock_guard<std::mutex> lock(hold_mutex);
     hold_ms = milliseconds;
@@ -298,26 +311,18 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
-    {
-        std::unique_lock<std::mutex> lock(hold_mutex);
-        if (hold_ms > 0) {
-            const int ms = hold_ms;
-            hold_ms = 0;
-            holding = true;
-            hold_cv.wait_for(lock, std::chrono::milliseconds(ms), [] { return launches_while_held > 0; });
-            holding = false;
-        }
-    }
     attribute_calls++;
     last_attribute_value = value;
     Device* d = device_or_null();
     if (d == nullptr) return fail(cudaErrorNoDevice);
     if (!d->has_image) return fail(cudaErrorNoKernelImageForDevice);
-    std::lock_guard<std::mutex> lock(state_mutex);
+    std::unique_lock<std::mutex> lock(state_mutex);
     if (!kernel_names.count(func)) return fail(cudaErrorInvalidDeviceFunction);
     if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > d->optin_limit)
         return fail(cudaErrorInvalidValue);
     d->max_dynamic_shared[func] = value;
+    lock.unlock();
+    hold_after_attribute();
     return cudaSuccess;
 }
 
