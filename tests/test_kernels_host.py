@@ -291,3 +291,69 @@ def test_kernel_build_tests_run_without_torch(tmp_path):
                              "missing_library or report_their_own_status"], capture_output=True, text=True, env=env,
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+# --- on a GPU: the same host code with the real runtime (benchmarks/gpu_checks.sh, host_gpu) ---
+
+
+def _cuda_torch():
+    try:
+        import torch
+    except ImportError:
+        pytest.skip("torch is needed for the device buffers of the GPU tests")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)")
+    return torch
+
+
+@pytest.mark.gpu
+def test_two_threads_run_fp32_attention_of_different_sizes_on_the_gpu():
+    """N = 224 and N = 170 (one kernel, both above 48 KB of shared memory) from two threads on
+    their own streams, 200 launches each: every launch succeeds and both results match the
+    reference (where the device's limit allows N = 224 at all)."""
+    torch = _cuda_torch()
+    lib = kernels.load_kernel_library()
+    heads, head_dim, scale = 4, 32, 32 ** -0.5
+    sizes = [n for n in (224, 170) if lib.attention_supported(n, head_dim, F32) == kernels.OK]
+    if len(sizes) < 2:
+        pytest.skip(f"this GPU runs fp32 attention of only {sizes} of N = 224, 170 at head_dim 32")
+    inputs = {n: torch.randn(2, n, 3 * heads * head_dim, device="cuda",
+                             generator=torch.Generator("cuda").manual_seed(n)) for n in sizes}
+    outputs = {n: torch.empty(2, n, heads * head_dim, device="cuda") for n in sizes}
+    torch.cuda.synchronize()
+    statuses = {}
+    start = threading.Barrier(len(sizes))
+
+    def run(n: int) -> None:
+        stream = torch.cuda.Stream()
+        start.wait()
+        statuses[n] = {lib.attention_raw(inputs[n].data_ptr(), outputs[n].data_ptr(), 2, n, heads, head_dim, scale,
+                                         F32, stream.cuda_stream) for _ in range(200)}
+        stream.synchronize()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in sizes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == {n: {kernels.OK} for n in sizes}
+    for n in sizes:
+        ref = trt_plugins.reference_attention(inputs[n], heads, head_dim, scale)
+        assert (outputs[n] - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_a_library_without_an_image_for_this_gpu_names_it():
+    path = os.environ.get("TRTVIT_FOREIGN_ARCH_LIB")
+    if not path:
+        pytest.skip("TRTVIT_FOREIGN_ARCH_LIB (a kernel library built for another architecture only) is not set; "
+                    "benchmarks/gpu_checks.sh builds one")
+    torch = _cuda_torch()
+    lib = kernels.KernelLibrary(path)
+    no_image = r"cudaErrorNoKernelImageForDevice|cudaErrorInvalidDeviceFunction"
+    assert lib.attention_supported(49, 32, F16) == kernels.UNSUPPORTED
+    assert lib.last_cuda_error()[1] in no_image.split("|")
+    qkv = torch.randn(1, 49, 3 * 32, device="cuda", dtype=torch.float16)
+    out = torch.empty(1, 49, 32, device="cuda", dtype=torch.float16)
+    with pytest.raises(kernels.KernelError, match=rf"trtvit_attention: CUDA runtime error: ({no_image}): "):
+        lib.attention(qkv.data_ptr(), out.data_ptr(), 1, 49, 1, 32, 0.17, F16)
