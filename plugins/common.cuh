@@ -89,8 +89,8 @@ template <typename T> struct same_type { using type = T; };
 // Launch ``kernel`` and return the status of this launch alone. cudaLaunchKernel returns the
 // launch's own error, so an earlier, unrelated error pending on the thread is not reported as
 // this launch's. The arguments convert to the kernel's parameter types implicitly, as in a
-// <<<>>> launch (a void* does not become a float*, a double does not become an int*); the
-// non-deduced parameters leave the types to the kernel's signature.
+// <<<>>> launch (a double becomes an int; a void* does not become a float*, as static_cast
+// would make it); the non-deduced parameters leave the types to the kernel's signature.
 template <typename... Params>
 inline int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                   typename same_type<Params>::type... values) {

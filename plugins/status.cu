@@ -19,7 +19,8 @@ extern "C" TRTVIT_API const char* trtvit_status_string(int status) {
     switch (status) {
         case TRTVIT_OK: return "ok";
         case TRTVIT_ERR_INVALID_ARGUMENT: return "invalid argument (null or misaligned pointer, size <= 0, dtype, eps or scale)";
-        case TRTVIT_ERR_UNSUPPORTED: return "unsupported (d, head_dim, token count, shared memory or kernel image beyond the kernels)";
+        case TRTVIT_ERR_UNSUPPORTED:
+            return "unsupported (d, head_dim, token count, shared memory or kernel image beyond the kernels)";
         case TRTVIT_ERR_CUDA: return "CUDA runtime error";
         default: return "unknown status";
     }

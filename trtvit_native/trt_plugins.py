@@ -402,7 +402,8 @@ def check_device_support(tokens: int, head_dim: int, dtype: int) -> None:
     status = lib.attention_supported(tokens, head_dim, dtype)
     if status == OK:
         return
-    what = f"{NAMESPACE}::{ATTENTION}: {tokens} tokens of head_dim {head_dim} in {'fp16' if dtype == FLOAT16 else 'fp32'}"
+    precision = "fp16" if dtype == FLOAT16 else "fp32"
+    what = f"{NAMESPACE}::{ATTENTION}: {tokens} tokens of head_dim {head_dim} in {precision}"
     if status == CUDA_ERROR:
         raise PluginError(f"{what}: cannot ask the GPU whether it runs them: {lib.describe(status)}")
     raise PluginError(f"{what} cannot run on this GPU: {lib.describe(status)} (fp32 attention beyond 48 KB of "

@@ -155,7 +155,8 @@ void check_attention(int batch, int tokens, int heads, int hd, bool fp16, std::m
         // No kernel image for the device (the CUDA error says so), or more shared memory
         // than the device's opt-in limit (fp32 from N = 165 / 89).
         std::string cause = cuda_error();
-        if (cause.empty()) cause = "needs more shared memory than its opt-in limit of " + std::to_string(shared_optin) + " bytes";
+        if (cause.empty())
+            cause = "needs more shared memory than its opt-in limit of " + std::to_string(shared_optin) + " bytes";
         std::printf("%-48s SKIP: this device cannot run it: %s\n", what, cause.c_str());
         ++skipped;
         return;
