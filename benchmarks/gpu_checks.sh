@@ -7,12 +7,15 @@
 #      where CMake is missing), and the example run;
 #   2. pytest -m gpu (kernels against torch with every array kind, the plugins' enqueue,
 #      engines against the reference, the runtime with every array and stream kind);
-#   3. benchmarks/kernels.py (kernel speed against torch and the copy bandwidth);
-#   4. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
+#   3. host_gpu: the kernel library's host code on the device (tests/test_kernels_host.py
+#      -m gpu): fp32 attention of two sizes from two threads at once, and a library built
+#      for another architecture refusing this GPU with cudaErrorNoKernelImageForDevice;
+#   4. benchmarks/kernels.py (kernel speed against torch and the copy bandwidth);
+#   5. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
 #      TensorRT module is importable.
 #
 # TRTVIT_GPU_STEPS="cpp_example kernels" runs only the named steps of build, cpp_example,
-# pytest_gpu, kernels and engine (the build runs whenever a later step needs it), for
+# pytest_gpu, host_gpu, kernels and engine (the build runs whenever a later step needs it), for
 # machines that limit how long one command may take.
 # TRTVIT_WHEELS=DIR installs every wheel in DIR first (pip --no-deps), for machines
 # without network access (the TensorRT-RTX wheels, for instance).
@@ -30,7 +33,7 @@ summary="$out/summary.txt"
 : > "$summary"
 failed=0
 
-steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu kernels engine}
+steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu kernels engine}
 wanted() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -88,6 +91,13 @@ export TRTVIT_KERNELS_LIB="$root/build/libtrtvit_kernels.so"
 step cpp_example 120 ./build/examples/cpp/check_kernels
 step pytest_gpu 900 "$py" -m pytest -m gpu -v -rs -p no:cacheprovider --junitxml="$out/pytest_gpu.xml" \
   tests/test_kernels_gpu.py tests/test_engine_gpu.py tests/test_runtime_gpu.py
+# A library with code for another architecture only (no PTX): no kernel image for this GPU.
+foreign=$([ "$cc" = 75 ] && echo 80 || echo 75)
+step host_gpu 900 bash -c "mkdir -p build/foreign && nvcc -O3 -std=c++17 -shared -Xcompiler -fPIC,-fvisibility=hidden \
+  -DTRTVIT_BUILDING -cudart static -gencode arch=compute_$foreign,code=sm_$foreign -Iplugins plugins/layernorm.cu \
+  plugins/attention.cu plugins/status.cu -o build/foreign/libtrtvit_kernels.so &&
+  TRTVIT_FOREIGN_ARCH_LIB=build/foreign/libtrtvit_kernels.so '$py' -m pytest -m gpu -v -rs -p no:cacheprovider \
+  --junitxml='$out/host_gpu.xml' tests/test_kernels_host.py"
 step kernels 600 "$py" benchmarks/kernels.py --json "$out/kernels.json"
 if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; then
   step engine 900 "$py" benchmarks/engine_gpu.py --json "$out/engine.json"

@@ -23,8 +23,12 @@
 //   (hd + N4)) bytes with N4 = N rounded up to 4: above 48 KB from N = 165 (hd 32) /
 //   N = 89 (hd 64), which takes the device's opt-in shared memory (64 KB on Turing: hd 32
 //   up to N = 224, hd 64 up to N = 120; 99 KB or more from Ampere on: every supported N).
+//   Above 48 KB a kernel needs its MaxDynamicSharedMemorySize attribute raised; that is done
+//   once per device and kernel (SharedMemoryAttribute).
+#include <algorithm>
 #include <cfloat>
 #include <climits>
+#include <mutex>
 
 #include "common.cuh"
 
@@ -434,16 +438,53 @@ attention_fp32_kernel(const float* __restrict__ qkv, float* __restrict__ out, in
     }
 }
 
+// Keys per lane of the fp32 kernel that serves `tokens` tokens.
+constexpr int keys_per_lane(int tokens) { return tokens <= 64 ? 2 : tokens <= 128 ? 4 : 8; }
+
+// The MaxDynamicSharedMemorySize attribute of one kernel, set once per device to a value
+// that does not depend on the call: the most shared memory the kernel ever takes, capped
+// by the device's opt-in limit. The attribute belongs to the device and is shared by every
+// host thread (several TensorRT contexts or Triton instances launch concurrently); set per
+// call to the call's own size, another thread could lower it between this thread's
+// setting and its launch, which then fails. (Devices from ordinal kDevices on, if any, have
+// the same value set on every call: still call-independent, so still race-free.)
+class SharedMemoryAttribute {
+  public:
+    int ensure(const void* kernel, size_t most, int device, int optin_limit) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (device >= 0 && device < kDevices && set_[device]) return TRTVIT_OK;
+        const int value = static_cast<int>(std::min(most, static_cast<size_t>(optin_limit)));
+        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, value);
+        if (err != cudaSuccess) return cuda_failure(err);
+        if (device >= 0 && device < kDevices) set_[device] = true;
+        return TRTVIT_OK;
+    }
+
+  private:
+    static constexpr int kDevices = 64;
+    std::mutex mutex_;
+    bool set_[kDevices] = {};  // set_[d]: the attribute is set on device d
+};
+
+// Largest dynamic shared memory of the fp32 kernel with KPL keys per lane.
+template <int HD, int KPL> size_t simt_most_shared_bytes() {
+    return simt_shared_bytes(std::min(32 * KPL, HD == 32 ? kMaxTokensHd32 : kMaxTokensHd64), HD);
+}
+
+template <int HD, int KPL> constexpr auto fp32_kernel() { return attention_fp32_kernel<HD, KPL, simt_rows<HD>()>; }
+
+// smem above the 48 KB default: `device` is the current device, `optin_limit` its opt-in
+// shared memory per block, and smem fits it.
 template <int HD, int KPL>
 int launch_fp32_kpl(const void* qkv, void* out, int batch, int tokens, int heads, float scale_log2, size_t smem,
-                    cudaStream_t stream) {
+                    int device, int optin_limit, cudaStream_t stream) {
     constexpr int R = simt_rows<HD>();
-    auto kernel = attention_fp32_kernel<HD, KPL, R>;
-    if (smem > static_cast<size_t>(kDefaultSharedBytes) &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
-            cudaSuccess) {
-        cudaGetLastError();
-        return TRTVIT_ERR_CUDA;
+    auto kernel = fp32_kernel<HD, KPL>();
+    if (smem > static_cast<size_t>(kDefaultSharedBytes)) {
+        static SharedMemoryAttribute attribute;  // one per kernel
+        if (int status = attribute.ensure(reinterpret_cast<const void*>(kernel), simt_most_shared_bytes<HD, KPL>(),
+                                          device, optin_limit))
+            return status;
     }
     const int rows_per_block =
         static_cast<long long>(batch) * heads >= kPairsForWholeBlocks ? tokens : kSimtWarps * R * 4;
@@ -454,15 +495,16 @@ int launch_fp32_kpl(const void* qkv, void* out, int batch, int tokens, int heads
 }
 
 // OK when `smem` bytes of dynamic shared memory fit a block on the current device (above
-// the 48 KB default, the device's opt-in limit decides).
-int shared_memory_fits(size_t smem) {
+// the 48 KB default, the device's opt-in limit decides); `device` and `optin_limit` are
+// filled in when the device is asked.
+int shared_memory_fits(size_t smem, int* device = nullptr, int* optin_limit = nullptr) {
     if (smem <= static_cast<size_t>(kDefaultSharedBytes)) return TRTVIT_OK;
-    int device = 0, limit = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-        cudaGetLastError();
-        return TRTVIT_ERR_CUDA;
-    }
+    int dev = 0, limit = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess) return cuda_failure(err);
+    if (device) *device = dev;
+    if (optin_limit) *optin_limit = limit;
     return smem <= static_cast<size_t>(limit) ? TRTVIT_OK : TRTVIT_ERR_UNSUPPORTED;
 }
 
@@ -470,11 +512,28 @@ template <int HD>
 int launch_fp32(const void* qkv, void* out, int batch, int tokens, int heads, float scale_log2,
                 cudaStream_t stream) {
     const size_t smem = simt_shared_bytes(tokens, HD);
-    const int fits = shared_memory_fits(smem);
-    if (fits != TRTVIT_OK) return fits;
-    if (tokens <= 64) return launch_fp32_kpl<HD, 2>(qkv, out, batch, tokens, heads, scale_log2, smem, stream);
-    if (tokens <= 128) return launch_fp32_kpl<HD, 4>(qkv, out, batch, tokens, heads, scale_log2, smem, stream);
-    return launch_fp32_kpl<HD, 8>(qkv, out, batch, tokens, heads, scale_log2, smem, stream);
+    int device = 0, limit = 0;
+    if (int status = shared_memory_fits(smem, &device, &limit)) return status;
+    switch (keys_per_lane(tokens)) {
+        case 2: return launch_fp32_kpl<HD, 2>(qkv, out, batch, tokens, heads, scale_log2, smem, device, limit, stream);
+        case 4: return launch_fp32_kpl<HD, 4>(qkv, out, batch, tokens, heads, scale_log2, smem, device, limit, stream);
+        default:
+            return launch_fp32_kpl<HD, 8>(qkv, out, batch, tokens, heads, scale_log2, smem, device, limit, stream);
+    }
+}
+
+// The kernel trtvit_attention launches for these sizes (valid and within the maximum).
+const void* attention_kernel(int tokens, int head_dim, int dtype) {
+    if (dtype == TRTVIT_FLOAT16)
+        return head_dim == 32 ? reinterpret_cast<const void*>(attention_fp16_kernel<32>)
+                              : reinterpret_cast<const void*>(attention_fp16_kernel<64>);
+    const int kpl = keys_per_lane(tokens);
+    if (head_dim == 32)
+        return kpl == 2 ? reinterpret_cast<const void*>(fp32_kernel<32, 2>())
+               : kpl == 4 ? reinterpret_cast<const void*>(fp32_kernel<32, 4>())
+                          : reinterpret_cast<const void*>(fp32_kernel<32, 8>());
+    return kpl == 2 ? reinterpret_cast<const void*>(fp32_kernel<64, 2>())
+                    : reinterpret_cast<const void*>(fp32_kernel<64, 4>());
 }
 
 }  // namespace
@@ -486,9 +545,21 @@ extern "C" TRTVIT_API int trtvit_attention_max_tokens(int head_dim) {
 
 extern "C" TRTVIT_API int trtvit_attention_supported(int tokens, int head_dim, int dtype) {
     using namespace trtvit;
-    if (tokens <= 0 || (dtype != TRTVIT_FLOAT32 && dtype != TRTVIT_FLOAT16)) return TRTVIT_ERR_INVALID_ARGUMENT;
+    clear_cuda_error();
+    // The same answers as trtvit_attention for these values: invalid before unsupported.
+    if (tokens <= 0 || head_dim <= 0 || (dtype != TRTVIT_FLOAT32 && dtype != TRTVIT_FLOAT16))
+        return TRTVIT_ERR_INVALID_ARGUMENT;
     const int max_tokens = trtvit_attention_max_tokens(head_dim);
     if (max_tokens == 0 || tokens > max_tokens) return TRTVIT_ERR_UNSUPPORTED;
+    // A kernel image of the kernel the launch would take, for the current device (a build
+    // restricted to other architectures has none).
+    cudaFuncAttributes attributes;
+    const cudaError_t err = cudaFuncGetAttributes(&attributes, attention_kernel(tokens, head_dim, dtype));
+    if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+        cuda_failure(err);  // kept for trtvit_last_cuda_error(): why the device cannot run it
+        return TRTVIT_ERR_UNSUPPORTED;
+    }
+    if (err != cudaSuccess) return cuda_failure(err);
     if (dtype == TRTVIT_FLOAT16) return TRTVIT_OK;  // tc_shared_bytes <= 37 KB for every supported size
     return shared_memory_fits(simt_shared_bytes(tokens, head_dim));
 }
@@ -496,6 +567,7 @@ extern "C" TRTVIT_API int trtvit_attention_supported(int tokens, int head_dim, i
 extern "C" TRTVIT_API int trtvit_attention(const void* qkv, void* out, int batch, int tokens, int heads,
                                            int head_dim, float scale, int dtype, cudaStream_t stream) {
     using namespace trtvit;
+    clear_cuda_error();
     // Every check comes before the first CUDA call.
     if (!qkv || !out || batch <= 0 || tokens <= 0 || heads <= 0 || head_dim <= 0) return TRTVIT_ERR_INVALID_ARGUMENT;
     const float scale_log2 = scale * 1.4426950408889634f;  // softmax in base 2: exp(x) = exp2(x log2 e)

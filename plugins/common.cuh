@@ -75,26 +75,28 @@ __device__ __forceinline__ float warp_max(float v) {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
-// Launch ``kernel`` and return the status of this launch alone. cudaLaunchKernel returns the
-// launch's own error, so an earlier, unrelated error pending on the thread is neither
-// reported as this launch's nor cleared (the caller still sees it); only an error of this
-// launch is taken off the thread's last-error slot.
-template <typename... Params>
-inline int launch_typed(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                        Params... values) {
-    void* args[] = {static_cast<void*>(&values)...};
-    if (cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, args, smem, stream) != cudaSuccess) {
-        cudaGetLastError();
-        return TRTVIT_ERR_CUDA;
-    }
-    return TRTVIT_OK;
-}
+// The CUDA error behind a TRTVIT_ERR_CUDA. The library links the CUDA runtime statically, so
+// it has a runtime (and a per-thread last-error slot) of its own, which the caller's
+// cudaGetLastError() never sees: the error is kept per thread for trtvit_last_cuda_error()
+// instead, and the library's own slot is cleared. (A sticky error, such as an illegal
+// address, lives in the CUDA context, which both runtimes share: the caller's next call
+// reports it too.)
+void clear_cuda_error();           // at the start of every entry point that may call CUDA
+int cuda_failure(cudaError_t err);  // keeps err for this thread, returns TRTVIT_ERR_CUDA
 
-template <typename... Params, typename... Args>
+template <typename T> struct same_type { using type = T; };
+
+// Launch ``kernel`` and return the status of this launch alone. cudaLaunchKernel returns the
+// launch's own error, so an earlier, unrelated error pending on the thread is not reported as
+// this launch's. The arguments convert to the kernel's parameter types implicitly, as in a
+// <<<>>> launch (a double becomes an int; a void* does not become a float*, as static_cast
+// would make it); the non-deduced parameters leave the types to the kernel's signature.
+template <typename... Params>
 inline int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                  Args... args) {
-    static_assert(sizeof...(Params) == sizeof...(Args), "launch: wrong number of kernel arguments");
-    return launch_typed<Params...>(kernel, grid, block, smem, stream, static_cast<Params>(args)...);
+                  typename same_type<Params>::type... values) {
+    void* args[] = {static_cast<void*>(&values)...};
+    const cudaError_t err = cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, args, smem, stream);
+    return err == cudaSuccess ? TRTVIT_OK : cuda_failure(err);
 }
 
 }  // namespace trtvit

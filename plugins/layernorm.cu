@@ -138,6 +138,7 @@ int validate(const void* x, const void* r, const void* gamma, const void* beta, 
 extern "C" TRTVIT_API int trtvit_layernorm(const void* x, const void* gamma, const void* beta, void* y, int rows,
                                            int d, float eps, int dtype, cudaStream_t stream) {
     using namespace trtvit;
+    clear_cuda_error();
     if (int status = validate(x, nullptr, gamma, beta, nullptr, y, rows, d, eps, dtype, false)) return status;
     if (dtype == TRTVIT_FLOAT16) return launch<__half>(x, nullptr, gamma, beta, nullptr, y, rows, d, eps, stream);
     return launch<float>(x, nullptr, gamma, beta, nullptr, y, rows, d, eps, stream);
@@ -147,6 +148,7 @@ extern "C" TRTVIT_API int trtvit_layernorm_residual(const void* x, const void* r
                                                     const void* beta, void* sum_out, void* y, int rows, int d,
                                                     float eps, int dtype, cudaStream_t stream) {
     using namespace trtvit;
+    clear_cuda_error();
     if (int status = validate(x, residual, gamma, beta, sum_out, y, rows, d, eps, dtype, true)) return status;
     if (dtype == TRTVIT_FLOAT16) return launch<__half>(x, residual, gamma, beta, sum_out, y, rows, d, eps, stream);
     return launch<float>(x, residual, gamma, beta, sum_out, y, rows, d, eps, stream);

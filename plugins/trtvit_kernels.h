@@ -31,7 +31,7 @@ enum trtvit_status {
     TRTVIT_OK = 0,
     TRTVIT_ERR_INVALID_ARGUMENT = 1, /* null or misaligned pointer, size <= 0, bad dtype, eps or scale */
     TRTVIT_ERR_UNSUPPORTED = 2,      /* valid but beyond the kernels: d, head_dim, tokens, shared memory */
-    TRTVIT_ERR_CUDA = 3              /* the CUDA runtime reported an error (launch, attribute or device query) */
+    TRTVIT_ERR_CUDA = 3              /* the CUDA runtime reported an error: trtvit_last_cuda_error() names it */
 };
 
 enum trtvit_dtype { TRTVIT_FLOAT32 = 0, TRTVIT_FLOAT16 = 1 };
@@ -45,6 +45,13 @@ TRTVIT_API const char* trtvit_status_string(int status);
 /* Version of this library: major * 10000 + minor * 100 + patch. Host only. */
 TRTVIT_API int trtvit_kernels_version(void);
 
+/* The CUDA error behind the calling thread's last call into a launcher or
+ * trtvit_attention_supported (cudaSuccess when that call met none): its cudaError_t value,
+ * and, where the pointers are not null, its name ("cudaErrorNoKernelImageForDevice") and
+ * description (static strings). The library links the CUDA runtime statically, so its errors
+ * are never in the caller's cudaGetLastError(); this is where they are kept. Host only. */
+TRTVIT_API int trtvit_last_cuda_error(const char** name, const char** description);
+
 /* Largest token count N the attention kernel accepts for head_dim: 256 for head_dim 32,
  * 128 for head_dim 64, 0 for any other head_dim (unsupported). Host only, no CUDA call.
  * fp32 attention stages K and V as fp32 and needs more than 48 KB of shared memory from
@@ -54,11 +61,13 @@ TRTVIT_API int trtvit_kernels_version(void);
 TRTVIT_API int trtvit_attention_max_tokens(int head_dim);
 
 /* Whether trtvit_attention can run `tokens` tokens of `head_dim` in `dtype` on the current
- * CUDA device: TRTVIT_OK, or TRTVIT_ERR_UNSUPPORTED (more tokens than
- * trtvit_attention_max_tokens, or fp32 needing more shared memory than the device's opt-in
- * limit, e.g. N > 224 / N > 120 on Turing), TRTVIT_ERR_INVALID_ARGUMENT, or TRTVIT_ERR_CUDA
- * when the device cannot be queried. Launches nothing; asks the device only for fp32 sizes
- * above 48 KB. For build-time checks, before an engine is made that could not run. */
+ * CUDA device: TRTVIT_OK; TRTVIT_ERR_UNSUPPORTED for more tokens than
+ * trtvit_attention_max_tokens, for fp32 needing more shared memory than the device's opt-in
+ * limit (e.g. N > 224 / N > 120 on Turing), or for a device this build of the library has no
+ * kernel image for (trtvit_last_cuda_error() then names cudaErrorNoKernelImageForDevice);
+ * TRTVIT_ERR_INVALID_ARGUMENT exactly where trtvit_attention says so for these three values
+ * (tokens <= 0, head_dim <= 0, bad dtype); TRTVIT_ERR_CUDA when the device cannot be queried.
+ * Launches nothing. For build-time checks, before an engine is made that could not run. */
 TRTVIT_API int trtvit_attention_supported(int tokens, int head_dim, int dtype);
 
 /* y = LN(x) over the last dimension: x, y are rows x d, row-major; gamma, beta: d values,

@@ -111,20 +111,26 @@ def test_host_queries_need_no_gpu(library):
 
 
 def test_attention_support_query(library):
-    """fp16 and small fp32 sizes are answered without a device; fp32 above 48 KB of shared
-    memory asks the device (CUDA error where there is none)."""
+    """Invalid and too-large sizes are answered without a device, as the launch answers them;
+    every other size asks the device (kernel image, shared memory): where there is none, a
+    CUDA error, named by last_cuda_error()."""
     OK, UNSUPPORTED, INVALID = kernels.OK, kernels.UNSUPPORTED, kernels.INVALID_ARGUMENT
-    assert library.attention_supported(49, 32, kernels.FLOAT32) == OK
-    assert library.attention_supported(164, 32, kernels.FLOAT32) == OK  # 48 KB: no device needed
-    assert library.attention_supported(256, 32, kernels.FLOAT16) == OK
-    assert library.attention_supported(128, 64, kernels.FLOAT16) == OK
     assert library.attention_supported(257, 32, kernels.FLOAT16) == UNSUPPORTED
     assert library.attention_supported(129, 64, kernels.FLOAT32) == UNSUPPORTED
     assert library.attention_supported(10, 48, kernels.FLOAT32) == UNSUPPORTED
     assert library.attention_supported(0, 32, kernels.FLOAT32) == INVALID
+    assert library.attention_supported(10, 0, kernels.FLOAT32) == INVALID  # as trtvit_attention says
     assert library.attention_supported(10, 32, 7) == INVALID
-    big = library.attention_supported(256, 32, kernels.FLOAT32)
-    assert big in ((OK, UNSUPPORTED) if _has_gpu() else (kernels.CUDA_ERROR,))
+    for tokens, head_dim, dtype in [(49, 32, kernels.FLOAT32), (256, 32, kernels.FLOAT16), (128, 64, kernels.FLOAT16),
+                                    (256, 32, kernels.FLOAT32)]:
+        status = library.attention_supported(tokens, head_dim, dtype)
+        if _has_gpu():
+            assert status in (OK, UNSUPPORTED)
+        else:
+            assert status == kernels.CUDA_ERROR
+            code, name, description = library.last_cuda_error()
+            assert code != 0 and name.startswith("cudaError") and description
+            assert library.describe(status) == f"CUDA runtime error: {name}: {description}"
 
 
 def _has_gpu() -> bool:

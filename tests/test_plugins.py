@@ -201,7 +201,7 @@ def test_attention_plugin_refuses_at_build_time_what_the_gpu_cannot_run(monkeypa
         def attention_supported(self, tokens, head_dim, dtype):
             return kernels.UNSUPPORTED if dtype == kernels.FLOAT32 and tokens > 224 else kernels.OK
 
-        def status_string(self, status):
+        def describe(self, status):
             return "unsupported on this device"
 
     monkeypatch.setattr(kernels, "load_kernel_library", lambda *args: TuringLike())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import operator
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -41,7 +42,8 @@ LAYERNORM_MAX_D = 4096
 _ATTENTION_MAX_TOKENS = {32: 256, 64: 128}
 # The C functions the library exports, and nothing else.
 EXPORTED_SYMBOLS = ("trtvit_attention", "trtvit_attention_max_tokens", "trtvit_attention_supported",
-                    "trtvit_kernels_version", "trtvit_layernorm", "trtvit_layernorm_residual", "trtvit_status_string")
+                    "trtvit_kernels_version", "trtvit_last_cuda_error", "trtvit_layernorm", "trtvit_layernorm_residual",
+                    "trtvit_status_string")
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -100,6 +102,7 @@ class KernelLibrary:
         signatures = {
             "trtvit_status_string": ([i], ctypes.c_char_p),
             "trtvit_kernels_version": ([], i),
+            "trtvit_last_cuda_error": ([ctypes.POINTER(ctypes.c_char_p)] * 2, i),
             "trtvit_attention_max_tokens": ([i], i),
             "trtvit_attention_supported": ([i, i, i], i),
             "trtvit_layernorm": ([vp, vp, vp, vp, i, i, f, i, vp], i),
@@ -117,6 +120,25 @@ class KernelLibrary:
     def status_string(self, status: int) -> str:
         """The library's description of a status code."""
         return self._lib.trtvit_status_string(int(status)).decode()
+
+    def last_cuda_error(self) -> Tuple[int, str, str]:
+        """The CUDA error behind this thread's last launcher or size-query call: (cudaError_t
+        value, name, description); (0, "cudaSuccess", ...) when that call met none. The library
+        links the CUDA runtime statically, so its errors never reach the caller's runtime."""
+        name, description = ctypes.c_char_p(), ctypes.c_char_p()
+        code = self._lib.trtvit_last_cuda_error(ctypes.byref(name), ctypes.byref(description))
+        return code, (name.value or b"").decode(), (description.value or b"").decode()
+
+    def describe(self, status: int) -> str:
+        """The library's description of ``status`` returned by this thread's last call, with the
+        CUDA error behind it where there is one (``...: cudaErrorNoKernelImageForDevice: no
+        kernel image is available for execution on the device``)."""
+        text = self.status_string(status)
+        if status != OK:
+            code, name, description = self.last_cuda_error()
+            if code != 0:
+                text += f": {name}: {description}"
+        return text
 
     def version(self) -> int:
         """major * 10000 + minor * 100 + patch."""
@@ -171,15 +193,22 @@ class KernelLibrary:
     def check(self, function: str, status: int) -> None:
         """Raise :class:`KernelError` for a non-zero ``status`` returned by ``function``."""
         if status != OK:
-            raise KernelError(function, status, self.status_string(status))
+            raise KernelError(function, status, self.describe(status))
 
 
 C_INT_MAX = 2 ** 31 - 1
 
 
 def _check_c_ints(function: str, **counts: int) -> None:
+    """Every count an integer (any type with ``__index__``: int, numpy integers) that fits a C int."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or not -C_INT_MAX - 1 <= value <= C_INT_MAX:
+        try:
+            if isinstance(value, (bool, np.bool_)):
+                raise TypeError
+            number = operator.index(value)
+        except TypeError:
+            raise ValueError(f"{function}: {name} = {value!r} is not an integer") from None
+        if not -C_INT_MAX - 1 <= number <= C_INT_MAX:
             raise ValueError(f"{function}: {name} = {value!r} does not fit the C ABI's int (at most {C_INT_MAX}); "
                              f"split the work into calls of fewer {name}")
 

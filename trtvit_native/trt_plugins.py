@@ -128,7 +128,7 @@ def plugin_classes(trt: ModuleType) -> Dict[str, Tuple[type, type]]:
             from .kernels import load_kernel_library
 
             raise RuntimeError(f"{NAMESPACE}::{plugin}: kernel launch failed: "
-                               f"{load_kernel_library().status_string(status)}")
+                               f"{load_kernel_library().describe(status)}")
 
     class _Base(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         name = ""
@@ -394,16 +394,21 @@ def reference_attention(qkv: "torch.Tensor", heads: int, head_dim: int, scale: f
 
 def check_device_support(tokens: int, head_dim: int, dtype: int) -> None:
     """Refuse an attention size the kernel cannot run on the current GPU (dtype: the kernel
-    library's FLOAT32 / FLOAT16 code)."""
+    library's FLOAT32 / FLOAT16 code): shared memory beyond the device's opt-in limit, no
+    kernel image for the device, or a device that cannot be asked (the CUDA error named)."""
     from .kernels import CUDA_ERROR, FLOAT16, OK, load_kernel_library
 
     lib = load_kernel_library()
     status = lib.attention_supported(tokens, head_dim, dtype)
-    if status not in (OK, CUDA_ERROR):  # CUDA_ERROR: no device to ask; enqueue checks again
-        raise PluginError(f"{NAMESPACE}::{ATTENTION}: {tokens} tokens of head_dim {head_dim} in "
-                          f"{'fp16' if dtype == FLOAT16 else 'fp32'} cannot run on this GPU: "
-                          f"{lib.status_string(status)} (fp32 attention beyond 48 KB of shared memory needs the "
-                          f"device's opt-in limit: N <= 224 / 120 on Turing)")
+    if status == OK:
+        return
+    precision = "fp16" if dtype == FLOAT16 else "fp32"
+    what = f"{NAMESPACE}::{ATTENTION}: {tokens} tokens of head_dim {head_dim} in {precision}"
+    if status == CUDA_ERROR:
+        raise PluginError(f"{what}: cannot ask the GPU whether it runs them: {lib.describe(status)}")
+    raise PluginError(f"{what} cannot run on this GPU: {lib.describe(status)} (fp32 attention beyond 48 KB of "
+                      f"shared memory needs the device's opt-in limit: N <= 224 / 120 on Turing; a kernel library "
+                      f"built for other architectures has no kernel image for it)")
 
 
 def plugin_layer_fields(trt: ModuleType, layer: Any) -> Tuple[str, Dict[str, Any]]:
