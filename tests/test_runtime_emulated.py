@@ -33,6 +33,15 @@ class EmulatedEngine:
         self.outputs = list(built.outputs)
         self.num_io_tensors = 1 + len(self.outputs)
         self.executions = 0
+        self.results = {}
+
+    def interpret(self, images):
+        """The network's outputs for ``images`` (memoized: timing loops repeat one batch)."""
+        key = (images.shape, images.tobytes())
+        if key not in self.results:
+            out = tv.interpret(self.built, torch.from_numpy(images.copy()))
+            self.results[key] = out if isinstance(out, dict) else {self.outputs[0]: out}
+        return self.results[key]
 
     def get_tensor_name(self, i):
         return (["images"] + self.outputs)[i]
@@ -84,9 +93,7 @@ class EmulatedContext:
             self.races.append((self.last[0], stream))
 
         def run():
-            images = torch.from_numpy(numpy_at(addresses["images"], shape).copy())
-            out = tv.interpret(self.engine.built, images)
-            out = out if isinstance(out, dict) else {self.engine.outputs[0]: out}
+            out = self.engine.interpret(numpy_at(addresses["images"], shape))
             for name, value in out.items():
                 numpy_at(addresses[name], shapes[name])[...] = np.nan if clobbered else value.numpy()
             self.engine.executions += 1
