@@ -397,7 +397,10 @@ def _c_contiguous(shape: Tuple[int, ...], strides: Optional[Sequence[int]]) -> b
 def _torch_dtype_to_numpy(name: str, dtype: Any) -> np.dtype:
     text = str(dtype).replace("torch.", "")
     try:
-        return np.dtype(text)
+        result = np.dtype(text)
+        if result.kind not in "biufc":  # bfloat16 once ml_dtypes has registered it: no numpy arithmetic
+            raise TypeError(text)
+        return result
     except TypeError:
         raise ArrayError(f"{name} has dtype {text}, which has no numpy equivalent (float32 and float16 are "
                          f"what this takes)") from None
