@@ -64,7 +64,8 @@ def engine_backend_or_skip(needs_cuda_python: bool = False) -> "tv.Backend":
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
     if needs_cuda_python and importlib.util.find_spec("cuda") is None:
-        pytest.skip("cuda-python is not installed (pip install 'trtvit_native[runtime]')", allow_module_level=True)
+        pytest.skip("cuda.core is not installed (pip install 'trtvit_native[runtime-cu13]', or runtime-cu12)",
+                    allow_module_level=True)
     try:
         return tv.get_backend()
     except tv.BackendError as e:
