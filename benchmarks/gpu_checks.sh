@@ -7,12 +7,14 @@
 #      where CMake is missing), and the example run;
 #   2. pytest -m gpu (kernels against torch with every array kind, the plugins' enqueue,
 #      engines against the reference, the runtime with every array and stream kind);
+#      runtime_streams runs its stream-ordering tests alone (slow producers on side
+#      streams, one runner on two streams, out= still read by its producer);
 #   3. benchmarks/kernels.py (kernel speed against torch and the copy bandwidth);
 #   4. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
 #      TensorRT module is importable.
 #
 # TRTVIT_GPU_STEPS="cpp_example kernels" runs only the named steps of build, cpp_example,
-# pytest_gpu, kernels and engine (the build runs whenever a later step needs it), for
+# pytest_gpu, runtime_streams, kernels and engine (the build runs whenever a later step needs it), for
 # machines that limit how long one command may take.
 # TRTVIT_WHEELS=DIR installs every wheel in DIR first (pip --no-deps), for machines
 # without network access (the TensorRT-RTX wheels, for instance).
@@ -30,7 +32,7 @@ summary="$out/summary.txt"
 : > "$summary"
 failed=0
 
-steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu kernels engine}
+steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu runtime_streams kernels engine}
 wanted() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -59,8 +61,9 @@ fi
   nvcc --version | tail -n 2
   "$py" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
   "$py" -c "import trtvit_native as tv; print(tv.get_backend().label)" 2>&1 | tail -n 1
-  "$py" -c "import cuda.bindings as b; print('cuda-python', b.__version__)" 2> /dev/null ||
-    echo "cuda-python not installed: the runtime's and the array launchers' GPU tests skip (see TRTVIT_WHEELS)"
+  "$py" -c "import cuda.bindings as b, cuda.core as c; print('cuda-bindings', b.__version__, '| cuda.core', c.__version__)" \
+    2> /dev/null ||
+    echo "cuda.core not installed: the runtime's and the array launchers' GPU tests skip (see TRTVIT_WHEELS)"
   "$py" -c "import cupy; print('CuPy', cupy.__version__)" 2> /dev/null || echo "CuPy not installed"
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
@@ -88,6 +91,8 @@ export TRTVIT_KERNELS_LIB="$root/build/libtrtvit_kernels.so"
 step cpp_example 120 ./build/examples/cpp/check_kernels
 step pytest_gpu 900 "$py" -m pytest -m gpu -v -rs -p no:cacheprovider --junitxml="$out/pytest_gpu.xml" \
   tests/test_kernels_gpu.py tests/test_engine_gpu.py tests/test_runtime_gpu.py
+step runtime_streams 600 "$py" -m pytest -m gpu -v -rs -p no:cacheprovider \
+  tests/test_runtime_gpu.py tests/test_kernels_gpu.py -k "slow or producer or stream or context"
 step kernels 600 "$py" benchmarks/kernels.py --json "$out/kernels.json"
 if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; then
   step engine 900 "$py" benchmarks/engine_gpu.py --json "$out/engine.json"
