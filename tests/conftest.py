@@ -89,7 +89,10 @@ class CudaArrayOnly:
 
     def __init__(self, t):
         self._t = t
-        self.__cuda_array_interface__ = t.__cuda_array_interface__
+        # torch exports version 2 (no stream), which cuda.core refuses: version 3, naming the
+        # stream torch wrote it on (its legacy default stream is 0, which version 3 writes 1).
+        stream = torch.cuda.current_stream(t.device).cuda_stream or 1
+        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=stream)
 
 
 class DLPackOnly:

@@ -204,7 +204,7 @@ class _Interface:
 
     def __init__(self, t, stream):
         self._t = t
-        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=int(stream.cuda_stream))
+        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=int(stream.cuda_stream) or 1)
 
 
 def test_launchers_wait_for_every_inputs_producer():

@@ -70,7 +70,7 @@ class Interface:
 
     def __init__(self, t, stream):
         self._t = t
-        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=int(stream.cuda_stream))
+        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=int(stream.cuda_stream) or 1)
 
 
 def test_numpy_in_numpy_out(runner, expected):

@@ -240,14 +240,15 @@ class DeviceArray:
         out = cls(host.shape, host.dtype, device, stream)
         copy_async(out.ptr, host.ctypes.data, host.nbytes, out._stream, keep=host)
         out._stream.sync()
-        out.stream = None
+        out.written_on(None)
         return out
 
     def written_on(self, s: Any) -> None:
         """Note that writes to the array are queued on ``s`` (None: they are complete)."""
         self.stream = None if s is None else stream_handle(s)
-        if s is not None:
-            self._stream = as_stream(s)
+        # Freed in order after the last writes; once they are complete, on the legacy stream
+        # (the writer's stream may be gone by then).
+        self._stream = as_stream(LEGACY_STREAM if s is None else s)
 
     def copy_to_host(self, s: Any = None) -> np.ndarray:
         """A numpy copy, complete when this returns; queued on ``s`` (default: the stream of
@@ -274,8 +275,11 @@ class DeviceArray:
         if buffer is not None:
             try:
                 buffer.close(self._stream)
-            except Exception:  # interpreter shutdown: the process's memory goes with it
-                pass
+            except Exception:  # a stream closed since, or interpreter shutdown
+                try:
+                    buffer.close()
+                except Exception:
+                    pass
             self.buffer = None
 
 
