@@ -95,6 +95,31 @@ class CudaArrayOnly:
         self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=stream)
 
 
+SLEEP_CYCLES = 200_000_000  # of torch.cuda._sleep: about 0.1 s of GPU time, far longer than a launch
+
+
+def slow_copy(source: torch.Tensor, stream: "torch.cuda.Stream") -> torch.Tensor:
+    """A copy of ``source`` written on ``stream`` behind a long sleep (zeros until then): a
+    consumer that does not wait for ``stream`` reads zeros."""
+    out = torch.zeros_like(source)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        out.copy_(source)
+    out.record_stream(stream)
+    return out
+
+
+class StreamInterface:
+    """``t`` exported through the CUDA array interface (version 3) with the stream its
+    writes are queued on."""
+
+    def __init__(self, t, stream):
+        self._t = t
+        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3,
+                                             stream=int(stream.cuda_stream) or 1)
+
+
 class DLPackOnly:
     """An array that exposes only the DLPack protocol."""
 

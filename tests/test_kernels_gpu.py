@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trtvit_native import kernels
-from conftest import CudaArrayOnly, DLPackOnly
+from conftest import CudaArrayOnly, DLPackOnly, StreamInterface, slow_copy
 
 pytestmark = pytest.mark.gpu
 
@@ -93,25 +93,13 @@ def test_layernorm_misaligned_input_uses_the_scalar_path():
     assert _max_err(y, ref) <= 2e-3
 
 
-SLEEP = 200_000_000  # GPU clock cycles of torch.cuda._sleep: about 0.1 s, far longer than a launch
-
-
-def _slow(source, stream):
-    """A copy of ``source`` written on ``stream`` behind a long sleep (zeros until then)."""
-    out = torch.zeros_like(source)
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(SLEEP)
-        out.copy_(source)
-    out.record_stream(stream)
-    return out
 
 
 def test_layernorm_runs_on_the_current_stream():
     x = _randn(64 * 49, 1024, dtype=torch.float16, seed=7)
     w, b = _ln_params(1024, torch.float16)
     side = torch.cuda.Stream()
-    slow_x = _slow(x, side)  # written on `side` late: a kernel on any other stream reads zeros
+    slow_x = slow_copy(x, side)  # written on `side` late: a kernel on any other stream reads zeros
     with torch.cuda.stream(side):
         y = kernels.layernorm(slow_x, w, b)
     torch.cuda.current_stream().wait_stream(side)  # no device-wide synchronization
@@ -168,7 +156,7 @@ def test_attention_with_large_scores(dtype):
 def test_attention_runs_on_the_current_stream():
     qkv = _randn(64, 49, 3 * 1024, dtype=torch.float16, seed=12)
     side = torch.cuda.Stream()
-    slow_qkv = _slow(qkv, side)
+    slow_qkv = slow_copy(qkv, side)
     with torch.cuda.stream(side):
         out = kernels.attention(slow_qkv, 32)
     torch.cuda.current_stream().wait_stream(side)
@@ -199,14 +187,6 @@ def _needs_cuda_python():
         pytest.skip("cuda.core is not installed (pip install 'trtvit_native[runtime-cu13]', or runtime-cu12)")
 
 
-class _Interface:
-    """``t`` exported through the CUDA array interface with the stream its writes are on."""
-
-    def __init__(self, t, stream):
-        self._t = t
-        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=int(stream.cuda_stream) or 1)
-
-
 def test_launchers_wait_for_every_inputs_producer():
     _needs_cuda_python()
     from trtvit_native.arrays import DeviceArray, view_array
@@ -216,11 +196,11 @@ def test_launchers_wait_for_every_inputs_producer():
     ref = torch.nn.functional.layer_norm(x.double(), (512,), w.double(), b.double(), 1e-5)
     side = torch.cuda.Stream()
     # A torch tensor first, the weight from a slow producer behind the array interface.
-    y = kernels.layernorm(x, _Interface(_slow(w, side), side), b)
+    y = kernels.layernorm(x, StreamInterface(slow_copy(w, side), side), b)
     assert _max_err(y, ref) <= TOL[torch.float32]
     # Array-interface arrays only: the legacy stream, after each producer; the result names its stream.
-    out = kernels.layernorm(_Interface(_slow(x, side), side), _Interface(w, torch.cuda.current_stream()),
-                            DLPackOnly(b))
+    current = torch.cuda.current_stream()
+    out = kernels.layernorm(StreamInterface(slow_copy(x, side), side), StreamInterface(w, current), DLPackOnly(b))
     assert isinstance(out, DeviceArray) and out.__cuda_array_interface__["stream"] == 1
     view_array(out, "y", torch.cuda.current_stream().cuda_stream)  # orders the current stream after it
     assert _max_err(torch.as_tensor(out, device=DEV), ref) <= TOL[torch.float32]

@@ -78,7 +78,8 @@ class EmulatedContext:
 
     def set_tensor_address(self, name, ptr):
         if not self.engine.cuda.is_device(ptr):
-            self.engine.logger.log(self.engine.trt.ILogger.Severity.ERROR, f"{name}: address {ptr:#x} is not on the GPU")
+            severity = self.engine.trt.ILogger.Severity.ERROR
+            self.engine.logger.log(severity, f"{name}: address {ptr:#x} is not on the GPU")
             return False
         self.addresses[name] = ptr
         return True
@@ -124,6 +125,15 @@ def emulated(monkeypatch):
     return cuda, plans
 
 
+@pytest.fixture
+def loaded(emulated, classifier):
+    """(cuda emulation, a runner of the classifier on its own stream, images, the interpreter's logits)."""
+    cuda, plans = emulated
+    built, images, want = classifier
+    plans[b"a"] = built
+    return cuda, tv.EngineRunner(b"a"), images, want
+
+
 def _network(outputs="logits"):
     return tv.build_network("trt-vit-a", reference("trt-vit-a").state_dict(), fp16=False, max_batch=4,
                             image_size=64, outputs=outputs)
@@ -145,11 +155,8 @@ def _on_device(cuda, host, stream):
     return device
 
 
-def test_numpy_and_cpu_torch_in_kind_out(emulated, classifier):
-    cuda, plans = emulated
-    built, images, want = classifier
-    plans[b"a"] = built
-    runner = tv.EngineRunner(b"a")
+def test_numpy_and_cpu_torch_in_kind_out(loaded):
+    cuda, runner, images, want = loaded
     assert runner.describe()["device"] == "Emulated GPU (cuda:0)" and runner.batch_range == (1, 4)
     out = runner(images.numpy())
     assert isinstance(out, np.ndarray) and out.shape == (3, 1000) and np.array_equal(out, want)
@@ -159,7 +166,7 @@ def test_numpy_and_cpu_torch_in_kind_out(emulated, classifier):
                       ("copy", "D2H", 3 * 1000 * 4, runner.stream)]
     assert np.array_equal(runner(images.numpy().astype(np.float64)), want)  # converted while staged
     small = runner(images[:1].numpy())  # a smaller batch through the same staging buffers
-    assert np.array_equal(small, tv.interpret(built, images[:1]).numpy())
+    assert np.array_equal(small, tv.interpret(runner.engine.built, images[:1]).numpy())
     out = runner(images)
     assert isinstance(out, torch.Tensor) and torch.equal(out, torch.from_numpy(want))
     buffer = np.zeros((3, 1000), np.float32)
@@ -182,11 +189,8 @@ def test_numpy_and_cpu_torch_in_kind_out(emulated, classifier):
         runner(images.numpy())
 
 
-def test_device_arrays_in_place_with_the_producers_stream_waited_for(emulated, classifier):
-    cuda, plans = emulated
-    built, images, want = classifier
-    plans[b"a"] = built
-    runner = tv.EngineRunner(b"a")
+def test_device_arrays_in_place_with_the_producers_stream_waited_for(loaded):
+    cuda, runner, images, want = loaded
     producer = cuda.new_stream()
     device = _on_device(cuda, images.numpy(), producer)  # only a wait on `producer` makes it land
     out = runner(Produced(device.ptr, device.shape, stream=producer))
@@ -198,7 +202,7 @@ def test_device_arrays_in_place_with_the_producers_stream_waited_for(emulated, c
     target = arrays.DeviceArray((3, 1000), np.float32)
     assert runner(device, out=target) is target and np.array_equal(target.copy_to_host(), want)
     host = images.numpy()
-    with pytest.raises(tv.EngineError, match=r"images cannot be used as an array \(CUDAError: CUDA_ERROR_INVALID_VALUE"):
+    with pytest.raises(tv.EngineError, match=r"images cannot be used as an array \(CUDAError: CUDA_ERROR_INVALID_"):
         runner(Produced(host.ctypes.data, host.shape))
     with pytest.raises(tv.EngineError, match="stream 0, which the interface forbids"):
         runner(Produced(device.ptr, device.shape, stream=0))
@@ -228,11 +232,8 @@ def test_a_callers_stream_is_not_waited_for_and_results_name_it(emulated, classi
     assert cuda.queues[other].ops
 
 
-def test_one_context_on_two_streams_is_ordered(emulated, classifier):
-    cuda, plans = emulated
-    built, images, want = classifier
-    plans[b"a"] = built
-    runner = tv.EngineRunner(b"a")
+def test_one_context_on_two_streams_is_ordered(loaded):
+    cuda, runner, images, want = loaded
     a, b = cuda.new_stream(), cuda.new_stream()
     x = arrays.DeviceArray.from_host(images.numpy())
     y = arrays.DeviceArray.from_host(images.numpy()[::-1].copy())
@@ -244,11 +245,8 @@ def test_one_context_on_two_streams_is_ordered(emulated, classifier):
     assert runner.context.races == [] and ("wait", a, b) in cuda.calls  # b waited for the event after a's call
 
 
-def test_out_is_written_only_after_its_producer_is_done_with_it(emulated, classifier):
-    cuda, plans = emulated
-    built, images, want = classifier
-    plans[b"a"] = built
-    runner = tv.EngineRunner(b"a")
+def test_out_is_written_only_after_its_producer_is_done_with_it(loaded):
+    cuda, runner, images, want = loaded
     sentinel = np.full((3, 1000), 7.0, np.float32)
     target = arrays.DeviceArray.from_host(sentinel)
     snapshot = arrays.DeviceArray((3, 1000), np.float32)
@@ -261,11 +259,8 @@ def test_out_is_written_only_after_its_producer_is_done_with_it(emulated, classi
     assert np.array_equal(numpy_at(target.ptr, target.shape), want)
 
 
-def test_dlpack_arrays_through_the_library(emulated, classifier):
-    cuda, plans = emulated
-    built, images, want = classifier
-    plans[b"a"] = built
-    runner = tv.EngineRunner(b"a")
+def test_dlpack_arrays_through_the_library(loaded):
+    cuda, runner, images, want = loaded
     producer = cuda.new_stream()
     device = _on_device(cuda, images.numpy(), producer)
     dl_images = ProducedDLPack(cuda, device.ptr, device.shape, stream=producer)

@@ -14,14 +14,14 @@ import torch
 import trtvit_native as tv
 from trtvit_native import arrays
 from trtvit_native.runtime import GPU_TOLERANCES, exact_fp32
-from conftest import CudaArrayOnly, DLPackOnly, engine_backend_or_skip, random_images, reference, runner_or_skip
+from conftest import (SLEEP_CYCLES, CudaArrayOnly, DLPackOnly, StreamInterface, engine_backend_or_skip, random_images,
+                      reference, runner_or_skip, slow_copy)
 
 pytestmark = pytest.mark.gpu
 
 BACKEND = engine_backend_or_skip(needs_cuda_python=True)
 
 DEV = torch.device("cuda")
-SLEEP = 200_000_000  # GPU clock cycles of torch.cuda._sleep: about 0.1 s, far longer than a launch
 
 
 @pytest.fixture(scope="module")
@@ -54,25 +54,6 @@ def assert_reference(out, want):
     assert rel <= tol["rel"] and cosine >= tol["cosine"], (rel, cosine)
 
 
-def slow(source: torch.Tensor, stream: torch.cuda.Stream) -> torch.Tensor:
-    """A copy of ``source`` written on ``stream`` behind a long sleep (zeros until then)."""
-    out = torch.zeros_like(source)
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(SLEEP)
-        out.copy_(source)
-    out.record_stream(stream)
-    return out
-
-
-class Interface:
-    """``t`` exported through the CUDA array interface with the stream its writes are on."""
-
-    def __init__(self, t, stream):
-        self._t = t
-        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=int(stream.cuda_stream) or 1)
-
-
 def test_numpy_in_numpy_out(runner, expected):
     images, want = expected
     out = runner(images.numpy())
@@ -96,18 +77,18 @@ def test_device_arrays_from_slow_producers(runner, expected):
     on_gpu = images.to(DEV)
     side = torch.cuda.Stream()
     # torch through DLPack: torch orders its current stream (the producer's) before the runner's.
-    x = slow(on_gpu, side)
+    x = slow_copy(on_gpu, side)
     with torch.cuda.stream(side):
         out = runner(x)
     assert isinstance(out, torch.Tensor)
     torch.cuda.synchronize()
     assert_reference(out, want)
     # The array interface's stream, and DLPack of a wrapper, from the side stream.
-    x = slow(on_gpu, side)
-    out = runner(Interface(x, side))
+    x = slow_copy(on_gpu, side)
+    out = runner(StreamInterface(x, side))
     assert isinstance(out, tv.DeviceArray)
     assert_reference(out, want)
-    x = slow(on_gpu, side)
+    x = slow_copy(on_gpu, side)
     with torch.cuda.stream(side):
         out = runner(DLPackOnly(x))
     assert_reference(out, want)
@@ -123,9 +104,9 @@ def test_out_is_not_overwritten_while_its_producer_reads_it(runner, expected):
     snapshot = torch.zeros_like(buffer)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        torch.cuda._sleep(SLEEP)
+        torch.cuda._sleep(SLEEP_CYCLES)
         snapshot.copy_(buffer)  # the producer still reads out
-    out = Interface(buffer, side)
+    out = StreamInterface(buffer, side)
     assert runner(on_gpu, out=out) is out
     torch.cuda.synchronize()
     assert torch.equal(snapshot, torch.full_like(snapshot, 7.0))
@@ -143,7 +124,7 @@ def test_caller_streams_of_every_kind_and_one_context_across_them(plan, expected
     runner = runner_or_skip(plan, stream=stream)
     a, b = torch.cuda.Stream(), torch.cuda.Stream()
     with torch.cuda.stream(a):
-        torch.cuda._sleep(SLEEP)  # the first call waits behind this; the second must wait for the first
+        torch.cuda._sleep(SLEEP_CYCLES)  # the first call waits behind this; the second must wait for the first
     out_a = runner(CudaArrayOnly(on_gpu), stream=a)
     out_b = runner(CudaArrayOnly(on_gpu.flip(0).contiguous()), stream=b)
     # The results name the streams their writes are on: viewing them for the current stream waits.

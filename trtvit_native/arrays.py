@@ -424,19 +424,20 @@ def view_array(x: Any, name: str, consumer_stream: Optional[int] = None) -> Arra
         dtype = _torch_dtype_to_numpy(name, x.dtype)
         host = x.detach().numpy()
         return ArrayView(name, "torch", False, tuple(host.shape), dtype, host=host, keep=x)
-    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")) and not hasattr(x, "__cuda_array_interface__"):
+    dlpack = hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+    if not dlpack and not hasattr(x, "__cuda_array_interface__"):
         raise ArrayError(f"{name} must be a numpy array, a CuPy array, a torch tensor, or an object with "
                          f"__cuda_array_interface__ or __dlpack__; got {type(x).__module__}.{type(x).__name__}")
     if module == "torch":
         _torch_dtype_to_numpy(name, x.dtype)
-    if hasattr(x, "__dlpack_device__") and int(x.__dlpack_device__()[0]) == _DLPACK_CPU:
+    if dlpack and int(x.__dlpack_device__()[0]) == _DLPACK_CPU:
         try:
             host = np.from_dlpack(x)
         except Exception as e:
             raise ArrayError(f"{name} cannot be used as an array ({type(e).__name__}: {e})") from None
         return ArrayView(name, "numpy", False, tuple(host.shape), host.dtype, host=host, keep=x,
                          readonly=not host.flags.writeable)
-    cai = getattr(x, "__cuda_array_interface__", None) if not hasattr(x, "__dlpack__") else None
+    cai = None if dlpack else x.__cuda_array_interface__
     if isinstance(cai, dict) and cai.get("stream") == 0:
         raise ArrayError(f"{name}: its __cuda_array_interface__ gives stream 0, which the interface forbids "
                          f"(1: the legacy default stream, 2: the per-thread one)")
@@ -444,8 +445,6 @@ def view_array(x: Any, name: str, consumer_stream: Optional[int] = None) -> Arra
     try:
         view = smv.from_any_interface(x, -1 if consumer_stream is None else int(consumer_stream))
         dtype = view.dtype
-    except ArrayError:
-        raise
     except Exception as e:  # BufferError, CUDAError, TypeError, NotImplementedError of the producer or the library
         raise ArrayError(f"{name} cannot be used as an array ({type(e).__name__}: {e})") from None
     shape = tuple(int(v) for v in view.shape)
