@@ -121,8 +121,10 @@ class EmulatedCuda:
         self.run_until(q.handle, q.seq)
         self.host_vc = _merge(self.host_vc, self.position(q.handle))
 
-    def record(self, handle: int) -> "Event":
-        event = Event(self)
+    def record(self, handle: int, event: Optional["Event"] = None) -> "Event":
+        """Record ``event`` (re-recorded: waits already made keep what they covered) or a new one."""
+        event = event if event is not None else Event(self)
+        event.time = None
         event.vc = self.position(handle)
         event.stream, event.seq = self.enqueue(handle, event._reached)
         return event
@@ -131,7 +133,8 @@ class EmulatedCuda:
         self.calls.append(("wait", event.stream, int(handle)))
         q = self.queue(handle)
         q.vc = _merge(q.vc, event.vc)
-        self.enqueue(handle, lambda: self.run_until(event.stream, event.seq))
+        producer, seq = event.stream, event.seq  # what the event covers now, not once re-recorded
+        self.enqueue(handle, lambda: self.run_until(producer, seq))
 
     def copy(self, dst: int, src: int, nbytes: int, handle: int) -> None:
         kind = ("D" if self.is_device(src) else "H") + "2" + ("D" if self.is_device(dst) else "H")
@@ -174,7 +177,7 @@ def _make_core(cuda: EmulatedCuda) -> SimpleNamespace:
             return (0, self.handle)
 
         def record(self, event: Any = None, options: Any = None) -> Event:
-            return cuda.record(self.handle)
+            return cuda.record(self.handle, event)
 
         def wait(self, event_or_stream: Any) -> None:
             event = event_or_stream if isinstance(event_or_stream, Event) else cuda.record(event_or_stream.handle)

@@ -196,11 +196,19 @@ def test_device_arrays_in_place_with_the_producers_stream_waited_for(loaded):
     out = runner(Produced(device.ptr, device.shape, stream=producer))
     assert isinstance(out, arrays.DeviceArray) and out.shape == (3, 1000)
     assert ("wait", producer, runner.stream) in cuda.calls
-    assert out.__cuda_array_interface__["stream"] is None  # own stream: complete on return
-    assert np.array_equal(numpy_at(out.ptr, out.shape), want)
-    assert not [c for c in cuda.calls if c[0] == "copy" and c[3] == runner.stream]  # no staging copy
+    # Own stream: the host is not blocked; the result names the stream its writes are on.
+    assert ("synchronize", runner.stream) not in cuda.calls and runner.engine.executions == 0
+    assert out.__cuda_array_interface__["stream"] == runner.stream
+    assert np.array_equal(out.copy_to_host(), want)
+    assert not [c for c in cuda.calls if c[:2] == ("copy", "H2D") and c[3] == runner.stream]  # no staging copy
     target = arrays.DeviceArray((3, 1000), np.float32)
     assert runner(device, out=target) is target and np.array_equal(target.copy_to_host(), want)
+    foreign = Produced(target.ptr, target.shape)  # an out= whose consumer's stream is unknown: the host waits
+    runner(device, out=foreign)
+    assert cuda.queues[runner.stream].ops == []
+    runner.close()  # results that named the runner's stream are complete, and name none now
+    assert out.__cuda_array_interface__["stream"] is None and target.__cuda_array_interface__["stream"] is None
+    runner = tv.EngineRunner(b"a")
     host = images.numpy()
     with pytest.raises(tv.EngineError, match=r"images cannot be used as an array \(CUDAError: CUDA_ERROR_INVALID_"):
         runner(Produced(host.ctypes.data, host.shape))

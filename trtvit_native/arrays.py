@@ -46,7 +46,7 @@ import numpy as np
 __all__ = ["ArrayError", "CudaError", "CudaUnavailable", "ArrayView", "DeviceArray", "PinnedBuffer", "core",
            "no_device_reason", "driver_mismatch", "device", "device_name", "device_count", "device_scope",
            "view_array", "stream_handle", "as_stream", "create_stream", "destroy_stream", "synchronize",
-           "empty_device", "copy_async", "record_torch_stream", "LEGACY_STREAM"]
+           "empty_device", "copy_async", "record_torch_stream", "consumer_stream", "LEGACY_STREAM"]
 
 # cudaStreamLegacy: the legacy default stream, whatever the default-stream mode.
 LEGACY_STREAM = 1
@@ -346,6 +346,19 @@ def record_torch_stream(tensor: Any, s: int) -> None:
     current = torch.cuda.current_stream(tensor.device)
     if stream_handle(current.cuda_stream) != s:
         tensor.record_stream(torch.cuda.ExternalStream(s, device=tensor.device))
+
+
+def consumer_stream(obj: Any) -> Optional[int]:
+    """The stream a torch tensor's or CuPy array's library uses next (its current stream),
+    None for other kinds (their consumer's stream is not known)."""
+    module = type(obj).__module__.split(".")[0]
+    if module == "torch" and getattr(obj, "is_cuda", False):
+        return stream_handle(sys.modules["torch"].cuda.current_stream(obj.device).cuda_stream)
+    if module == "cupy" and hasattr(obj, "device"):
+        cupy = sys.modules["cupy"]
+        with cupy.cuda.Device(obj.device.id):
+            return stream_handle(cupy.cuda.get_current_stream())
+    return None
 
 
 def host_result(kind: str, array: np.ndarray) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -221,18 +220,12 @@ def _run_stream(stream: Optional[int], first: Any) -> int:
     """The stream a launch runs on, chosen before any array is viewed (each view orders it
     after that array's producer): ``stream`` when given, else torch's or CuPy's current
     stream for a torch or CuPy first argument, else the legacy default stream."""
-    from .arrays import LEGACY_STREAM, stream_handle
+    from .arrays import LEGACY_STREAM, consumer_stream
 
     if stream is not None:
         return stream
-    module = type(first).__module__.split(".")[0]
-    if module == "torch" and getattr(first, "is_cuda", False):
-        return stream_handle(sys.modules["torch"].cuda.current_stream(first.device))
-    if module == "cupy" and hasattr(first, "device"):
-        cupy = sys.modules["cupy"]
-        with cupy.cuda.Device(first.device.id):
-            return stream_handle(cupy.cuda.get_current_stream())
-    return LEGACY_STREAM
+    current = consumer_stream(first)
+    return LEGACY_STREAM if current is None else current
 
 
 def _views(what: str, stream: Optional[int], **named: Any) -> Tuple[Dict[str, "ArrayView"], int]:

@@ -11,8 +11,10 @@ come back as the same kind (numpy in, numpy out; CuPy in, CuPy out; see
 "trtvit_native[runtime-cu13]"`` (or ``runtime-cu12`` for a CUDA 12 driver) and TensorRT
 are all it needs.
 
-Streams: by default the runner has its own stream and each call returns when its outputs
-are ready. Given a stream (``EngineRunner(..., stream=s)`` or ``runner(x, stream=s)``: a
+Streams: by default the runner has its own stream; a call returns complete host results,
+and device results ordered for their consumers without blocking the host (a DeviceArray
+names the runner's stream in its ``__cuda_array_interface__``, torch's or CuPy's current
+stream waits for an event; the host waits only for an ``out=`` of another kind). Given a stream (``EngineRunner(..., stream=s)`` or ``runner(x, stream=s)``: a
 cuda.core, cuda-python, CuPy or torch stream, or a raw handle), the work is queued on it
 and the call returns at once for device arrays (host arrays are still waited for: numpy
 results must be complete); a :class:`~trtvit_native.arrays.DeviceArray` result then names
@@ -31,6 +33,7 @@ full TensorRT and with TensorRT-RTX (whichever :func:`get_backend` picks).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -285,6 +288,7 @@ class EngineRunner:
         self._staging: Dict[str, Any] = {}
         self._last: Any = None  # event after the last call's work, and its stream handle
         self._last_stream: Optional[int] = None
+        self._handed_over: "weakref.WeakSet[arrays.DeviceArray]" = weakref.WeakSet()  # naming the own stream
         with _cuda_errors("setting up the runner"):
             given_stream = None if stream is None else arrays.stream_handle(stream)
             count = arrays.device_count()
@@ -351,6 +355,8 @@ class EngineRunner:
         except Exception:  # interpreter shutdown
             pass
         self._last = None
+        for a in list(getattr(self, "_handed_over", ())):
+            a.written_on(None)  # complete, and the stream they named goes
         for pinned, _ in getattr(self, "_staging", {}).values():
             pinned.close()
         getattr(self, "_staging", {}).clear()
@@ -390,10 +396,25 @@ class EngineRunner:
             raise EngineError(f"TensorRT could not run the engine on a batch of {batch}: {self._errors()}")
 
     def _finish(self, stream: int) -> None:
-        """Record the event after this call's work; wait for it in own-stream mode."""
-        self._last, self._last_stream = arrays.as_stream(stream).record(), stream
-        if self._own_stream is not None and stream == self.stream:
-            self._last.sync()
+        """(Re-)record the runner's one event after this call's work."""
+        self._last, self._last_stream = arrays.as_stream(stream).record(self._last), stream
+
+    def _hand_over(self, results: Any, stream: int) -> None:
+        """Order the consumers of device results after the call's work. A DeviceArray names
+        ``stream``; in own-stream mode torch's or CuPy's current stream waits for the event
+        (the host does not), and the host waits only for an ``out=`` of another kind."""
+        own = self._own_stream is not None and stream == self.stream
+        for obj in results:
+            if isinstance(obj, arrays.DeviceArray):
+                obj.written_on(stream)
+                if own:
+                    self._handed_over.add(obj)
+            elif own:
+                consumer = arrays.consumer_stream(obj)
+                if consumer is None:
+                    self._last.sync()
+                elif consumer != stream:
+                    arrays.as_stream(consumer).wait(self._last)
 
     def __call__(self, images: Any, out: Any = None, stream: Any = None) -> Any:
         """Run the engine on ``images`` and return the output, or ``{name: array}`` for an
@@ -435,10 +456,7 @@ class EngineRunner:
         self._order_after_last_call(stream)
         self._execute(stream, view.shape[0])
         self._finish(stream)
-        complete = self._own_stream is not None and stream == self.stream
-        for obj, _ in buffers.values():
-            if isinstance(obj, arrays.DeviceArray):
-                obj.written_on(None if complete else stream)
+        self._hand_over([obj for obj, _ in buffers.values()], stream)
         return {n: obj for n, (obj, _) in buffers.items()}
 
     def _staging_buffers(self) -> Dict[str, Any]:
