@@ -44,7 +44,7 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["ArrayError", "CudaError", "CudaUnavailable", "ArrayView", "DeviceArray", "PinnedBuffer", "core",
-           "no_device_reason", "driver_mismatch", "device", "device_name", "device_count", "device_scope",
+           "no_device_reason", "driver_mismatch", "device_name", "device_count", "device_scope",
            "view_array", "stream_handle", "as_stream", "create_stream", "destroy_stream", "synchronize",
            "empty_device", "copy_async", "record_torch_stream", "consumer_stream", "LEGACY_STREAM"]
 
@@ -128,13 +128,6 @@ def no_device_reason() -> Optional[str]:
 
 def device_count(cc: Any = None) -> int:
     return len((cc or core()).Device.get_all_devices())
-
-
-def device(ordinal: Optional[int] = None) -> Any:
-    """The ``cuda.core`` Device ``ordinal`` (None: the current one), current on this thread."""
-    dev = core().Device(ordinal)
-    dev.set_current()
-    return dev
 
 
 def device_name(ordinal: int) -> str:
