@@ -326,6 +326,8 @@ def test_engines_that_do_not_load_and_devices_that_do_not_exist_are_named(emulat
         tv.EngineRunner(b"unknown", device="cpu")
     with pytest.raises(tv.EngineError, match="stream must be an int handle"):
         tv.EngineRunner(b"unknown", stream="fast")
+    with pytest.raises(arrays.CudaError, match="CUDA_ERROR_INVALID_DEVICE"):  # what the CLI reports in one line
+        arrays.create_stream(3)
 
 
 def test_a_driver_too_old_for_the_bindings_names_the_extra(emulated, monkeypatch):

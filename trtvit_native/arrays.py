@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ArrayError", "CudaError", "CudaUnavailable", "ArrayView", "DeviceArray", "PinnedBuffer", "core",
+__all__ = ["ArrayError", "CudaError", "CudaUnavailable", "cuda_errors", "ArrayView", "DeviceArray", "PinnedBuffer", "core",
            "no_device_reason", "driver_mismatch", "device_name", "device_count", "device_scope",
            "view_array", "stream_handle", "as_stream", "create_stream", "destroy_stream", "synchronize",
            "empty_device", "copy_async", "record_torch_stream", "consumer_stream", "LEGACY_STREAM"]
@@ -60,7 +61,26 @@ class ArrayError(ValueError):
 
 
 class CudaError(RuntimeError):
-    """A CUDA call made through ``cuda.core`` failed."""
+    """A CUDA call made through ``cuda.core`` failed (its ``CUDAError``, with the driver's words)."""
+
+
+@contextlib.contextmanager
+def cuda_errors() -> Iterator[None]:
+    """``cuda.core``'s CUDAError raised inside as :class:`CudaError`, which callers catch."""
+    try:
+        yield
+    except RuntimeError as e:
+        if type(e).__name__ != "CUDAError":
+            raise
+        raise CudaError(str(e)) from None
+
+
+def _translating(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with cuda_errors():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 class CudaUnavailable(RuntimeError):
@@ -130,6 +150,7 @@ def device_count(cc: Any = None) -> int:
     return len((cc or core()).Device.get_all_devices())
 
 
+@_translating
 def device_name(ordinal: int) -> str:
     return f"{core().Device(ordinal).name} (cuda:{ordinal})"
 
@@ -186,15 +207,18 @@ def as_stream(s: Any) -> Any:
     return cc.Stream.from_handle(stream_handle(s))
 
 
+@_translating
 def create_stream(ordinal: Optional[int] = None) -> Any:
     """A new non-blocking ``cuda.core`` Stream on device ``ordinal`` (None: the current one)."""
     return core().Device(ordinal).create_stream()
 
 
+@_translating
 def destroy_stream(s: Any) -> None:
     s.close()
 
 
+@_translating
 def synchronize(s: Any) -> None:
     as_stream(s).sync()
 
@@ -214,6 +238,7 @@ class DeviceArray:
     ``stream``, so a consumer orders itself after them), or None once they are complete.
     """
 
+    @_translating
     def __init__(self, shape: Sequence[int], dtype: Any, device: Optional[int] = None, stream: Any = None):
         cc = core()
         self.shape = tuple(int(v) for v in shape)
@@ -227,6 +252,7 @@ class DeviceArray:
         self.stream: Optional[int] = None if stream is None else stream_handle(stream)
 
     @classmethod
+    @_translating
     def from_host(cls, array: np.ndarray, device: Optional[int] = None, stream: Any = None) -> "DeviceArray":
         """A device copy of ``array`` (complete when this returns)."""
         host = np.ascontiguousarray(array)
@@ -243,6 +269,7 @@ class DeviceArray:
         # (the writer's stream may be gone by then).
         self._stream = as_stream(LEGACY_STREAM if s is None else s)
 
+    @_translating
     def copy_to_host(self, s: Any = None) -> np.ndarray:
         """A numpy copy, complete when this returns; queued on ``s`` (default: the stream of
         the pending writes, else the legacy stream)."""
@@ -288,6 +315,7 @@ class PinnedBuffer:
     """Page-locked host memory (``cuda.core`` pinned memory resource): host-device copies
     from it are asynchronous and run at full bus speed."""
 
+    @_translating
     def __init__(self, nbytes: int):
         self.nbytes = int(nbytes)
         self.buffer = core().LegacyPinnedMemoryResource().allocate(max(self.nbytes, 1), stream=as_stream(LEGACY_STREAM))

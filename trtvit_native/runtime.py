@@ -250,12 +250,9 @@ def _device_ordinal(device: Any) -> Optional[int]:
 def _cuda_errors(what: str) -> Iterator[None]:
     """CUDA failures (prefixed with ``what``) and refused arrays or streams as EngineError."""
     try:
-        yield
+        with arrays.cuda_errors():
+            yield
     except CudaError as e:
-        raise EngineError(f"{what}: {e}") from None
-    except RuntimeError as e:  # cuda.core's CUDAError
-        if type(e).__name__ != "CUDAError":
-            raise
         raise EngineError(f"{what}: {e}") from None
     except ArrayError as e:
         raise EngineError(str(e)) from None
