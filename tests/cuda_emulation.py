@@ -63,6 +63,7 @@ class EmulatedCuda:
         self.ids = itertools.count(100)
         self.calls: List[tuple] = []
         self.allocations = 0
+        self.initialized = set()  # devices made current (cuda.core: "Device must be initialized")
         self.core = _make_core(self)
 
     # memory
@@ -216,8 +217,14 @@ def _make_core(cuda: EmulatedCuda) -> SimpleNamespace:
             cuda.calls.append(("allocate", size, stream.handle))
             return Buffer(cuda.allocate(cuda.device_memory, size), size, cuda.device_memory)
 
+    def initialized(device_id: int = 0) -> None:
+        if device_id not in cuda.initialized:
+            raise CUDAError(f"Device {device_id} is not yet initialized, perhaps you forgot to call .set_current() "
+                            f"first?")
+
     class LegacyPinnedMemoryResource:
         def allocate(self, size: int, *, stream: Any = None) -> Buffer:
+            initialized()
             return Buffer(cuda.allocate(cuda.pinned_memory, size), size, cuda.pinned_memory)
 
     class Device:
@@ -233,10 +240,15 @@ def _make_core(cuda: EmulatedCuda) -> SimpleNamespace:
             return (cls(0),)
 
         def set_current(self) -> None:
-            pass
+            cuda.initialized.add(self.device_id)
 
         def create_stream(self, obj: Any = None, options: Any = None) -> Stream:
+            initialized(self.device_id)
             return Stream(cuda.new_stream())
+
+        def allocate(self, size: int, *, stream: Any) -> Buffer:
+            initialized(self.device_id)
+            return self.memory_resource.allocate(size, stream=stream)
 
     class View(SimpleNamespace):
         """What StridedMemoryView exposes."""
