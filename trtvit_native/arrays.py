@@ -157,13 +157,13 @@ def device_name(ordinal: int) -> str:
 
 @contextlib.contextmanager
 def device_scope(ordinal: int) -> Iterator[Any]:
-    """Make device ``ordinal`` current on this thread (yields its Device), and the previous
+    """Make device ``ordinal`` (None: the current one) current on this thread, initialized as
+    cuda.core needs it for streams, events and memory (yields its Device), and the previous
     one current again afterwards."""
     cc = core()
     previous = cc.Device()
     dev = cc.Device(ordinal)
-    if previous.device_id != dev.device_id:
-        dev.set_current()
+    dev.set_current()
     try:
         yield dev
     finally:
@@ -204,13 +204,15 @@ def as_stream(s: Any) -> Any:
     cc = core()
     if isinstance(s, cc.Stream):
         return s
-    return cc.Stream.from_handle(stream_handle(s))
+    handle = stream_handle(s)
+    return cc.LEGACY_DEFAULT_STREAM if handle == LEGACY_STREAM else cc.Stream.from_handle(handle)
 
 
 @_translating
 def create_stream(ordinal: Optional[int] = None) -> Any:
     """A new non-blocking ``cuda.core`` Stream on device ``ordinal`` (None: the current one)."""
-    return core().Device(ordinal).create_stream()
+    with device_scope(ordinal) as dev:
+        return dev.create_stream()
 
 
 @_translating
@@ -240,14 +242,13 @@ class DeviceArray:
 
     @_translating
     def __init__(self, shape: Sequence[int], dtype: Any, device: Optional[int] = None, stream: Any = None):
-        cc = core()
         self.shape = tuple(int(v) for v in shape)
         self.dtype = np.dtype(dtype)
         self.nbytes = math.prod(self.shape) * self.dtype.itemsize
-        dev = cc.Device(device)
-        self.device = int(dev.device_id)
         self._stream = as_stream(LEGACY_STREAM if stream is None else stream)
-        self.buffer = dev.memory_resource.allocate(max(self.nbytes, 1), stream=self._stream)
+        with device_scope(device) as dev:
+            self.device = int(dev.device_id)
+            self.buffer = dev.allocate(max(self.nbytes, 1), stream=self._stream)
         self.ptr = int(self.buffer.handle)
         self.stream: Optional[int] = None if stream is None else stream_handle(stream)
 
