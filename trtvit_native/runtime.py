@@ -473,9 +473,7 @@ class EngineRunner:
         shapes = self._set_shape(view.shape)
         if out_view is not None:
             self.io.check_out(view, out_view, shapes[self.output_name])
-        pinned, device = staging[self.input_name]
-        if self._last is not None:
-            self._last.sync()  # the pinned buffers are the previous call's until its copies are done
+        pinned, device = staging[self.input_name]  # free: every host call waits for its copies
         pinned.view(view.shape, self.input_dtype)[...] = view.host  # converts the dtype while copying
         nbytes = int(np.prod(view.shape)) * self.input_dtype.itemsize
         s = arrays.as_stream(stream)
