@@ -304,8 +304,9 @@ def layernorm(x: Any, weight: Any, bias: Any, eps: float = 1e-5, residual: Any =
 
     Returns ``LN(x)``; with ``residual`` returns ``(x + residual, LN(x + residual))``, the
     sum rounded to the dtype and the LayerNorm taken of that rounded sum. Results are of
-    ``x``'s kind. Torch tensors run on torch's current stream, CuPy arrays on CuPy's, host
-    arrays are copied in and out; ``stream`` overrides.
+    ``x``'s kind. ``stream`` when given, else torch's current stream for a torch ``x``,
+    CuPy's for a CuPy ``x``, else the legacy default stream; every argument is ordered after
+    its producer on that stream. Host arrays are copied in and out.
     """
     handle = _stream(stream)
     views, run_stream = _views("layernorm", handle, x=x, weight=weight, bias=bias, residual=residual)
