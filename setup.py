@@ -75,9 +75,15 @@ class BuildPyWithKernels(build_py):
 # a CPU-only machine its CPU build) and the "torch" extra then leaves it as it is.
 TORCH_REQUIRES = ["torch>=2.1"]
 TRAIN_REQUIRES = TORCH_REQUIRES + ["kornia>=0.7", "tqdm>=4.60", "matplotlib>=3.5", "Pillow>=9"]
-# EngineRunner and the kernel launchers without torch: CUDA memory and streams through
-# cuda-python, arrays as numpy (TensorRT itself: the "rtx" extra, or NVIDIA's tensorrt wheel).
-RUNTIME_REQUIRES = ["cuda-python>=12.0", "numpy>=1.22"]
+# EngineRunner and the kernel launchers without torch: arrays, devices, streams, events and
+# memory through cuda.core, host arrays as numpy (TensorRT itself: the "rtx" extra, or
+# NVIDIA's tensorrt wheel). One extra per CUDA major: cuda-bindings 13 needs a CUDA 13 driver
+# (>= 580) and is refused by a CUDA 12 one, so nothing unpinned picks the major.
+CUDA_CORE = "cuda-core>=1.2,<2"
+RUNTIME_REQUIRES = {
+    "runtime-cu12": ["cuda-python>=12.9,<13", CUDA_CORE, "numpy>=1.22"],
+    "runtime-cu13": ["cuda-python>=13,<14", CUDA_CORE, "numpy>=1.22"],
+}
 
 setup(
     name="trtvit_native",
@@ -93,12 +99,13 @@ setup(
     extras_require={
         # the PyTorch reference: seeded weights, parity checks, the CPU interpreter, training
         "torch": TORCH_REQUIRES,
-        "runtime": RUNTIME_REQUIRES,
+        **RUNTIME_REQUIRES,
         "rtx": ["tensorrt-rtx>=1.2"],
         # trtvit train / eval: augmentation (kornia: pure torch), progress bars, curves, image decoding
         "train": TRAIN_REQUIRES,
         "test": ["pytest>=7", "scikit-image>=0.21", "scikit-learn>=1.0", "nvidia-cuda-cuobjdump",
-                 "tritonclient>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES + RUNTIME_REQUIRES,
+                 "tritonclient>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES
+        + RUNTIME_REQUIRES["runtime-cu13"],  # the emulated-GPU tests use cuda.core without a driver
         "bench": ["onnx>=1.14"],
     },
     entry_points={"console_scripts": ["trtvit=trtvit_native.cli:main"]},

@@ -10,12 +10,14 @@
 #   3. host_gpu: the kernel library's host code on the device (tests/test_kernels_host.py
 #      -m gpu): fp32 attention of two sizes from two threads at once, and a library built
 #      for another architecture refusing this GPU with cudaErrorNoKernelImageForDevice;
+#      runtime_streams runs the runtime's stream-ordering tests alone (slow producers on side
+#      streams, one runner on two streams, out= still read by its producer);
 #   4. benchmarks/kernels.py (kernel speed against torch and the copy bandwidth);
 #   5. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
 #      TensorRT module is importable.
 #
 # TRTVIT_GPU_STEPS="cpp_example kernels" runs only the named steps of build, cpp_example,
-# pytest_gpu, host_gpu, kernels and engine (the build runs whenever a later step needs it), for
+# pytest_gpu, host_gpu, runtime_streams, kernels and engine (the build runs whenever a later step needs it), for
 # machines that limit how long one command may take.
 # TRTVIT_WHEELS=DIR installs every wheel in DIR first (pip --no-deps), for machines
 # without network access (the TensorRT-RTX wheels, for instance).
@@ -33,7 +35,7 @@ summary="$out/summary.txt"
 : > "$summary"
 failed=0
 
-steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu kernels engine}
+steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu runtime_streams kernels engine}
 wanted() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -62,8 +64,9 @@ fi
   nvcc --version | tail -n 2
   "$py" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
   "$py" -c "import trtvit_native as tv; print(tv.get_backend().label)" 2>&1 | tail -n 1
-  "$py" -c "import cuda.bindings as b; print('cuda-python', b.__version__)" 2> /dev/null ||
-    echo "cuda-python not installed: the runtime's and the array launchers' GPU tests skip (see TRTVIT_WHEELS)"
+  "$py" -c "import cuda.bindings as b, cuda.core as c; print('cuda-bindings', b.__version__, '| cuda.core', c.__version__)" \
+    2> /dev/null ||
+    echo "cuda.core not installed: the runtime's and the array launchers' GPU tests skip (see TRTVIT_WHEELS)"
   "$py" -c "import cupy; print('CuPy', cupy.__version__)" 2> /dev/null || echo "CuPy not installed"
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
@@ -98,6 +101,8 @@ step host_gpu 900 bash -c "mkdir -p build/foreign && nvcc -O3 -std=c++17 -shared
   plugins/attention.cu plugins/status.cu -o build/foreign/libtrtvit_kernels.so &&
   TRTVIT_FOREIGN_ARCH_LIB=build/foreign/libtrtvit_kernels.so '$py' -m pytest -m gpu -v -rs -p no:cacheprovider \
   --junitxml='$out/host_gpu.xml' tests/test_kernels_host.py"
+step runtime_streams 600 "$py" -m pytest -m gpu -v -rs -p no:cacheprovider \
+  tests/test_runtime_gpu.py tests/test_kernels_gpu.py -k "slow or producer or stream or context"
 step kernels 600 "$py" benchmarks/kernels.py --json "$out/kernels.json"
 if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; then
   step engine 900 "$py" benchmarks/engine_gpu.py --json "$out/engine.json"

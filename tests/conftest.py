@@ -68,7 +68,8 @@ def engine_backend_or_skip(needs_cuda_python: bool = False) -> "tv.Backend":
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
     if needs_cuda_python and importlib.util.find_spec("cuda") is None:
-        pytest.skip("cuda-python is not installed (pip install 'trtvit_native[runtime]')", allow_module_level=True)
+        pytest.skip("cuda.core is not installed (pip install 'trtvit_native[runtime-cu13]', or runtime-cu12)",
+                    allow_module_level=True)
     try:
         return tv.get_backend()
     except tv.BackendError as e:
@@ -92,7 +93,35 @@ class CudaArrayOnly:
 
     def __init__(self, t):
         self._t = t
-        self.__cuda_array_interface__ = t.__cuda_array_interface__
+        # torch exports version 2 (no stream), which cuda.core refuses: version 3, naming the
+        # stream torch wrote it on (its legacy default stream is 0, which version 3 writes 1).
+        stream = torch.cuda.current_stream(t.device).cuda_stream or 1
+        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3, stream=stream)
+
+
+SLEEP_CYCLES = 200_000_000  # of torch.cuda._sleep: about 0.1 s of GPU time, far longer than a launch
+
+
+def slow_copy(source: torch.Tensor, stream: "torch.cuda.Stream") -> torch.Tensor:
+    """A copy of ``source`` written on ``stream`` behind a long sleep (zeros until then): a
+    consumer that does not wait for ``stream`` reads zeros."""
+    out = torch.zeros_like(source)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        out.copy_(source)
+    out.record_stream(stream)
+    return out
+
+
+class StreamInterface:
+    """``t`` exported through the CUDA array interface (version 3) with the stream its
+    writes are queued on."""
+
+    def __init__(self, t, stream):
+        self._t = t
+        self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, version=3,
+                                             stream=int(stream.cuda_stream) or 1)
 
 
 class DLPackOnly:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trtvit_native import kernels
-from conftest import CudaArrayOnly, DLPackOnly
+from conftest import CudaArrayOnly, DLPackOnly, StreamInterface, slow_copy
 
 pytestmark = pytest.mark.gpu
 
@@ -93,14 +93,16 @@ def test_layernorm_misaligned_input_uses_the_scalar_path():
     assert _max_err(y, ref) <= 2e-3
 
 
+
+
 def test_layernorm_runs_on_the_current_stream():
     x = _randn(64 * 49, 1024, dtype=torch.float16, seed=7)
     w, b = _ln_params(1024, torch.float16)
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    slow_x = slow_copy(x, side)  # written on `side` late: a kernel on any other stream reads zeros
     with torch.cuda.stream(side):
-        y = kernels.layernorm(x, w, b)
-    torch.cuda.current_stream().wait_stream(side)
+        y = kernels.layernorm(slow_x, w, b)
+    torch.cuda.current_stream().wait_stream(side)  # no device-wide synchronization
     ref = torch.nn.functional.layer_norm(x.double(), (1024,), w.double(), b.double(), 1e-5)
     assert _max_err(y, ref) <= 2e-3
 
@@ -154,9 +156,9 @@ def test_attention_with_large_scores(dtype):
 def test_attention_runs_on_the_current_stream():
     qkv = _randn(64, 49, 3 * 1024, dtype=torch.float16, seed=12)
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    slow_qkv = slow_copy(qkv, side)
     with torch.cuda.stream(side):
-        out = kernels.attention(qkv, 32)
+        out = kernels.attention(slow_qkv, 32)
     torch.cuda.current_stream().wait_stream(side)
     assert _max_err(out, _sdpa_reference(qkv, 32, 32)) <= 2e-3
 
@@ -181,8 +183,27 @@ def test_attention_errors_are_reported():
 def _needs_cuda_python():
     import importlib.util
 
-    if importlib.util.find_spec("cuda") is None:
-        pytest.skip("cuda-python is not installed (pip install 'trtvit_native[runtime]')")
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.core") is None:
+        pytest.skip("cuda.core is not installed (pip install 'trtvit_native[runtime-cu13]', or runtime-cu12)")
+
+
+def test_launchers_wait_for_every_inputs_producer():
+    _needs_cuda_python()
+    from trtvit_native.arrays import DeviceArray, view_array
+
+    x = _randn(64, 512, dtype=torch.float32, seed=31)
+    w, b = _ln_params(512, torch.float32)
+    ref = torch.nn.functional.layer_norm(x.double(), (512,), w.double(), b.double(), 1e-5)
+    side = torch.cuda.Stream()
+    # A torch tensor first, the weight from a slow producer behind the array interface.
+    y = kernels.layernorm(x, StreamInterface(slow_copy(w, side), side), b)
+    assert _max_err(y, ref) <= TOL[torch.float32]
+    # Array-interface arrays only: the legacy stream, after each producer; the result names its stream.
+    current = torch.cuda.current_stream()
+    out = kernels.layernorm(StreamInterface(slow_copy(x, side), side), StreamInterface(w, current), DLPackOnly(b))
+    assert isinstance(out, DeviceArray) and out.__cuda_array_interface__["stream"] == 1
+    view_array(out, "y", torch.cuda.current_stream().cuda_stream)  # orders the current stream after it
+    assert _max_err(torch.as_tensor(out, device=DEV), ref) <= TOL[torch.float32]
 
 
 def test_launchers_take_host_arrays_and_answer_in_kind():
@@ -236,14 +257,14 @@ def test_launchers_refuse_host_memory_behind_a_cuda_array_interface():
         __cuda_array_interface__ = {"shape": host.shape, "typestr": host.dtype.str,
                                     "data": (host.ctypes.data, False), "version": 3}
 
-    with pytest.raises(ValueError, match="points to host memory"):
+    with pytest.raises(ValueError, match="qkv cannot be used as an array"):
         kernels.attention(HostPointer(), 1)
 
 
 def test_launchers_take_cupy_arrays_and_streams():
     _needs_cuda_python()
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    from cuda.bindings import runtime as rt
+    import cuda.core
 
     qkv_t = _randn(8, 49, 3 * 256, dtype=torch.float16, seed=26)
     want = kernels.attention(qkv_t, 8)
@@ -256,14 +277,14 @@ def test_launchers_take_cupy_arrays_and_streams():
         out = kernels.attention(qkv, 8)
         side.synchronize()
     assert torch.equal(torch.as_tensor(out, device=DEV), want)
-    err, stream = rt.cudaStreamCreate()
+    stream = cuda.core.Device().create_stream()
     try:
-        for given in (stream, int(stream), cupy.cuda.ExternalStream(int(stream))):
+        for given in (stream, int(stream.handle), stream.handle, cupy.cuda.ExternalStream(int(stream.handle))):
             out = kernels.attention(qkv, 8, stream=given)
-            rt.cudaStreamSynchronize(stream)
+            stream.sync()
             assert torch.equal(torch.as_tensor(out, device=DEV), want)
     finally:
-        rt.cudaStreamDestroy(stream)
+        stream.close()
 
 
 def test_library_matches_its_python_mirror():

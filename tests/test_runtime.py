@@ -15,9 +15,20 @@ import pytest
 import torch
 
 from trtvit_native import arrays, kernels
-from trtvit_native.arrays import ArrayError, parse_dlpack_capsule, stream_handle, view_array
+from trtvit_native.arrays import ArrayError, stream_handle, view_array
 from trtvit_native.runtime import EngineError, EngineIO, EngineRunner, check_input_shape
 from conftest import DLPackOnly, network
+from cuda_emulation import EmulatedCuda
+
+# Device arrays are viewed by cuda.core, which asks the driver where a pointer lives: the
+# tests that view them run on the emulated GPU, with this much device memory.
+CUDA = EmulatedCuda()
+DEVICE_PTR = CUDA.allocate(CUDA.device_memory, 4 * 3 * 224 * 224 * 8)
+
+
+@pytest.fixture
+def emulated_core(monkeypatch):
+    monkeypatch.setattr(arrays, "_CORE", CUDA.core)
 
 MIN, MAX = (1, 3, 224, 224), (32, 3, 224, 224)
 
@@ -59,9 +70,9 @@ def test_missing_and_empty_engines_are_named(tmp_path):
 
 
 @pytest.mark.skipif(_gpu_present(), reason="checks the error given where CUDA sees no GPU")
-def test_without_a_gpu_the_error_says_why_in_cudas_words():
+def test_without_a_gpu_the_error_says_why():
     with pytest.raises(EngineError, match=r"running an engine needs a CUDA GPU, and CUDA sees none "
-                                          r"\(cudaGetDeviceCount reports cudaError\w+: "):
+                                          r"\(no NVIDIA driver found \(DynamicLibNotFoundError: "):
         EngineRunner(b"\x00" * 16)
 
 
@@ -82,7 +93,7 @@ def io():
 class FakeDeviceArray:
     """An array in device memory as a CUDA library describes it (no GPU needed to check it)."""
 
-    def __init__(self, shape, typestr="<f4", strides=None, stream=None, ptr=1 << 40):
+    def __init__(self, shape, typestr="<f4", strides=None, stream=None, ptr=DEVICE_PTR):
         self.shape = tuple(shape)
         self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False),
                                          "version": 3, "strides": strides, "stream": stream}
@@ -101,6 +112,7 @@ def test_contract_from_metadata(io):
     np.zeros((1, 3, 224, 224), np.float16), torch.zeros(2, 3, 224, 224), torch.zeros(2, 3, 224, 224).half(),
     FakeDeviceArray((3, 3, 224, 224)),
 ], ids=["numpy", "numpy-f64", "numpy-f16", "torch-cpu", "torch-cpu-f16", "device"])
+@pytest.mark.usefixtures("emulated_core")
 def test_accepted_images(io, images):
     view, out = io.check_call(images)
     assert out is None and view.shape == tuple(images.shape)
@@ -116,7 +128,7 @@ def test_accepted_images(io, images):
     (np.zeros((2, 3, 224, 224), np.uint8), r"images must hold floating-point pixels .* got uint8"),
     (torch.zeros(2, 3, 224, 224, dtype=torch.int64), r"images must hold floating-point pixels .* got int64"),
     (FakeDeviceArray((2, 3, 224, 224), "<f8"),
-     r"images is float64 \(2, 3, 224, 224\) in device memory; the engine takes float32"),
+     r"images is float64 \(2, 3, 224, 224\) in device memory on cuda:0; the engine takes float32"),
     (FakeDeviceArray((2, 3, 224, 224), "<f2"), r"images is float16 .* the engine takes float32"),
     (FakeDeviceArray((2, 3, 224, 224), strides=(4, 8, 1792, 401408)), r"images in device memory must be C-contiguous"),
     ([[1.0]], r"images must be a numpy array, a CuPy array, a torch tensor, or an object with "
@@ -124,11 +136,13 @@ def test_accepted_images(io, images):
     (torch.zeros(1, 3, 224, 224, dtype=torch.bfloat16), r"images has dtype bfloat16, which has no numpy equivalent"),
 ], ids=["batch-host", "batch-device", "channels", "size", "ndim", "uint8", "int64", "device-f64", "device-f16",
         "strided", "list", "bfloat16"])
+@pytest.mark.usefixtures("emulated_core")
 def test_refused_images_are_named(io, images, message):
     with pytest.raises(EngineError, match=message):
         io.check_call(images)
 
 
+@pytest.mark.usefixtures("emulated_core")
 def test_out_must_be_where_the_images_are(io):
     with pytest.raises(EngineError, match=r"out is host memory \(numpy\) but images are in device memory"):
         io.check_call(FakeDeviceArray((2, 3, 224, 224)), out=np.empty((2, 1000), np.float32))
@@ -158,61 +172,64 @@ def test_several_outputs_take_no_out():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("array", [
-    np.arange(24, dtype=np.float32).reshape(2, 3, 4),
-    np.arange(24, dtype=np.float16).reshape(2, 3, 4)[:, ::2],
-    np.arange(48, dtype=np.float32).reshape(4, 12)[1:],
-    np.arange(6, dtype=np.int32),
-], ids=["contiguous", "strided", "offset", "int32"])
-def test_dlpack_capsules_are_read_as_numpy_describes_them(array):
-    info = parse_dlpack_capsule(array.__dlpack__())
-    assert info["ptr"] == array.ctypes.data and info["shape"] == array.shape and info["dtype"] == array.dtype
-    assert info["device_type"] == arrays.DLPACK_CPU and info["contiguous"] == array.flags.c_contiguous
+class Exporter:
+    """Hands out ``array``'s DLPack capsules, claiming device ``device`` (3: kDLCUDAHost,
+    memory the GPU can reach, so cuda.core reads it without a driver call), and records the
+    arguments it was asked with and the capsules it gave."""
+
+    def __init__(self, array, device=(3, 0)):
+        self.array, self.device, self.requests, self.capsules = array, device, [], []
+
+    def __dlpack__(self, **kwargs):
+        self.requests.append(kwargs)
+        self.capsules.append(self.array.__dlpack__(**{k: v for k, v in kwargs.items() if k != "stream"}))
+        return self.capsules[-1]
+
+    def __dlpack_device__(self):
+        return self.device
 
 
-def test_dlpack_byte_offset_is_added_to_the_data_pointer():
-    import ctypes
-
-    base = np.arange(16, dtype=np.float32)
-    shape = (ctypes.c_int64 * 1)(3)
-    managed = (ctypes.c_byte * (ctypes.sizeof(arrays._DLTensor) + 16))()  # DLTensor, manager_ctx, deleter
-    tensor = arrays._DLTensor.from_buffer(managed)
-    tensor.data, tensor.ndim, tensor.shape, tensor.byte_offset = base.ctypes.data, 1, shape, 8
-    tensor.device.device_type, tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes = 1, 2, 32, 1
-    new_capsule = ctypes.pythonapi.PyCapsule_New
-    new_capsule.restype, new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-    info = parse_dlpack_capsule(new_capsule(ctypes.addressof(managed), b"dltensor", None))
-    assert info["ptr"] == base.ctypes.data + 8 and info["shape"] == (3,) and info["contiguous"]
-
-
-def test_dlpack_capsules_of_torch_tensors():
-    t = torch.arange(30, dtype=torch.float32).reshape(5, 6)[1:, 2:]
-    info = parse_dlpack_capsule(torch.utils.dlpack.to_dlpack(t))
-    assert info["ptr"] == t.data_ptr() and info["shape"] == (4, 4) and not info["contiguous"]
-    with pytest.raises(ArrayError, match=r"DLPack dtype \(code 4, 16 bits, 1 lanes\) is not supported"):
-        parse_dlpack_capsule(torch.utils.dlpack.to_dlpack(torch.zeros(2, dtype=torch.bfloat16)))
-    capsule = np.zeros(2).__dlpack__()
-    np.from_dlpack(type("Holder", (), {"__dlpack__": lambda self, stream=None: capsule,
-                                       "__dlpack_device__": lambda self: (1, 0)})())
-    with pytest.raises(ArrayError, match="did not return an unused 'dltensor' capsule"):
-        parse_dlpack_capsule(capsule)  # consumed once already
+def test_dlpack_is_read_by_cuda_core_with_versioned_capsules_and_read_only_flags():
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    array.flags.writeable = False
+    exporter = Exporter(array)
+    view = view_array(exporter, "x", 5)
+    assert view.on_device and view.kind == "cuda" and view.ptr == array.ctypes.data and view.shape == (3, 4)
+    assert view.readonly  # the versioned capsule's flag, read by cuda.core
+    assert exporter.requests == [{"stream": 5, "max_version": exporter.requests[0]["max_version"]}]
+    assert exporter.requests[0]["max_version"] >= (1, 0)
+    assert "used_dltensor_versioned" in repr(exporter.capsules[0])  # consumed, as the protocol asks
+    assert not view_array(Exporter(np.zeros((2, 2), np.float32)), "x", 5).readonly
+    strided = view_array(Exporter(np.zeros((4, 6), np.float16)[:, ::2]), "x", 5)
+    assert strided.shape == (4, 3) and not strided.contiguous
+    with pytest.raises(ArrayError, match=r"x cannot be used as an array \(BufferError: device not supported\)"):
+        view_array(Exporter(array, (14, 0)), "x", 5)
 
 
+def test_the_array_interface_mask_version_and_stream_0_are_refused():
+    def interface(**extra):
+        return type("Interface", (), {"__cuda_array_interface__": dict(
+            {"shape": (2,), "typestr": "<f4", "data": (DEVICE_PTR, False), "version": 3}, **extra)})()
+
+    with pytest.raises(ArrayError, match=r"x cannot be used as an array \(BufferError: mask is not supported\)"):
+        view_array(interface(mask=interface()), "x", 5)
+    with pytest.raises(ArrayError, match=r"BufferError: only CUDA Array Interface v3 or above is supported"):
+        view_array(interface(version=2), "x", 5)
+    with pytest.raises(ArrayError, match=r"x: its __cuda_array_interface__ gives stream 0, which the interface "):
+        view_array(interface(stream=0), "x", 5)
+
+
+@pytest.mark.usefixtures("emulated_core")
 def test_views_of_every_kind():
     host = np.ones((2, 3), np.float32)
     view = view_array(DLPackOnly(host), "x")  # a CPU DLPack array is read as numpy (no copy)
     assert view.kind == "numpy" and not view.on_device and np.shares_memory(view.host, host)
-    with pytest.raises(ArrayError, match=r"x is on DLPack device type 14; CPU \(1\) and CUDA \(2, 13\)"):
-        view_array(DLPackOnly(host, (14, 0)), "x")
-    device = view_array(FakeDeviceArray((2, 3), stream=7), "x")
-    assert device.kind == "cuda" and device.on_device and device.stream == 7 and device.device is None
-    legacy = FakeDeviceArray((2, 3), stream=5)
-    legacy.__cuda_array_interface__["version"] = 2  # no stream before version 3
-    assert view_array(legacy, "x").stream is None
+    device = view_array(FakeDeviceArray((2, 3), stream=7), "x", 7)
+    assert device.kind == "cuda" and device.on_device and device.device == 0 and device.contiguous
     broken = FakeDeviceArray((2, 3))
     del broken.__cuda_array_interface__["typestr"]
-    with pytest.raises(ArrayError, match="x: its __cuda_array_interface__ is malformed"):
-        view_array(broken, "x")
+    with pytest.raises(ArrayError, match="x cannot be used as an array"):
+        view_array(broken, "x", 7)
 
 
 def test_stream_handles_of_every_kind():
@@ -225,7 +242,10 @@ def test_stream_handles_of_every_kind():
         def __cuda_stream__(self):
             return (0, 13)
 
-    assert stream_handle(0) == 0 and stream_handle(17) == 17
+    from cuda.core import Stream
+
+    assert stream_handle(0) == arrays.LEGACY_STREAM and stream_handle(17) == 17  # the legacy stream, explicitly
+    assert stream_handle(Stream.from_handle(21)) == 21
     assert stream_handle(runtime.cudaStream_t(5)) == 5 and stream_handle(driver.CUstream(9)) == 9
     assert stream_handle(TorchLike()) == 11 and stream_handle(CudaStreamProtocol()) == 13
     for bad, message in ((True, "got True"), (-1, "non-negative"), ("s", "got str"), (1.5, "got float")):
@@ -238,7 +258,8 @@ def test_stream_handles_of_every_kind():
 # --------------------------------------------------------------------------------------
 
 
-def test_kernel_launchers_check_their_arrays_before_any_cuda_call():
+@pytest.mark.usefixtures("emulated_core")
+def test_kernel_launchers_check_their_arrays():
     x, w, b = FakeDeviceArray((4, 8)), FakeDeviceArray((8,)), FakeDeviceArray((8,))
     with pytest.raises(ValueError, match="layernorm: weight is in host memory and x in device memory"):
         kernels.layernorm(x, np.ones(8, np.float32), b)
@@ -305,4 +326,4 @@ def test_without_cuda_python_the_error_names_the_extra():
         "except tv.EngineError as e:\n"
         "    print(e)\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "needs cuda-python" in proc.stdout and "pip install 'trtvit_native[runtime]'" in proc.stdout
+    assert "needs cuda.core" in proc.stdout and "pip install 'trtvit_native[runtime-cu13]'" in proc.stdout

@@ -8,7 +8,7 @@ Main entry points: :func:`create_model` (PyTorch reference), :func:`save_weights
 (TensorRT), :func:`interpret` (CPU execution of the built network),
 :func:`parity_report` (layer-by-layer comparison with the reference) and
 :class:`EngineRunner` (running an engine on a GPU with numpy, CuPy, torch or any CUDA array,
-without torch: TensorRT, cuda-python and numpy).
+without torch: TensorRT, cuda.core and numpy).
 """
 
 from importlib import import_module

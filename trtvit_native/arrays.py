@@ -1,5 +1,5 @@
-"""The arrays the engine runner and the kernel launchers accept, and the CUDA memory and
-streams behind them, on cuda-python and numpy: no torch.
+"""The arrays the engine runner and the kernel launchers accept, and the CUDA devices,
+streams, events and memory behind them, on ``cuda.core`` and numpy: no torch.
 
 Accepted array kinds, and what comes back for each:
 
@@ -14,37 +14,46 @@ given                                           used as                        r
 ``__dlpack__`` + ``__dlpack_device__``          CUDA: in place; CPU: as numpy   DeviceArray / numpy
 ==============================================  ==========================================
 
+Arrays are read by ``cuda.core``'s :class:`~cuda.core.utils.StridedMemoryView`: DLPack
+(versioned capsules, with their read-only flag, tried first; torch tensors go this way)
+and the CUDA array interface version 3 (with its ``stream``, read-only flag and refused
+``mask``). A view is made for the stream the work will run on, and that is what orders
+the work after the array's producer: a DLPack producer is asked to order its work before
+that stream, and the array interface's ``stream`` is waited on with an event.
+
 Device memory is never converted or copied: it must already have the dtype asked for and
 be C-contiguous, and a wrong one is an :class:`ArrayError` naming the array, its dtype or
-strides and what was expected. Work on device memory is ordered after the stream that
-produced it: torch's current stream for a torch tensor, the ``stream`` entry of a version-3
-``__cuda_array_interface__`` (CuPy exports its current stream there), and for DLPack the
-producer synchronizes with the consumer's stream itself (``__dlpack__(stream=...)``).
+strides and what was expected.
 
-Streams are given as ints (a ``cudaStream_t`` value; 0 is the legacy default stream), a
-cuda-python ``CUstream``/``cudaStream_t``, a torch stream (``.cuda_stream``), a CuPy stream
-(``.ptr``) or any object with ``__cuda_stream__``.
+Streams are given as ints (a ``cudaStream_t`` value; 0 and 1 both mean the legacy default
+stream, which is passed to CUDA as 1 so that per-thread default stream builds do not read
+it otherwise), a ``cuda.core`` :class:`~cuda.core.Stream`, a cuda-python
+``CUstream``/``cudaStream_t``, a torch stream (``.cuda_stream``), a CuPy stream (``.ptr``)
+or any object with ``__cuda_stream__``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ArrayError", "CudaError", "CudaUnavailable", "ArrayView", "DeviceArray", "PinnedBuffer", "cudart",
-           "cuda_call", "no_device_reason", "device_name", "device_scope", "view_array", "stream_handle",
-           "create_stream", "destroy_stream", "synchronize", "wait_for", "pointer_device", "empty_device",
-           "parse_dlpack_capsule", "DLPACK_CPU", "DLPACK_CUDA", "DLPACK_CUDA_MANAGED"]
+__all__ = ["ArrayError", "CudaError", "CudaUnavailable", "cuda_errors", "ArrayView", "DeviceArray", "PinnedBuffer", "core",
+           "no_device_reason", "driver_mismatch", "device_name", "device_count", "device_scope",
+           "view_array", "stream_handle", "as_stream", "create_stream", "destroy_stream", "synchronize",
+           "empty_device", "copy_async", "record_torch_stream", "consumer_stream", "LEGACY_STREAM"]
 
-# DLPack device types (dlpack.h: DLDeviceType).
-DLPACK_CPU, DLPACK_CUDA, DLPACK_CUDA_MANAGED = 1, 2, 13
-_DLPACK_TYPE_CODES = {0: "i", 1: "u", 2: "f"}  # kDLInt, kDLUInt, kDLFloat (4: bfloat, not numpy)
+# cudaStreamLegacy: the legacy default stream, whatever the default-stream mode.
+LEGACY_STREAM = 1
+_DLPACK_CPU = 1  # kDLCPU
+# The NVIDIA driver a cuda-bindings major needs at least (CUDA version, driver branch).
+_DRIVER_NEEDED = {12: (12000, "525"), 13: (13000, "580")}
 
 
 class ArrayError(ValueError):
@@ -52,85 +61,114 @@ class ArrayError(ValueError):
 
 
 class CudaError(RuntimeError):
-    """A CUDA runtime call failed; carries the function and CUDA's error name and text."""
-
-    def __init__(self, function: str, name: str, text: str):
-        super().__init__(f"{function} failed: {name} ({text})")
-        self.function, self.name, self.text = function, name, text
-
-
-class CudaUnavailable(RuntimeError):
-    """cuda-python is not installed."""
-
-
-_RUNTIME: Any = None
-
-
-def cudart() -> Any:
-    """The CUDA runtime bindings of cuda-python (``cuda.bindings.runtime``, or ``cuda.cudart``
-    of cuda-python before 12.6)."""
-    global _RUNTIME
-    if _RUNTIME is None:
-        try:
-            from cuda.bindings import runtime
-        except ImportError:
-            try:
-                from cuda import cudart as runtime  # type: ignore[no-redef]
-            except ImportError:
-                raise CudaUnavailable("this needs cuda-python for CUDA memory and streams, and it is not installed: "
-                                      "pip install 'trtvit_native[runtime]' (cuda-python and numpy, no torch)") from None
-        _RUNTIME = runtime
-    return _RUNTIME
-
-
-def _error_words(rt: Any, err: Any) -> Tuple[str, str]:
-    name, text = rt.cudaGetErrorName(err)[1], rt.cudaGetErrorString(err)[1]
-    return (name.decode() if isinstance(name, bytes) else str(name)), (text.decode() if isinstance(text, bytes)
-                                                                        else str(text))
-
-
-def cuda_call(function: str, *args: Any) -> Any:
-    """``cudart().function(*args)``; raises :class:`CudaError` on an error code, returns the
-    value (or tuple of values) after it, None when there is none."""
-    rt = cudart()
-    result = getattr(rt, function)(*args)
-    err = result[0] if isinstance(result, tuple) else result
-    if err != rt.cudaError_t.cudaSuccess:
-        raise CudaError(function, *_error_words(rt, err))
-    if not isinstance(result, tuple) or len(result) == 1:
-        return None
-    return result[1] if len(result) == 2 else result[1:]
-
-
-def no_device_reason() -> Optional[str]:
-    """None when CUDA sees a GPU, else why not, in CUDA's words (no driver, no device, ...)."""
-    rt = cudart()
-    err, count = rt.cudaGetDeviceCount()
-    if err != rt.cudaError_t.cudaSuccess:
-        name, text = _error_words(rt, err)
-        return f"cudaGetDeviceCount reports {name}: {text}"
-    if count == 0:
-        return "cudaGetDeviceCount reports 0 devices"
-    return None
-
-
-def device_name(device: int) -> str:
-    props = cuda_call("cudaGetDeviceProperties", int(device))
-    name = props.name
-    return (name.split(b"\0", 1)[0].decode() if isinstance(name, (bytes, bytearray)) else str(name)) + f" (cuda:{device})"
+    """A CUDA call made through ``cuda.core`` failed (its ``CUDAError``, with the driver's words)."""
 
 
 @contextlib.contextmanager
-def device_scope(device: int) -> Iterator[None]:
-    """Make ``device`` current on this thread, and restore the previous one afterwards."""
-    previous = cuda_call("cudaGetDevice")
-    if previous != device:
-        cuda_call("cudaSetDevice", int(device))
+def cuda_errors() -> Iterator[None]:
+    """``cuda.core``'s CUDAError raised inside as :class:`CudaError`, which callers catch."""
     try:
         yield
+    except RuntimeError as e:
+        if type(e).__name__ != "CUDAError":
+            raise
+        raise CudaError(str(e)) from None
+
+
+def _translating(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with cuda_errors():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+class CudaUnavailable(RuntimeError):
+    """cuda.core (cuda-python) is not installed, or does not fit the installed driver."""
+
+
+_CORE: Any = None
+
+
+def core() -> Any:
+    """The ``cuda.core`` module (cuda-python >= 13 installs it)."""
+    global _CORE
+    if _CORE is None:
+        try:
+            import cuda.core
+            import cuda.core.utils  # noqa: F401 - StridedMemoryView
+        except ImportError as e:
+            raise CudaUnavailable(f"this needs cuda.core for CUDA memory and streams, and it cannot be imported "
+                                  f"({e}): pip install 'trtvit_native[runtime-cu13]' (CUDA 13 driver, >= 580) or "
+                                  f"'trtvit_native[runtime-cu12]' (CUDA 12 driver), no torch needed") from None
+        _CORE = cuda.core
+    return _CORE
+
+
+def driver_mismatch(driver_version: int, bindings_version: str) -> Optional[str]:
+    """Why the installed cuda-bindings cannot run on a driver of ``driver_version``
+    (``cuDriverGetVersion``: 1000 * major + 10 * minor), or None when it can."""
+    major = int(str(bindings_version).split(".")[0])
+    needed, branch = _DRIVER_NEEDED.get(major, (major * 1000, "a newer"))
+    if driver_version >= needed:
+        return None
+    have = f"{driver_version // 1000}.{driver_version % 1000 // 10}"
+    fit = f"runtime-cu{driver_version // 1000}"
+    return (f"the NVIDIA driver supports CUDA {have}, and the installed cuda-bindings {bindings_version} needs a CUDA "
+            f"{major} driver ({branch} or newer): update the driver, or pip install 'trtvit_native[{fit}]'")
+
+
+def _driver_version() -> int:
+    from cuda.bindings import driver
+
+    err, version = driver.cuDriverGetVersion()
+    if int(err) != 0:
+        raise CudaError(f"cuDriverGetVersion failed: {err}")
+    return int(version)
+
+
+def no_device_reason() -> Optional[str]:
+    """None when CUDA sees a GPU, else why not: no driver, a driver too old for the
+    installed cuda-bindings (naming the extra that fits it), or no device."""
+    cc = core()
+    try:
+        version = _driver_version()
+    except CudaError as e:
+        return str(e)
+    except Exception as e:  # cuda.pathfinder: libcuda.so not found
+        return f"no NVIDIA driver found ({type(e).__name__}: {e})"
+    import cuda.bindings
+
+    mismatch = driver_mismatch(version, getattr(cuda.bindings, "__version__", "13"))
+    if mismatch is not None:
+        return mismatch
+    count = device_count(cc)
+    return None if count else "the driver reports 0 devices"
+
+
+def device_count(cc: Any = None) -> int:
+    return len((cc or core()).Device.get_all_devices())
+
+
+@_translating
+def device_name(ordinal: int) -> str:
+    return f"{core().Device(ordinal).name} (cuda:{ordinal})"
+
+
+@contextlib.contextmanager
+def device_scope(ordinal: int) -> Iterator[Any]:
+    """Make device ``ordinal`` (None: the current one) current on this thread, initialized as
+    cuda.core needs it for streams, events and memory (yields its Device), and the previous
+    one current again afterwards."""
+    cc = core()
+    previous = cc.Device()
+    dev = cc.Device(ordinal)
+    dev.set_current()
+    try:
+        yield dev
     finally:
-        if previous != device:
-            cuda_call("cudaSetDevice", int(previous))
+        if previous.device_id != dev.device_id:
+            previous.set_current()
 
 
 # --------------------------------------------------------------------------------------
@@ -138,52 +176,53 @@ def device_scope(device: int) -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 
-def stream_handle(stream: Any) -> int:
-    """The ``cudaStream_t`` value of ``stream`` (see the module docstring for the kinds)."""
-    if isinstance(stream, bool):
-        raise ArrayError(f"stream must be a CUDA stream or a stream handle, got {stream!r}")
-    if isinstance(stream, int):
-        if stream < 0:
-            raise ArrayError(f"stream handle must be a non-negative int, got {stream}")
-        return stream
-    if hasattr(stream, "__cuda_stream__"):
-        return int(stream.__cuda_stream__()[1])
-    if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
-        return int(stream.cuda_stream)
-    if type(stream).__module__.split(".")[0] == "cupy" and hasattr(stream, "ptr"):
-        return int(stream.ptr)
-    if hasattr(stream, "getPtr"):  # cuda-python CUstream / cudaStream_t
-        return int(stream)
-    raise ArrayError(f"stream must be an int handle, a cuda-python, CuPy or torch stream, or an object with "
-                     f"__cuda_stream__; got {type(stream).__name__}")
+def stream_handle(s: Any) -> int:
+    """The ``cudaStream_t`` value of ``s`` (see the module docstring for the kinds); the
+    legacy default stream is always :data:`LEGACY_STREAM`."""
+    if isinstance(s, bool):
+        raise ArrayError(f"stream must be a CUDA stream or a stream handle, got {s!r}")
+    if isinstance(s, int):
+        if s < 0:
+            raise ArrayError(f"stream handle must be a non-negative int, got {s}")
+        handle = s
+    elif hasattr(s, "__cuda_stream__"):
+        handle = int(s.__cuda_stream__()[1])
+    elif hasattr(s, "cuda_stream"):  # torch.cuda.Stream
+        handle = int(s.cuda_stream)
+    elif type(s).__module__.split(".")[0] == "cupy" and hasattr(s, "ptr"):
+        handle = int(s.ptr)
+    elif hasattr(s, "getPtr"):  # cuda-python CUstream / cudaStream_t
+        handle = int(s)
+    else:
+        raise ArrayError(f"stream must be an int handle, a cuda.core, cuda-python, CuPy or torch stream, or an "
+                         f"object with __cuda_stream__; got {type(s).__name__}")
+    return LEGACY_STREAM if handle == 0 else handle
 
 
-def create_stream() -> int:
-    """A new non-blocking stream (it does not wait for the legacy default stream)."""
-    rt = cudart()
-    return int(cuda_call("cudaStreamCreateWithFlags", rt.cudaStreamNonBlocking))
+def as_stream(s: Any) -> Any:
+    """A ``cuda.core`` Stream for any accepted stream kind (the stream stays the caller's)."""
+    cc = core()
+    if isinstance(s, cc.Stream):
+        return s
+    handle = stream_handle(s)
+    return cc.LEGACY_DEFAULT_STREAM if handle == LEGACY_STREAM else cc.Stream.from_handle(handle)
 
 
-def destroy_stream(stream: int) -> None:
-    cuda_call("cudaStreamDestroy", stream)
+@_translating
+def create_stream(ordinal: Optional[int] = None) -> Any:
+    """A new non-blocking ``cuda.core`` Stream on device ``ordinal`` (None: the current one)."""
+    with device_scope(ordinal) as dev:
+        return dev.create_stream()
 
 
-def synchronize(stream: int) -> None:
-    cuda_call("cudaStreamSynchronize", stream)
+@_translating
+def destroy_stream(s: Any) -> None:
+    s.close()
 
 
-def wait_for(producer: Optional[int], consumer: int) -> None:
-    """Order ``consumer`` after the work queued so far on ``producer`` (an event between them);
-    nothing when ``producer`` is None or the same stream."""
-    if producer is None or producer == consumer:
-        return
-    rt = cudart()
-    event = cuda_call("cudaEventCreateWithFlags", rt.cudaEventDisableTiming)
-    try:
-        cuda_call("cudaEventRecord", event, producer)
-        cuda_call("cudaStreamWaitEvent", consumer, event, 0)
-    finally:
-        cuda_call("cudaEventDestroy", event)
+@_translating
+def synchronize(s: Any) -> None:
+    as_stream(s).sync()
 
 
 # --------------------------------------------------------------------------------------
@@ -192,45 +231,59 @@ def wait_for(producer: Optional[int], consumer: int) -> None:
 
 
 class DeviceArray:
-    """Device memory from ``cudaMalloc`` with a shape and dtype, freed with the object.
+    """Device memory from the device's stream-ordered pool (``cuda.core`` Buffer), with a
+    shape and dtype; returned to the pool, on the stream it was last used on, with the object.
 
     It exposes ``__cuda_array_interface__`` (version 3), so CuPy, numba and torch take it
-    without a copy (``cupy.asarray(a)``, ``torch.as_tensor(a, device="cuda")``).
+    without a copy (``cupy.asarray(a)``, ``torch.as_tensor(a, device="cuda")``). Its
+    ``stream`` is the stream its pending writes are queued on (exported as the interface's
+    ``stream``, so a consumer orders itself after them), or None once they are complete.
     """
 
-    def __init__(self, shape: Sequence[int], dtype: Any, device: Optional[int] = None):
+    @_translating
+    def __init__(self, shape: Sequence[int], dtype: Any, device: Optional[int] = None, stream: Any = None):
         self.shape = tuple(int(v) for v in shape)
         self.dtype = np.dtype(dtype)
         self.nbytes = math.prod(self.shape) * self.dtype.itemsize
-        self.device = int(cuda_call("cudaGetDevice")) if device is None else int(device)
-        self.ptr = 0
-        with device_scope(self.device):
-            self.ptr = int(cuda_call("cudaMalloc", max(self.nbytes, 1)))
+        self._stream = as_stream(LEGACY_STREAM if stream is None else stream)
+        with device_scope(device) as dev:
+            self.device = int(dev.device_id)
+            self.buffer = dev.allocate(max(self.nbytes, 1), stream=self._stream)
+        self.ptr = int(self.buffer.handle)
+        self.stream: Optional[int] = None if stream is None else stream_handle(stream)
 
     @classmethod
-    def from_host(cls, array: np.ndarray, device: Optional[int] = None, stream: int = 0) -> "DeviceArray":
+    @_translating
+    def from_host(cls, array: np.ndarray, device: Optional[int] = None, stream: Any = None) -> "DeviceArray":
         """A device copy of ``array`` (complete when this returns)."""
         host = np.ascontiguousarray(array)
-        out = cls(host.shape, host.dtype, device)
-        rt = cudart()
-        cuda_call("cudaMemcpyAsync", out.ptr, host.ctypes.data, host.nbytes,
-                  rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream)
-        synchronize(stream)
+        out = cls(host.shape, host.dtype, device, stream)
+        copy_async(out.ptr, host.ctypes.data, host.nbytes, out._stream, keep=host)
+        out._stream.sync()
+        out.written_on(None)
         return out
 
-    def copy_to_host(self, stream: int = 0) -> np.ndarray:
-        """A numpy copy (complete when this returns, after the work queued on ``stream``)."""
+    def written_on(self, s: Any) -> None:
+        """Note that writes to the array are queued on ``s`` (None: they are complete)."""
+        self.stream = None if s is None else stream_handle(s)
+        # Freed in order after the last writes; once they are complete, on the legacy stream
+        # (the writer's stream may be gone by then).
+        self._stream = as_stream(LEGACY_STREAM if s is None else s)
+
+    @_translating
+    def copy_to_host(self, s: Any = None) -> np.ndarray:
+        """A numpy copy, complete when this returns; queued on ``s`` (default: the stream of
+        the pending writes, else the legacy stream)."""
+        run = as_stream(s if s is not None else (self.stream or LEGACY_STREAM))
         host = np.empty(self.shape, self.dtype)
-        rt = cudart()
-        cuda_call("cudaMemcpyAsync", host.ctypes.data, self.ptr, self.nbytes,
-                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream)
-        synchronize(stream)
+        copy_async(host.ctypes.data, self.ptr, self.nbytes, run, keep=host)
+        run.sync()
         return host
 
     @property
-    def __cuda_array_interface__(self) -> Dict[str, Any]:
+    def __cuda_array_interface__(self) -> dict:
         return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "version": 3,
-                "strides": None, "stream": None}
+                "strides": None, "stream": self.stream}
 
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 0
@@ -239,21 +292,35 @@ class DeviceArray:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype.name}, device=cuda:{self.device})"
 
     def __del__(self) -> None:
-        if self.ptr:
+        buffer = getattr(self, "buffer", None)
+        if buffer is not None:
             try:
-                cudart().cudaFree(self.ptr)
-            except Exception:  # interpreter shutdown: the process's memory goes with it
-                pass
-            self.ptr = 0
+                buffer.close(self._stream)
+            except Exception:  # a stream closed since, or interpreter shutdown
+                try:
+                    buffer.close()
+                except Exception:
+                    pass
+            self.buffer = None
+
+
+def copy_async(dst: int, src: int, nbytes: int, s: Any, keep: Any = None) -> None:
+    """Queue a copy of ``nbytes`` from ``src`` to ``dst`` (device or host pointers) on ``s``."""
+    if nbytes:
+        cc = core()
+        cc.Buffer.from_handle(dst, nbytes, owner=keep).copy_from(cc.Buffer.from_handle(src, nbytes, owner=keep),
+                                                                 stream=s)
 
 
 class PinnedBuffer:
-    """Page-locked host memory (``cudaMallocHost``): host-device copies from it are
-    asynchronous and run at full bus speed."""
+    """Page-locked host memory (``cuda.core`` pinned memory resource): host-device copies
+    from it are asynchronous and run at full bus speed."""
 
+    @_translating
     def __init__(self, nbytes: int):
         self.nbytes = int(nbytes)
-        self.ptr = int(cuda_call("cudaMallocHost", max(self.nbytes, 1)))
+        self.buffer = core().LegacyPinnedMemoryResource().allocate(max(self.nbytes, 1), stream=as_stream(LEGACY_STREAM))
+        self.ptr = int(self.buffer.handle)
 
     def view(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
         """A numpy array over the start of the buffer."""
@@ -264,41 +331,56 @@ class PinnedBuffer:
         raw = (ctypes.c_byte * max(count * dtype.itemsize, 1)).from_address(self.ptr)
         return np.frombuffer(raw, dtype=dtype, count=count).reshape(tuple(shape))
 
-    def __del__(self) -> None:
-        if self.ptr:
+    def close(self) -> None:
+        if getattr(self, "buffer", None) is not None:
             try:
-                cudart().cudaFreeHost(self.ptr)
-            except Exception:
+                self.buffer.close()
+            except Exception:  # interpreter shutdown
                 pass
-            self.ptr = 0
+            self.buffer = None
+
+    __del__ = close
 
 
-def pointer_device(ptr: int, name: str) -> int:
-    """The device that owns ``ptr``; :class:`ArrayError` when it is host memory."""
-    rt = cudart()
-    attrs = cuda_call("cudaPointerGetAttributes", int(ptr))
-    kind = attrs.type
-    if kind not in (rt.cudaMemoryType.cudaMemoryTypeDevice, rt.cudaMemoryType.cudaMemoryTypeManaged):
-        raise ArrayError(f"{name} points to host memory ({getattr(kind, 'name', kind)}) where device memory is "
-                         f"needed: pass a numpy array to have it copied, or an array in GPU memory")
-    return int(attrs.device)
-
-
-def empty_device(kind: str, shape: Sequence[int], dtype: np.dtype, device: int) -> Tuple[Any, int]:
+def empty_device(kind: str, shape: Sequence[int], dtype: np.dtype, ordinal: int, s: int) -> Tuple[Any, int]:
     """A new device array of the library ``kind`` ("torch", "cupy", else :class:`DeviceArray`)
-    and its pointer."""
+    for writes queued on stream ``s``, and its pointer. torch's allocator is told of the
+    stream (``record_stream``) where it is not torch's current stream."""
     shape = tuple(int(v) for v in shape)
     if kind == "torch":
         torch = sys.modules["torch"]
-        t = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=f"cuda:{device}")
+        t = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=f"cuda:{ordinal}")
+        record_torch_stream(t, s)
         return t, int(t.data_ptr())
     if kind == "cupy":
         cupy = sys.modules["cupy"]
-        with cupy.cuda.Device(device):
+        with cupy.cuda.Device(ordinal):
             a = cupy.empty(shape, dtype=dtype)
         return a, int(a.data.ptr)
-    a = DeviceArray(shape, dtype, device)
+    a = DeviceArray(shape, dtype, ordinal, s)
     return a, a.ptr
+
+
+def record_torch_stream(tensor: Any, s: int) -> None:
+    """Tell torch's caching allocator that ``tensor`` is used on stream ``s``, when that is
+    not torch's current stream (else its memory could be reused while ``s`` still reads it)."""
+    torch = sys.modules["torch"]
+    current = torch.cuda.current_stream(tensor.device)
+    if stream_handle(current.cuda_stream) != s:
+        tensor.record_stream(torch.cuda.ExternalStream(s, device=tensor.device))
+
+
+def consumer_stream(obj: Any) -> Optional[int]:
+    """The stream a torch tensor's or CuPy array's library uses next (its current stream),
+    None for other kinds (their consumer's stream is not known)."""
+    module = type(obj).__module__.split(".")[0]
+    if module == "torch" and getattr(obj, "is_cuda", False):
+        return stream_handle(sys.modules["torch"].cuda.current_stream(obj.device).cuda_stream)
+    if module == "cupy" and hasattr(obj, "device"):
+        cupy = sys.modules["cupy"]
+        with cupy.cuda.Device(obj.device.id):
+            return stream_handle(cupy.cuda.get_current_stream())
+    return None
 
 
 def host_result(kind: str, array: np.ndarray) -> Any:
@@ -317,8 +399,8 @@ class ArrayView:
 
     ``kind``: "numpy", "torch", "cupy" or "cuda" (any other device array), which decides
     the kind of the results. Host arrays carry ``host`` (a numpy array); device arrays
-    ``ptr``, ``device`` (None until looked up, for a bare ``__cuda_array_interface__``) and
-    ``stream``, the producer stream to wait for (None: nothing to wait for).
+    ``ptr`` and ``device``. ``keep`` is the object itself (and what keeps its memory
+    alive); ``view`` the library's view of it.
     """
 
     name: str
@@ -329,20 +411,21 @@ class ArrayView:
     contiguous: bool = True
     ptr: int = 0
     device: Optional[int] = None
-    stream: Optional[int] = None
+    readonly: bool = False
     host: Optional[np.ndarray] = None
-    keep: Any = None  # what keeps the memory alive (the object, a DLPack capsule)
+    keep: Any = None
+    view: Any = None
 
     def describe(self) -> str:
-        where = "host memory" if not self.on_device else (
-            "device memory" if self.device is None else f"device memory on cuda:{self.device}")
+        where = "host memory" if not self.on_device else f"device memory on cuda:{self.device}"
         return f"{self.dtype.name} {self.shape} in {where}"
 
 
-def _c_contiguous(shape: Tuple[int, ...], strides: Optional[Sequence[int]], itemsize: int) -> bool:
+def _c_contiguous(shape: Tuple[int, ...], strides: Optional[Sequence[int]]) -> bool:
+    """Whether ``strides`` (in elements, as the library gives them; None: C order) are C order."""
     if strides is None:
         return True
-    expected = itemsize
+    expected = 1
     for size, stride in zip(reversed(shape), reversed(tuple(strides))):
         if size != 1 and stride != expected:
             return False
@@ -350,107 +433,56 @@ def _c_contiguous(shape: Tuple[int, ...], strides: Optional[Sequence[int]], item
     return True
 
 
-def _host_view(name: str, kind: str, array: np.ndarray, keep: Any) -> ArrayView:
-    return ArrayView(name, kind, False, tuple(array.shape), array.dtype, host=array, keep=keep)
-
-
 def _torch_dtype_to_numpy(name: str, dtype: Any) -> np.dtype:
     text = str(dtype).replace("torch.", "")
     try:
-        return np.dtype(text)
+        result = np.dtype(text)
+        if result.kind not in "biufc":  # bfloat16 once ml_dtypes has registered it: no numpy arithmetic
+            raise TypeError(text)
+        return result
     except TypeError:
         raise ArrayError(f"{name} has dtype {text}, which has no numpy equivalent (float32 and float16 are "
                          f"what this takes)") from None
 
 
-def _cai_view(name: str, kind: str, obj: Any) -> ArrayView:
-    cai = obj.__cuda_array_interface__
-    try:
-        shape = tuple(int(v) for v in cai["shape"])
-        dtype = np.dtype(cai["typestr"])
-        ptr = int(cai["data"][0] or 0)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise ArrayError(f"{name}: its __cuda_array_interface__ is malformed ({type(e).__name__}: {e})") from None
-    stream = cai.get("stream") if int(cai.get("version", 0)) >= 3 else None
-    device = None
-    if kind == "cupy":
-        device = int(obj.device.id)
-    return ArrayView(name, kind, True, shape, dtype, _c_contiguous(shape, cai.get("strides"), dtype.itemsize), ptr,
-                     device, None if stream is None else int(stream), keep=obj)
-
-
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
-class _DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
-                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
-
-
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-_capsule_valid = ctypes.pythonapi.PyCapsule_IsValid
-_capsule_valid.restype, _capsule_valid.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
-
-
-def parse_dlpack_capsule(capsule: Any, name: str = "array") -> Dict[str, Any]:
-    """Read a DLPack ``"dltensor"`` capsule (the unversioned ``DLManagedTensor``, whose
-    ``DLTensor`` comes first): data pointer (with its byte offset), device type and id,
-    shape, dtype and whether it is C-contiguous.
-
-    The capsule keeps its name, so its own destructor frees the tensor when the capsule
-    goes: keep the capsule alive while the pointer is in use.
-    """
-    if not _capsule_valid(capsule, b"dltensor"):
-        raise ArrayError(f"{name}: __dlpack__() did not return an unused 'dltensor' capsule")
-    t = _DLTensor.from_address(_capsule_pointer(capsule, b"dltensor"))
-    shape = tuple(int(t.shape[i]) for i in range(t.ndim))
-    code, bits, lanes = t.dtype.code, t.dtype.bits, t.dtype.lanes
-    if code not in _DLPACK_TYPE_CODES or lanes != 1 or bits % 8:
-        raise ArrayError(f"{name}: DLPack dtype (code {code}, {bits} bits, {lanes} lanes) is not supported "
-                         f"(float32 and float16 are)")
-    dtype = np.dtype(f"{_DLPACK_TYPE_CODES[code]}{bits // 8}")
-    strides = None if not t.strides else tuple(int(t.strides[i]) * dtype.itemsize for i in range(t.ndim))
-    return {"ptr": int(t.data or 0) + int(t.byte_offset), "device_type": int(t.device.device_type),
-            "device_id": int(t.device.device_id), "shape": shape, "dtype": dtype,
-            "contiguous": _c_contiguous(shape, strides, dtype.itemsize)}
-
-
 def view_array(x: Any, name: str, consumer_stream: Optional[int] = None) -> ArrayView:
     """An :class:`ArrayView` of ``x``, of any accepted kind; :class:`ArrayError` naming
-    ``name`` and the type for anything else. Makes no CUDA call, except that a DLPack
-    producer is asked to order its work before ``consumer_stream``."""
+    ``name`` for anything else, or for what the library refuses (a ``mask``, an interface
+    before version 3, a device it does not know).
+
+    A device array's view is made for ``consumer_stream`` (a handle; None: no ordering),
+    which orders that stream after the array's producer (see the module docstring)."""
     module = type(x).__module__.split(".")[0]
     if isinstance(x, np.ndarray):
-        return _host_view(name, "numpy", x, x)
-    if module == "torch" and hasattr(x, "is_cuda"):
-        if not x.is_cuda:
-            if str(x.dtype) == "torch.bfloat16":
-                _torch_dtype_to_numpy(name, x.dtype)
-            return _host_view(name, "torch", x.detach().numpy(), x)
+        return ArrayView(name, "numpy", False, tuple(x.shape), x.dtype, host=x, keep=x, readonly=not x.flags.writeable)
+    if module == "torch" and hasattr(x, "is_cuda") and not x.is_cuda:
         dtype = _torch_dtype_to_numpy(name, x.dtype)
-        stream = int(sys.modules["torch"].cuda.current_stream(x.device).cuda_stream)
-        return ArrayView(name, "torch", True, tuple(x.shape), dtype, bool(x.is_contiguous()), int(x.data_ptr()),
-                         int(x.device.index), stream, keep=x)
-    if hasattr(x, "__cuda_array_interface__"):
-        return _cai_view(name, "cupy" if module == "cupy" else "cuda", x)
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        device_type, device_id = (int(v) for v in x.__dlpack_device__())
-        if device_type == DLPACK_CPU:
-            return _host_view(name, "numpy", np.from_dlpack(x), x)
-        if device_type not in (DLPACK_CUDA, DLPACK_CUDA_MANAGED):
-            raise ArrayError(f"{name} is on DLPack device type {device_type}; CPU ({DLPACK_CPU}) and CUDA "
-                             f"({DLPACK_CUDA}, {DLPACK_CUDA_MANAGED}) arrays are accepted")
-        # DLPack's stream argument: 1 is the legacy default stream (0 is not allowed).
-        capsule = x.__dlpack__(stream=1 if not consumer_stream else consumer_stream)
-        info = parse_dlpack_capsule(capsule, name)
-        return ArrayView(name, "cuda", True, info["shape"], info["dtype"], info["contiguous"], info["ptr"],
-                         info["device_id"], None, keep=(x, capsule))
-    raise ArrayError(f"{name} must be a numpy array, a CuPy array, a torch tensor, or an object with "
-                     f"__cuda_array_interface__ or __dlpack__; got {type(x).__module__}.{type(x).__name__}")
+        host = x.detach().numpy()
+        return ArrayView(name, "torch", False, tuple(host.shape), dtype, host=host, keep=x)
+    dlpack = hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+    if not dlpack and not hasattr(x, "__cuda_array_interface__"):
+        raise ArrayError(f"{name} must be a numpy array, a CuPy array, a torch tensor, or an object with "
+                         f"__cuda_array_interface__ or __dlpack__; got {type(x).__module__}.{type(x).__name__}")
+    if module == "torch":
+        _torch_dtype_to_numpy(name, x.dtype)
+    if dlpack and int(x.__dlpack_device__()[0]) == _DLPACK_CPU:
+        try:
+            host = np.from_dlpack(x)
+        except Exception as e:
+            raise ArrayError(f"{name} cannot be used as an array ({type(e).__name__}: {e})") from None
+        return ArrayView(name, "numpy", False, tuple(host.shape), host.dtype, host=host, keep=x,
+                         readonly=not host.flags.writeable)
+    cai = None if dlpack else x.__cuda_array_interface__
+    if isinstance(cai, dict) and cai.get("stream") == 0:
+        raise ArrayError(f"{name}: its __cuda_array_interface__ gives stream 0, which the interface forbids "
+                         f"(1: the legacy default stream, 2: the per-thread one)")
+    smv = core().utils.StridedMemoryView
+    try:
+        view = smv.from_any_interface(x, -1 if consumer_stream is None else int(consumer_stream))
+        dtype = view.dtype
+    except Exception as e:  # BufferError, CUDAError, TypeError, NotImplementedError of the producer or the library
+        raise ArrayError(f"{name} cannot be used as an array ({type(e).__name__}: {e})") from None
+    shape = tuple(int(v) for v in view.shape)
+    kind = module if module in ("torch", "cupy") else "cuda"
+    return ArrayView(name, kind, True, shape, np.dtype(dtype), _c_contiguous(shape, view.strides), int(view.ptr),
+                     int(view.device_id), bool(view.readonly), keep=x, view=view)

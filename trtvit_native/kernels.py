@@ -245,13 +245,28 @@ def load_kernel_library(path: Union[None, str, Path] = None) -> KernelLibrary:
 # --------------------------------------------------------------------------------------
 
 
-def _views(what: str, stream: Optional[int], **named: Any) -> Dict[str, "ArrayView"]:
-    """Views of the array arguments, checked to share one place, dtype (float32 or float16)
-    and device, device arrays C-contiguous; ValueError naming the argument otherwise."""
+def _run_stream(stream: Optional[int], first: Any) -> int:
+    """The stream a launch runs on, chosen before any array is viewed (each view orders it
+    after that array's producer): ``stream`` when given, else torch's or CuPy's current
+    stream for a torch or CuPy first argument, else the legacy default stream."""
+    from .arrays import LEGACY_STREAM, consumer_stream
+
+    if stream is not None:
+        return stream
+    current = consumer_stream(first)
+    return LEGACY_STREAM if current is None else current
+
+
+def _views(what: str, stream: Optional[int], **named: Any) -> Tuple[Dict[str, "ArrayView"], int]:
+    """Views of the array arguments, made for the run stream (returned with them), checked
+    to share one place, dtype (float32 or float16) and device, device arrays C-contiguous;
+    ValueError naming the argument otherwise."""
     from .arrays import ArrayError, view_array
 
+    named = {n: a for n, a in named.items() if a is not None}
+    run = _run_stream(stream, next(iter(named.values())))
     try:
-        views = {n: view_array(a, n, stream) for n, a in named.items() if a is not None}
+        views = {n: view_array(a, n, run) for n, a in named.items()}
     except ArrayError as e:
         raise ValueError(f"{what}: {e}") from None
     first = next(iter(views.values()))
@@ -266,58 +281,38 @@ def _views(what: str, stream: Optional[int], **named: Any) -> Dict[str, "ArrayVi
             raise ValueError(f"{what}: {v.name} has dtype {v.dtype.name}, {first.name} {first.dtype.name}")
         if v.on_device and not v.contiguous:
             raise ValueError(f"{what}: {v.name} must be contiguous")
-        if v.on_device and None not in (v.device, first.device) and v.device != first.device:
+        if v.on_device and v.device != first.device:
             raise ValueError(f"{what}: {v.name} is on cuda:{v.device}, {first.name} on cuda:{first.device}")
-    return views
+    return views, run
 
 
 def _launch(what: str, views: Dict[str, "ArrayView"], out_shapes: Sequence[Tuple[int, ...]],
-            launch: Callable[[Dict[str, int], List[int], int], None], stream: Optional[int]) -> List[Any]:
-    """Run ``launch(input pointers, output pointers, stream)`` on the arrays of ``views`` and
-    return the outputs, new arrays of the inputs' kind.
+            launch: Callable[[Dict[str, int], List[int], int], None], run: int) -> List[Any]:
+    """Run ``launch(input pointers, output pointers, stream)`` on the arrays of ``views`` on
+    stream ``run`` and return the outputs, new arrays of the first input's kind.
 
-    Torch tensors on a GPU run on torch's current stream (or ``stream``) with torch
-    tensors out, through torch alone. Other device arrays run on ``stream``, else the
-    stream their producer named (CuPy: its current stream), else the legacy default
-    stream. Host arrays are copied to the GPU and back (the call waits for the results).
+    Device outputs are allocated for ``run`` (a :class:`~trtvit_native.arrays.DeviceArray`
+    names it as the stream of its pending writes; torch's allocator is told of it where it
+    is not torch's current stream). Host arrays are copied to the GPU and back (the call
+    waits for the results).
     """
-    first = next(iter(views.values()))
-    dtype = first.dtype
-    if first.on_device and first.kind == "torch":
-        import torch
-
-        device = torch.device("cuda", first.device)
-        current = torch.cuda.current_stream(device)
-        run = current.cuda_stream if stream is None else stream
-        with torch.cuda.device(device):
-            if run != current.cuda_stream:
-                torch.cuda.ExternalStream(run, device=device).wait_stream(current)
-            outs = [torch.empty(shape, dtype=getattr(torch, dtype.name), device=device) for shape in out_shapes]
-            launch({n: v.ptr for n, v in views.items()}, [o.data_ptr() for o in outs], run)
-        return outs
-
     from . import arrays
 
+    first = next(iter(views.values()))
+    dtype = first.dtype
     if first.on_device:
-        devices = {n: v.device if v.device is not None else arrays.pointer_device(v.ptr, f"{what}: {n}")
-                   for n, v in views.items()}
-        device = devices[first.name]
-        for n, d in devices.items():
-            if d != device:
-                raise ValueError(f"{what}: {n} is on cuda:{d}, {first.name} on cuda:{device}")
-        run = stream if stream is not None else (first.stream if first.stream is not None else 0)
-        with arrays.device_scope(device):
+        with arrays.device_scope(first.device):
             for v in views.values():
-                arrays.wait_for(v.stream, run)
-            outs = [arrays.empty_device(first.kind, shape, dtype, device) for shape in out_shapes]
+                if v.kind == "torch":
+                    arrays.record_torch_stream(v.keep, run)
+            outs = [arrays.empty_device(first.kind, shape, dtype, first.device, run) for shape in out_shapes]
             launch({n: v.ptr for n, v in views.items()}, [p for _, p in outs], run)
         return [o for o, _ in outs]
 
-    run = 0 if stream is None else stream
-    device = int(arrays.cuda_call("cudaGetDevice"))
+    device = int(arrays.core().Device().device_id)
     with arrays.device_scope(device):
         inputs = {n: arrays.DeviceArray.from_host(v.host, device, run) for n, v in views.items()}
-        outs = [arrays.DeviceArray(shape, dtype, device) for shape in out_shapes]
+        outs = [arrays.DeviceArray(shape, dtype, device, run) for shape in out_shapes]
         launch({n: a.ptr for n, a in inputs.items()}, [o.ptr for o in outs], run)
         return [arrays.host_result(first.kind, o.copy_to_host(run)) for o in outs]
 
@@ -338,11 +333,12 @@ def layernorm(x: Any, weight: Any, bias: Any, eps: float = 1e-5, residual: Any =
 
     Returns ``LN(x)``; with ``residual`` returns ``(x + residual, LN(x + residual))``, the
     sum rounded to the dtype and the LayerNorm taken of that rounded sum. Results are of
-    ``x``'s kind. Torch tensors run on torch's current stream, CuPy arrays on CuPy's, host
-    arrays are copied in and out; ``stream`` overrides.
+    ``x``'s kind. ``stream`` when given, else torch's current stream for a torch ``x``,
+    CuPy's for a CuPy ``x``, else the legacy default stream; every argument is ordered after
+    its producer on that stream. Host arrays are copied in and out.
     """
     handle = _stream(stream)
-    views = _views("layernorm", handle, x=x, weight=weight, bias=bias, residual=residual)
+    views, run_stream = _views("layernorm", handle, x=x, weight=weight, bias=bias, residual=residual)
     vx = views["x"]
     if len(vx.shape) < 1 or vx.shape[-1] == 0:
         raise ValueError(f"layernorm: x needs a non-empty last axis, got shape {vx.shape}")
@@ -365,7 +361,7 @@ def layernorm(x: Any, weight: Any, bias: Any, eps: float = 1e-5, residual: Any =
             lib.layernorm_residual(ptr["x"], ptr["residual"], ptr["weight"], ptr["bias"], out[0], out[1], rows, d,
                                    eps, dtype, s)
 
-    outs = _launch("layernorm", views, [vx.shape] * (1 if residual is None else 2), run, handle)
+    outs = _launch("layernorm", views, [vx.shape] * (1 if residual is None else 2), run, run_stream)
     return outs[0] if residual is None else (outs[0], outs[1])
 
 
@@ -380,7 +376,8 @@ def attention(qkv: Any, heads: int, head_dim: int = 32, scale: Optional[float] =
     handle = _stream(stream)
     if heads <= 0 or head_dim <= 0:
         raise ValueError(f"attention: heads and head_dim must be positive, got {heads} and {head_dim}")
-    view = _views("attention", handle, qkv=qkv)["qkv"]
+    views, run_stream = _views("attention", handle, qkv=qkv)
+    view = views["qkv"]
     if len(view.shape) != 3 or view.shape[2] != 3 * heads * head_dim:
         raise ValueError(f"attention: qkv must have shape (B, N, {3 * heads * head_dim}) for {heads} heads of "
                          f"{head_dim}, got {view.shape}")
@@ -393,4 +390,4 @@ def attention(qkv: Any, heads: int, head_dim: int = 32, scale: Optional[float] =
         if b * n:
             lib.attention(ptr["qkv"], out[0], b, n, heads, head_dim, scale, dtype, s)
 
-    return _launch("attention", {"qkv": view}, [(b, n, heads * head_dim)], run, handle)[0]
+    return _launch("attention", views, [(b, n, heads * head_dim)], run, run_stream)[0]

@@ -1,4 +1,4 @@
-"""Running a serialized TRT-ViT engine on a CUDA GPU with TensorRT, cuda-python and numpy.
+"""Running a serialized TRT-ViT engine on a CUDA GPU with TensorRT, cuda.core and numpy.
 
     runner = EngineRunner("trt-vit-c-fp16.engine")      # or the bytes of build_engine()
     logits = runner(images)                             # (B, 3, S, S) -> (B, classes)
@@ -8,13 +8,21 @@ runner's stream), a CuPy array, a torch tensor, or any object with
 ``__cuda_array_interface__`` or DLPack (device memory: used in place, no copy); the outputs
 come back as the same kind (numpy in, numpy out; CuPy in, CuPy out; see
 :mod:`trtvit_native.arrays`). Nothing here imports torch: ``pip install
-"trtvit_native[runtime]"`` (TensorRT, cuda-python, numpy) is all it needs.
+"trtvit_native[runtime-cu13]"`` (or ``runtime-cu12`` for a CUDA 12 driver) and TensorRT
+are all it needs.
 
-Streams: by default the runner has its own stream and each call returns when its outputs
-are ready. Given a stream (``EngineRunner(..., stream=s)`` or ``runner(x, stream=s)``: a
-cuda-python, CuPy or torch stream, or a raw handle), the work is queued on it and the
-call returns at once for device arrays (host arrays are still waited for: numpy results
-must be complete). Device inputs are first ordered after the stream that produced them.
+Streams: by default the runner has its own stream; a call returns complete host results,
+and device results ordered for their consumers without blocking the host (a DeviceArray
+names the runner's stream in its ``__cuda_array_interface__``, torch's or CuPy's current
+stream waits for an event; the host waits only for an ``out=`` of another kind). Given a stream (``EngineRunner(..., stream=s)`` or ``runner(x, stream=s)``: a
+cuda.core, cuda-python, CuPy or torch stream, or a raw handle), the work is queued on it
+and the call returns at once for device arrays (host arrays are still waited for: numpy
+results must be complete); a :class:`~trtvit_native.arrays.DeviceArray` result then names
+that stream in its ``__cuda_array_interface__``. In that mode the inputs and ``out`` must
+stay valid until the stream reaches the call. Device inputs and ``out`` are first ordered
+after the streams that produced them. The runner's one execution context is ordered across
+streams: a call on another stream than the previous one waits for an event recorded after
+the previous call's work (TensorRT forbids concurrent use of one context).
 
 Every input is checked before TensorRT sees it: a wrong kind, dtype, layout, batch size,
 channel count or image size, or host memory where device memory is needed, is an
@@ -25,6 +33,7 @@ full TensorRT and with TensorRT-RTX (whichever :func:`get_backend` picks).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -87,26 +96,23 @@ def check_input_shape(shape: Sequence[int], min_shape: Sequence[int], max_shape:
 
 
 def cuda_times_ms(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 5,
-                  stream: int = 0) -> List[float]:
+                  stream: Any = arrays.LEGACY_STREAM) -> List[float]:
     """Per-call GPU milliseconds of ``fn``: ``repeats`` samples, each the CUDA-event time on
     ``stream`` of ``inner`` back-to-back calls divided by ``inner``, after ``warmup`` untimed
     calls. ``fn`` must queue its work on ``stream`` (an :class:`EngineRunner`'s ``stream``)."""
+    s = arrays.as_stream(stream)
+    timing = arrays.core().EventOptions(timing_enabled=True)
     for _ in range(warmup):
         fn()
-    arrays.synchronize(stream)
-    start, end = arrays.cuda_call("cudaEventCreate"), arrays.cuda_call("cudaEventCreate")
+    s.sync()
     samples = []
-    try:
-        for _ in range(repeats):
-            arrays.cuda_call("cudaEventRecord", start, stream)
-            for _ in range(inner):
-                fn()
-            arrays.cuda_call("cudaEventRecord", end, stream)
-            arrays.cuda_call("cudaEventSynchronize", end)
-            samples.append(float(arrays.cuda_call("cudaEventElapsedTime", start, end)) / inner)
-    finally:
-        arrays.cuda_call("cudaEventDestroy", start)
-        arrays.cuda_call("cudaEventDestroy", end)
+    for _ in range(repeats):
+        start = s.record(options=timing)
+        for _ in range(inner):
+            fn()
+        end = s.record(options=timing)
+        end.sync()
+        samples.append(float(end - start) / inner)
     return samples
 
 
@@ -186,6 +192,8 @@ class EngineIO:
         if out.on_device and not images.on_device:
             raise EngineError(f"out is device memory but images are host memory ({images.kind}); pass a numpy "
                               f"out, or images in device memory")
+        if out.readonly:
+            raise EngineError(f"out is read-only ({out.kind}, as its producer exports it); pass a writable array")
         dtype = self.output_dtypes[0]
         if out.dtype != dtype or not out.contiguous or (shape is not None and out.shape != tuple(shape)):
             want = f"shape {tuple(shape)}" if shape is not None else "the output's shape"
@@ -242,7 +250,8 @@ def _device_ordinal(device: Any) -> Optional[int]:
 def _cuda_errors(what: str) -> Iterator[None]:
     """CUDA failures (prefixed with ``what``) and refused arrays or streams as EngineError."""
     try:
-        yield
+        with arrays.cuda_errors():
+            yield
     except CudaError as e:
         raise EngineError(f"{what}: {e}") from None
     except ArrayError as e:
@@ -257,7 +266,8 @@ class EngineRunner:
     to queue work on (default: the runner's own). The engine must have one input and at
     least one output (the engines of :func:`build_engine`: ``images`` and ``logits``, or
     the feature maps). A runner holds one execution context and one set of staging
-    buffers: use one runner per thread.
+    buffers: use one runner per thread. Calls on different streams are ordered one after
+    the other (an event recorded after each call's work).
     """
 
     def __init__(self, engine: Union[bytes, bytearray, memoryview, str, Path], device: Any = None,
@@ -271,15 +281,18 @@ class EngineRunner:
             raise EngineError(f"running an engine needs a CUDA GPU, and CUDA sees none ({reason}); engines can "
                               f"still be built without one")
         ordinal = _device_ordinal(device)
-        self._own_stream: Optional[int] = None
+        self._own_stream: Any = None
         self._staging: Dict[str, Any] = {}
+        self._last: Any = None  # event after the last call's work, and its stream handle
+        self._last_stream: Optional[int] = None
+        self._handed_over: "weakref.WeakSet[arrays.DeviceArray]" = weakref.WeakSet()  # naming the own stream
         with _cuda_errors("setting up the runner"):
             given_stream = None if stream is None else arrays.stream_handle(stream)
-            count = int(arrays.cuda_call("cudaGetDeviceCount"))
+            count = arrays.device_count()
             if ordinal is not None and ordinal >= count:
                 raise EngineError(f"device cuda:{ordinal} does not exist: CUDA sees {count} device(s), "
                                   f"cuda:0..cuda:{count - 1}")
-            self.device: int = int(arrays.cuda_call("cudaGetDevice")) if ordinal is None else ordinal
+            self.device: int = int(arrays.core().Device(ordinal).device_id)
             self.backend: Backend = get_backend(backend)
             trt = self.backend.trt
             self._logger = CollectingLogger(trt)
@@ -296,8 +309,8 @@ class EngineRunner:
                     raise EngineError(f"{self.backend.label} could not create an execution context: "
                                       f"{self._errors()}")
                 if given_stream is None:
-                    self._own_stream = arrays.create_stream()
-                    self.stream = self._own_stream
+                    self._own_stream = arrays.create_stream(self.device)
+                    self.stream: int = arrays.stream_handle(self._own_stream)
                 else:
                     self.stream = given_stream
 
@@ -333,6 +346,16 @@ class EngineRunner:
         """Release the runner's own stream and staging buffers (also done when it is collected,
         and at the end of ``with EngineRunner(...) as runner:``); the runner cannot run after."""
         self._closed = True
+        try:
+            if getattr(self, "_last", None) is not None:
+                self._last.sync()  # nothing of this runner's is still queued when its memory goes
+        except Exception:  # interpreter shutdown
+            pass
+        self._last = None
+        for a in list(getattr(self, "_handed_over", ())):
+            a.written_on(None)  # complete, and the stream they named goes
+        for pinned, _ in getattr(self, "_staging", {}).values():
+            pinned.close()
         getattr(self, "_staging", {}).clear()
         if getattr(self, "_own_stream", None) is not None:
             try:
@@ -355,10 +378,40 @@ class EngineRunner:
             raise EngineError(f"TensorRT rejected input shape {tuple(shape)}: {self._errors()}")
         return {n: tuple(int(v) for v in self.context.get_tensor_shape(n)) for n in self.output_names}
 
+    def _bind(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):
+            raise EngineError(f"TensorRT refused the address of {name} ({ptr:#x}): {self._errors()}")
+
+    def _order_after_last_call(self, stream: int) -> None:
+        """One context, and one set of staging buffers, never on two streams at once: a call
+        on another stream than the previous call's waits for that call's event."""
+        if self._last is not None and self._last_stream != stream:
+            arrays.as_stream(stream).wait(self._last)
+
     def _execute(self, stream: int, batch: int) -> None:
-        self._logger.messages.clear()
         if not self.context.execute_async_v3(stream):
             raise EngineError(f"TensorRT could not run the engine on a batch of {batch}: {self._errors()}")
+
+    def _finish(self, stream: int) -> None:
+        """(Re-)record the runner's one event after this call's work."""
+        self._last, self._last_stream = arrays.as_stream(stream).record(self._last), stream
+
+    def _hand_over(self, results: Any, stream: int) -> None:
+        """Order the consumers of device results after the call's work. A DeviceArray names
+        ``stream``; in own-stream mode torch's or CuPy's current stream waits for the event
+        (the host does not), and the host waits only for an ``out=`` of another kind."""
+        own = self._own_stream is not None and stream == self.stream
+        for obj in results:
+            if isinstance(obj, arrays.DeviceArray):
+                obj.written_on(stream)
+                if own:
+                    self._handed_over.add(obj)
+            elif own:
+                consumer = arrays.consumer_stream(obj)
+                if consumer is None:
+                    self._last.sync()
+                elif consumer != stream:
+                    arrays.as_stream(consumer).wait(self._last)
 
     def __call__(self, images: Any, out: Any = None, stream: Any = None) -> Any:
         """Run the engine on ``images`` and return the output, or ``{name: array}`` for an
@@ -370,6 +423,7 @@ class EngineRunner:
         """
         if getattr(self, "_closed", False):
             raise EngineError("the runner is closed")
+        self._logger.messages.clear()
         with _cuda_errors(f"running the engine on {self.device_name}"):
             run_stream = self.stream if stream is None else arrays.stream_handle(stream)
             view, out_view = self.io.check_call(images, out, run_stream)
@@ -379,26 +433,27 @@ class EngineRunner:
         return results[self.output_name] if len(self.output_names) == 1 else results
 
     def _run_device(self, view: ArrayView, out_view: Optional[ArrayView], stream: int) -> Dict[str, Any]:
-        device = view.device if view.device is not None else arrays.pointer_device(view.ptr, view.name)
-        if device != self.device:
-            raise EngineError(f"{view.name} is on cuda:{device}, the runner on cuda:{self.device}")
+        if view.device != self.device:
+            raise EngineError(f"{view.name} is on cuda:{view.device}, the runner on cuda:{self.device}")
         shapes = self._set_shape(view.shape)
         if out_view is not None:
             self.io.check_out(view, out_view, shapes[self.output_name])
-            out_device = out_view.device if out_view.device is not None else arrays.pointer_device(out_view.ptr, "out")
-            if out_device != self.device:
-                raise EngineError(f"out is on cuda:{out_device}, the runner on cuda:{self.device}")
+            if out_view.device != self.device:
+                raise EngineError(f"out is on cuda:{out_view.device}, the runner on cuda:{self.device}")
             buffers = {self.output_name: (out_view.keep, out_view.ptr)}
         else:
-            buffers = {n: arrays.empty_device(view.kind, shapes[n], d, self.device)
+            buffers = {n: arrays.empty_device(view.kind, shapes[n], d, self.device, stream)
                        for n, d in zip(self.output_names, self.io.output_dtypes)}
-        arrays.wait_for(view.stream, stream)
-        self.context.set_tensor_address(self.input_name, view.ptr)
+        for v in (view, out_view):
+            if v is not None and v.kind == "torch":
+                arrays.record_torch_stream(v.keep, stream)
+        self._bind(self.input_name, view.ptr)
         for n, (_, ptr) in buffers.items():
-            self.context.set_tensor_address(n, ptr)
+            self._bind(n, ptr)
+        self._order_after_last_call(stream)
         self._execute(stream, view.shape[0])
-        if stream == self._own_stream:
-            arrays.synchronize(stream)
+        self._finish(stream)
+        self._hand_over([obj for obj, _ in buffers.values()], stream)
         return {n: obj for n, (obj, _) in buffers.items()}
 
     def _staging_buffers(self) -> Dict[str, Any]:
@@ -410,30 +465,29 @@ class EngineRunner:
             for name, shape, dtype in specs:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 self._staging[name] = (arrays.PinnedBuffer(nbytes), arrays.DeviceArray((nbytes,), np.uint8,
-                                                                                       self.device))
+                                                                                       self.device, self.stream))
         return self._staging
 
     def _run_host(self, view: ArrayView, out_view: Optional[ArrayView], stream: int) -> Dict[str, Any]:
-        rt = arrays.cudart()
         staging = self._staging_buffers()
         shapes = self._set_shape(view.shape)
         if out_view is not None:
             self.io.check_out(view, out_view, shapes[self.output_name])
-        pinned, device = staging[self.input_name]
+        pinned, device = staging[self.input_name]  # free: every host call waits for its copies
         pinned.view(view.shape, self.input_dtype)[...] = view.host  # converts the dtype while copying
         nbytes = int(np.prod(view.shape)) * self.input_dtype.itemsize
-        arrays.cuda_call("cudaMemcpyAsync", device.ptr, pinned.ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                         stream)
-        self.context.set_tensor_address(self.input_name, device.ptr)
+        s = arrays.as_stream(stream)
+        self._order_after_last_call(stream)
+        arrays.copy_async(device.ptr, pinned.ptr, nbytes, s)
+        self._bind(self.input_name, device.ptr)
         for n in self.output_names:
-            self.context.set_tensor_address(n, staging[n][1].ptr)
+            self._bind(n, staging[n][1].ptr)
         self._execute(stream, view.shape[0])
         for n, dtype in zip(self.output_names, self.io.output_dtypes):
             pinned_out, device_out = staging[n]
-            arrays.cuda_call("cudaMemcpyAsync", pinned_out.ptr, device_out.ptr,
-                             int(np.prod(shapes[n])) * dtype.itemsize, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                             stream)
-        arrays.synchronize(stream)
+            arrays.copy_async(pinned_out.ptr, device_out.ptr, int(np.prod(shapes[n])) * dtype.itemsize, s)
+        self._finish(stream)
+        self._last.sync()
         results = {}
         for n, dtype in zip(self.output_names, self.io.output_dtypes):
             host = staging[n][0].view(shapes[n], dtype)
