@@ -205,3 +205,121 @@ def test_build_from_a_weights_file_and_export_need_no_torch(tmp_path, labelled_w
     assert (tmp_path / "models" / "trt-vit-a-fp16" / "1" / "model.plan").read_bytes() == \
         (tmp_path / "a.engine").read_bytes()
     assert json.loads((tmp_path / "a.engine.json").read_text())["labels"] == ["cat", "dog", "fox"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A real Triton server (tritonserver 2.51 from the nvidia-pytriton wheel, tests/triton_server.py)
+# serving repositories written by export-triton.
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import triton_server  # noqa: E402
+
+IMAGE_SIZE = 64  # the served engine's input size: small, so the CPU stand-in keeps up
+MAX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    """One tritonserver for the module: explicit model control over ``triton.repository``;
+    stopped by its PID at the end, whatever the tests did."""
+    try:
+        triton_server.prepare()
+    except triton_server.Unavailable as e:
+        if os.environ.get("TRTVIT_REQUIRE_TRITON"):
+            pytest.fail(f"the Triton server is required here (TRTVIT_REQUIRE_TRITON) and unavailable: {e}")
+        pytest.skip(f"no Triton server: {e}")
+    root = tmp_path_factory.mktemp("triton")
+    (root / "models").mkdir()
+    server = triton_server.TritonServer(root / "models", root / "run" / "server.log").start()
+    server.repository = root / "models"
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _tree(root: Path) -> list:
+    """Every path under ``root`` with the SHA-256 of each file's bytes."""
+    import hashlib
+
+    return sorted((str(p.relative_to(root)), hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+                  for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def served(triton, tmp_path_factory, labelled_weights):
+    """trt-vit-a (3 labelled classes, fp32, 64x64, batch 1..4) exported with --preprocess and
+    --runner python into the server's repository, the engine model replaced by its CPU
+    stand-in; the preprocessing and the pipeline loaded."""
+    work = tmp_path_factory.mktemp("engine")
+    engine = work / "a.engine"
+    assert main(["build", "trt-vit-a", "--weights", str(labelled_weights), "--fp32", "--image-size",
+                 str(IMAGE_SIZE), "--max-batch", str(MAX_BATCH), "--no-parity", "-o", str(engine)]) == 0
+    assert main(["export-triton", str(engine), "--repository", str(triton.repository), "--name", "a", "--preprocess",
+                 "--runner", "python", "--max-queue-delay-us", "20000"]) == 0
+    triton_server.install_stand_in(triton.repository / "a", engine, labelled_weights)
+    before = _tree(triton.repository)
+    client = triton.http()
+    for model in ("a_preprocess", "a", "a_pipeline"):
+        client.load_model(model)
+    client.close()
+    yield {"engine": engine, "tree": before}
+
+
+def _photographs_encoded():
+    from PIL import Image
+    from skimage import data
+
+    grey16 = Image.fromarray(data.camera().astype(np.uint16) * 257)
+    return {
+        "RGB JPEG": _encoded(Image.fromarray(data.coffee()), "JPEG", quality=90),
+        "CMYK JPEG": _encoded(Image.fromarray(data.rocket()).convert("CMYK"), "JPEG"),
+        "RGB PNG": _encoded(Image.fromarray(data.astronaut()), "PNG"),
+        "grey PNG": _encoded(Image.fromarray(data.camera()), "PNG"),
+        "RGBA PNG": _encoded(Image.fromarray(data.chelsea()).convert("RGBA"), "PNG"),
+        "16-bit grey PNG": _encoded(grey16, "PNG"),
+        "BMP": _encoded(Image.fromarray(data.astronaut()).resize((97, 61)), "BMP"),
+    }
+
+
+def _infer(client, module, model, images, output, **requested):
+    data = module.InferInput("image_bytes", [len(images), 1], "BYTES")
+    data.set_data_from_numpy(np.array([[b] for b in images], dtype=object))
+    return client.infer(model, [data], outputs=[module.InferRequestedOutput(output, **requested)]).as_numpy(output)
+
+
+def test_16_bit_grey_png_decodes_to_its_8_bit_values():
+    from PIL import Image
+    from skimage import data
+
+    from trtvit_native.data import load_rgb
+
+    grey = data.camera()
+    for array in (grey.astype(np.uint16) * 257, (grey.astype(np.uint16) * 257).astype(">u2")):
+        decoded = load_rgb(_encoded(Image.fromarray(array), "PNG"))
+        assert all(torch.equal(decoded[c], torch.from_numpy(grey)) for c in range(3))
+
+
+def test_served_preprocessing_equals_preprocess_encoded_over_http_and_grpc(triton, served):
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    from trtvit_native.data import preprocess_encoded
+
+    cases = _photographs_encoded()
+    expected = {k: preprocess_encoded(v, IMAGE_SIZE).numpy() for k, v in cases.items()}
+    labels = list(cases)
+    batches = [[k] for k in labels] + [labels[i:i + MAX_BATCH] for i in range(0, len(labels), MAX_BATCH)]
+    assert max(len(b) for b in batches) == MAX_BATCH
+    for module, client in ((http, triton.http()), (grpc, triton.grpc())):
+        for batch in batches:
+            got = _infer(client, module, "a_preprocess", [cases[k] for k in batch], "images")
+            assert got.shape == (len(batch), 3, IMAGE_SIZE, IMAGE_SIZE) and got.dtype == np.float32
+            for k, g in zip(batch, got):
+                assert np.abs(g - expected[k]).max() == 0.0, (module.__name__, k)
+        client.close()
+    assert _tree(triton.repository) == served["tree"]  # serving wrote nothing into the repository
