@@ -323,3 +323,143 @@ def test_served_preprocessing_equals_preprocess_encoded_over_http_and_grpc(trito
                 assert np.abs(g - expected[k]).max() == 0.0, (module.__name__, k)
         client.close()
     assert _tree(triton.repository) == served["tree"]  # serving wrote nothing into the repository
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit grey pixels and holds one row: what a
+    decompression bomb shows before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+
+
+def _stats(client, model: str):
+    s = client.get_inference_statistics(model)["model_stats"][0]
+    return int(s["inference_count"]), int(s["execution_count"])
+
+
+def _concurrently(calls):
+    """Run the zero-argument ``calls`` at once; returns their results or exceptions."""
+    results = [None] * len(calls)
+
+    def run(i):
+        try:
+            results[i] = calls[i]()
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_bad_inputs_fail_their_request_alone_in_one_line(triton, served):
+    import tritonclient.http as http
+    from PIL import Image
+    from tritonclient.utils import InferenceServerException
+
+    from trtvit_native.data import preprocess_encoded
+
+    good = _encoded(Image.new("RGB", (90, 70), (30, 160, 220)), "JPEG")
+    bad = {
+        "garbage bytes": (b"\x00not an image\xff" * 8, "112 bytes that are not an image Pillow can decode (JPEG, PNG, BMP...)"),
+        "empty string": (b"", "empty input: 0 bytes"),
+        "1-pixel image": (_encoded(Image.new("RGB", (1, 1)), "PNG"),
+                          "image of 1x1 pixels is smaller than 16 pixels on a side (min_side in settings.json)"),
+        "decompression bomb": (_png_header_only(30000, 30000),
+                               "image of 30000x30000 = 900,000,000 pixels is over the limit of 89,478,485 "
+                               "(max_pixels in settings.json)"),
+    }
+    sent = [good] + [v[0] for v in bad.values()] + [good]
+    client = triton.http()
+    inferences, executions = _stats(client, "a_preprocess")
+
+    def send(payload, datatype="BYTES"):
+        def call():  # an HTTP client per thread: tritonclient.http's are not shared between threads
+            with triton.http() as own:
+                if datatype == "BYTES":
+                    return _infer(own, http, "a_preprocess", [payload], "images")
+                data = http.InferInput("image_bytes", [1, 1], datatype)
+                data.set_data_from_numpy(np.zeros((1, 1), np.float32))
+                return own.infer("a_preprocess", [data])
+        return call
+
+    results = _concurrently([send(p) for p in sent] + [send(None, "FP32")])
+    expected = preprocess_encoded(good, IMAGE_SIZE).numpy()
+    for result in (results[0], results[len(sent) - 1]):
+        assert not isinstance(result, Exception), result
+        assert np.abs(result[0] - expected).max() == 0.0
+    wanted = [text for _, text in bad.values()] + ["inference input 'image_bytes' data-type is 'FP32', but model "
+                                                   "'a_preprocess' expects 'BYTES'"]
+    for what, error, text in zip(list(bad) + ["wrong datatype"], results[1:len(sent) - 1] + results[-1:], wanted):
+        assert isinstance(error, InferenceServerException), (what, error)
+        message = error.message()
+        assert text in message and "\n" not in message.strip() and "Traceback" not in message, (what, message)
+    after = _stats(client, "a_preprocess")
+    assert after[0] - inferences == len(sent)  # the wrong datatype never reached the model
+    assert after[1] - executions < len(sent), after[1] - executions  # dynamic batching: they shared executions
+    assert client.is_server_live() and client.is_model_ready("a_preprocess")
+    assert np.abs(_infer(client, http, "a_preprocess", [good], "images")[0] - expected).max() == 0.0
+    client.close()
+
+
+def test_default_runner_refuses_a_tensorrt_rtx_engine_naming_both_ways_out(tmp_path, capsys, served, triton):
+    engine = served["engine"]
+    assert "(tensorrt_rtx)" in json.loads(Path(str(engine) + ".json").read_text())["backend"]
+    repo = tmp_path / "models"
+    assert main(["export-triton", str(engine), "--repository", str(repo), "--name", "rtx"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"trtvit: error: {engine} is a TensorRT-RTX engine"), err
+    assert "build it with full TensorRT" in err[0] and "or export it with --runner python" in err[0]
+    assert not repo.exists() or not list(repo.iterdir())
+    # ENGINE.json's backend decides: the same plan said to be full TensorRT's is exported as a
+    # tensorrt_plan model. The server validates its config and stops where it needs the
+    # TensorRT backend, which this build of tritonserver (the Python backend only) lacks.
+    full = tmp_path / "full.engine"
+    full.write_bytes(engine.read_bytes())
+    meta = json.loads(Path(str(engine) + ".json").read_text())
+    Path(str(full) + ".json").write_text(json.dumps({**meta, "backend": "TensorRT 10.13.3.9 (tensorrt)"}))
+    export_triton(str(full), str(triton.repository), name="full")
+    config = parse_config(triton.repository / "full" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan" and not config.backend
+    with triton.http() as client:
+        with pytest.raises(Exception) as failed:
+            client.load_model("full")
+        assert "unable to find backend library for backend 'tensorrt'" in str(failed.value), str(failed.value)
+        client.unload_model("full")
+
+
+def test_python_runner_repository_loads_in_the_server_up_to_the_gpu(tmp_path, capsys, served, triton):
+    import shutil
+
+    assert main(["export-triton", str(served["engine"]), "--repository", str(triton.repository), "--name", "py",
+                 "--runner", "python"]) == 0
+    capsys.readouterr()
+    folder = triton.repository / "py"
+    config = parse_config(folder / "config.pbtxt")
+    assert config.backend == "python" and not config.platform and config.instance_group[0].kind == 1  # KIND_GPU
+    assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [("logits", [3], "labels.txt")]
+    assert "numpy<2" in (folder / "requirements.txt").read_text()
+    assert (folder / "1" / "model.plan").read_bytes() == served["engine"].read_bytes()
+    # The same folder with a CPU instance: model.py runs, imports trtvit_native and stops
+    # where the engine needs a GPU.
+    shutil.copytree(folder, triton.repository / "py_cpu")
+    cpu = triton.repository / "py_cpu" / "config.pbtxt"
+    cpu.write_text(cpu.read_text().replace('name: "py"', 'name: "py_cpu"').replace("KIND_GPU", "KIND_CPU"))
+    with triton.http() as client:
+        for model, expected in (("py", "instance group py_0 of model py has kind KIND_GPU but no GPUs are available"),
+                                ("py_cpu", "py_cpu: cannot run the engine on GPU 0: running an engine needs a CUDA "
+                                           "GPU")):
+            with pytest.raises(Exception) as failed:
+                client.load_model(model)
+            assert expected in str(failed.value), str(failed.value)
+            client.unload_model(model)
+        assert client.is_server_live()

@@ -96,7 +96,7 @@ class TritonServer:
                 "--backend-directory", str(server / "backends"), "--cache-directory", str(server / "caches"),
                 "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
                 "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--allow-metrics", "false",
-                "--model-control-mode", "explicit", "--disable-auto-complete-config", "--exit-timeout-secs", "5"]
+                "--model-control-mode", "explicit", "--disable-auto-complete-config", "--exit-timeout-secs", "2"]
 
     def environment(self) -> dict:
         env = dict(os.environ)

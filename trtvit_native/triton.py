@@ -175,6 +175,8 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from trtvit_native.data import preprocess_encoded  # noqa: E402
 
+Image.MAX_IMAGE_PIXELS = None  # max_pixels below is the limit, checked before decoding
+
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "settings.json")) as _f:
     SETTINGS = json.load(_f)
 
@@ -192,7 +194,7 @@ def check_header(data):
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except UnidentifiedImageError:
         raise ImageRefused(f"{len(data)} bytes that are not an image Pillow can decode (JPEG, PNG, BMP...)") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageRefused(f"cannot read the image header: {e}") from None
