@@ -242,12 +242,15 @@ def triton(tmp_path_factory):
         server.stop()
 
 
-def _tree(root: Path) -> list:
-    """Every path under ``root`` with the SHA-256 of each file's bytes."""
+SERVED = ("a", "a_preprocess", "a_pipeline")
+
+
+def _tree(repository: Path) -> list:
+    """Every path in the served models' folders with the SHA-256 of each file's bytes."""
     import hashlib
 
-    return sorted((str(p.relative_to(root)), hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-                  for p in root.rglob("*"))
+    return sorted((str(p.relative_to(repository)), hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "")
+                  for model in SERVED for p in [repository / model, *(repository / model).rglob("*")])
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +267,7 @@ def served(triton, tmp_path_factory, labelled_weights):
     triton_server.install_stand_in(triton.repository / "a", engine, labelled_weights)
     before = _tree(triton.repository)
     client = triton.http()
-    for model in ("a_preprocess", "a", "a_pipeline"):
+    for model in SERVED:
         client.load_model(model)
     client.close()
     yield {"engine": engine, "tree": before}
@@ -463,3 +466,69 @@ def test_python_runner_repository_loads_in_the_server_up_to_the_gpu(tmp_path, ca
             assert expected in str(failed.value), str(failed.value)
             client.unload_model(model)
         assert client.is_server_live()
+
+
+def test_pipeline_serves_the_networks_logits_and_the_references_labels(triton, served, labelled_weights):
+    """Image bytes -> a_preprocess -> a -> logits and top-k labels, through the ensemble.
+    The engine model is its CPU stand-in (tests/triton_server.py): the TensorRT runtime is the
+    only part substituted, by trtvit_native.interpret on the network the engine was built from."""
+    import tritonclient.http as http
+
+    from trtvit_native.data import preprocess_encoded
+
+    cases = _photographs_encoded()
+    images = [cases[k] for k in ("RGB JPEG", "grey PNG", "RGBA PNG", "BMP")]
+    x = torch.stack([preprocess_encoded(b, IMAGE_SIZE) for b in images])
+    built = tv.build_network("trt-vit-a", str(labelled_weights), fp16=False, max_batch=MAX_BATCH,
+                             image_size=IMAGE_SIZE, plugins=False)
+    model = tv.create_model("trt-vit-a", num_classes=3)
+    model.load_state_dict(tv.load_weights(labelled_weights))
+    with torch.no_grad():
+        network, ref = tv.interpret(built, x).numpy(), model.eval()(x).numpy()
+    with triton.http() as client:
+        logits = _infer(client, http, "a_pipeline", images, "logits")
+        # fp32 sums in other orders (the stand-in's one thread, its batches): 1.4e-5 measured on
+        # logits of magnitude ~3; a bound of 7x that.
+        assert np.abs(logits - network).max() <= 1e-4, np.abs(logits - network).max()
+        top = _infer(client, http, "a_pipeline", images, "logits", class_count=3)
+        inferences, executions = _stats(client, "a")
+    classes = ["cat", "dog", "fox"]
+    assert [[entry.decode().split(":", 2)[2] for entry in row] for row in top] == \
+        [[classes[j] for j in np.argsort(-row, kind="stable")] for row in ref]
+    gaps = np.diff(np.sort(ref, axis=1), axis=1)
+    assert gaps.min() > 10 * np.abs(ref - network).max()  # the reference's order is not a near tie
+
+    def single(payload):
+        def call():
+            with triton.http() as own:
+                return _infer(own, http, "a_pipeline", [payload], "logits")
+        return call
+
+    results = _concurrently([single(images[i % 4]) for i in range(8)])
+    for i, result in enumerate(results):
+        assert not isinstance(result, Exception), result
+        assert np.abs(result[0] - network[i % 4]).max() <= 1e-4
+    with triton.http() as client:
+        after = _stats(client, "a")
+    assert after[0] - inferences == 8 and after[1] - executions < 8, (after, inferences, executions)
+    assert _tree(triton.repository) == served["tree"]  # serving wrote nothing into the repository
+
+
+def test_load_8_clients_200_requests_each_without_a_failure(triton, served):
+    """A bounded load test on loopback: 8 concurrent HTTP clients x 200 requests of one JPEG
+    through the preprocessing model (the part of the pipeline the CPU serves; the CPU
+    stand-in of the engine is far slower than the engine it replaces)."""
+    from PIL import Image
+
+    payload = _encoded(Image.new("RGB", (96, 80), (200, 120, 40)), "JPEG")
+    with triton.http() as client:
+        inferences, executions = _stats(client, "a_preprocess")
+    load = triton_server.run_load(triton, "a_preprocess", payload, "images", clients=8, requests=200)
+    assert load["failures"] == [] and len(load["latencies"]) == 1600
+    with triton.http() as client:
+        after = _stats(client, "a_preprocess")
+        assert client.is_server_live() and client.is_model_ready("a_preprocess")
+    assert after[0] - inferences == 1600 and after[1] - executions < 1600
+    lat = np.sort(load["latencies"])
+    print(f"8 x 200 requests: p50 {lat[800] * 1e3:.1f} ms, p99 {lat[1584] * 1e3:.1f} ms, "
+          f"{1600 / load['wall']:.0f} requests/s, {after[1] - executions} executions")

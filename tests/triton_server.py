@@ -214,6 +214,46 @@ def install_stand_in(model_dir: Path, engine: Path, weights: Path, version: int 
         "input_name": meta["input"]["name"]}))
 
 
+
+def run_load(server: TritonServer, model: str, payload: bytes, output: str, clients: int = 8,
+             requests: int = 200) -> dict:
+    """``clients`` threads, each with its own HTTP client, sending ``requests`` requests of one
+    encoded image one after the other. Returns the latencies (s), the failures and the wall time."""
+    import threading
+
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    latencies: List[float] = []
+    failures: List[str] = []
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        mine, errors = [], []
+        with server.http() as client:
+            data = httpclient.InferInput("image_bytes", [1, 1], "BYTES")
+            data.set_data_from_numpy(np.array([[payload]], dtype=object))
+            wanted = [httpclient.InferRequestedOutput(output)]
+            for _ in range(requests):
+                start = time.perf_counter()
+                try:
+                    client.infer(model, [data], outputs=wanted).as_numpy(output)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    errors.append(str(e))
+                mine.append(time.perf_counter() - start)
+        with lock:
+            latencies.extend(mine)
+            failures.extend(errors)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"latencies": latencies, "failures": failures, "wall": time.perf_counter() - start}
+
+
 if __name__ == "__main__":
     try:
         print(f"tritonserver ready to start from {prepare()}")
