@@ -51,6 +51,15 @@ def _engine(tmp_path, name, capsys, *argv, weights=None):
     return target
 
 
+def _said_full_tensorrt(engine: Path) -> Path:
+    """ENGINE.json of ``engine`` saying it was built with full TensorRT. Engines here are
+    built with TensorRT-RTX; what export-triton writes for full TensorRT's is decided by
+    ENGINE.json alone (the plan's bytes are copied, not read)."""
+    sidecar = Path(str(engine) + ".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "backend": "TensorRT 10.13.3.9 (tensorrt)"}))
+    return engine
+
+
 @pytest.fixture(scope="module")
 def labelled_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "a.safetensors"
@@ -60,7 +69,7 @@ def labelled_weights(tmp_path_factory):
 
 
 def test_classifier_repository_with_labels_and_pipeline(tmp_path, capsys, labelled_weights):
-    engine = _engine(tmp_path, "a", capsys, "--fp16", weights=labelled_weights)
+    engine = _said_full_tensorrt(_engine(tmp_path, "a", capsys, "--fp16", weights=labelled_weights))
     repo = tmp_path / "models"
     assert main(["export-triton", str(engine), "--repository", str(repo), "--name", "a", "--version", "3",
                  "--instances", "2", "--max-queue-delay-us", "500", "--preprocess"]) == 0
@@ -75,6 +84,8 @@ def test_classifier_repository_with_labels_and_pipeline(tmp_path, capsys, labell
     assert (repo / "a" / "labels.txt").read_text() == "cat\ndog\nfox\n"
     pre = parse_config(repo / "a_preprocess" / "config.pbtxt")
     assert pre.backend == "python" and pre.input[0].data_type == 13  # TYPE_STRING
+    assert pre.dynamic_batching.max_queue_delay_microseconds == 500 and pre.max_batch_size == 4
+    assert (repo / "a_preprocess" / "requirements.txt").read_text().split("\n")[1].startswith("numpy<2 ")
     assert list(pre.output[0].dims) == [3, 224, 224] and pre.output[0].name == "images"
     assert json.loads((repo / "a_preprocess" / "1" / "settings.json").read_text())["image_size"] == [224, 224]
     assert "preprocess_encoded" in (repo / "a_preprocess" / "1" / "model.py").read_text()
@@ -86,8 +97,8 @@ def test_classifier_repository_with_labels_and_pipeline(tmp_path, capsys, labell
 
 
 def test_features_and_dynamic_resolution_repositories(tmp_path, capsys):
-    engine = _engine(tmp_path, "f", capsys, "--outputs", "features", "--image-size", "256x384",
-                     "--min-image-size", "128", "--max-image-size", "512x640")
+    engine = _said_full_tensorrt(_engine(tmp_path, "f", capsys, "--outputs", "features", "--image-size", "256x384",
+                                         "--min-image-size", "128", "--max-image-size", "512x640"))
     export_triton(str(engine), str(tmp_path / "models"), name="feat")
     config = parse_config(tmp_path / "models" / "feat" / "config.pbtxt")
     assert [list(i.dims) for i in config.input] == [[3, -1, -1]]
@@ -95,7 +106,7 @@ def test_features_and_dynamic_resolution_repositories(tmp_path, capsys):
                                                                ("stage3", [1024, -1, -1]), ("stage4", [2048, -1, -1])]
     assert not (tmp_path / "models" / "feat" / "labels.txt").exists()
     fixed = _engine(tmp_path, "s", capsys, "--outputs", "stage3,logits", "--fp32")
-    export_triton(str(fixed), str(tmp_path / "models"), preprocess=True)
+    export_triton(str(fixed), str(tmp_path / "models"), preprocess=True, runner="python")
     config = parse_config(tmp_path / "models" / "trt-vit-a-fp32" / "config.pbtxt")
     assert [(o.name, list(o.dims)) for o in config.output] == [("stage3", [1024, 14, 14]), ("logits", [1000])]
     pipe = parse_config(tmp_path / "models" / "trt-vit-a-fp32_pipeline" / "config.pbtxt")
@@ -110,7 +121,7 @@ def test_export_errors_are_named_and_write_nothing(tmp_path, capsys):
 
     def fails(message, *argv):
         before = sorted(str(p) for p in repo.rglob("*")) if repo.exists() else []
-        code = main(["export-triton", *argv])
+        code = main(["export-triton", *argv, "--runner", "python"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and len(err) == 1 and err[0].startswith("trtvit: error: ") and message in err[0], err
         assert (sorted(str(p) for p in repo.rglob("*")) if repo.exists() else []) == before
@@ -128,14 +139,14 @@ def test_export_errors_are_named_and_write_nothing(tmp_path, capsys):
     sidecar.write_text(json.dumps({**meta, "sha256": "0" * 64}))
     fails(f"{engine} does not match its metadata", str(engine), "--repository", str(repo))
     sidecar.write_text(good)
-    assert main(["export-triton", str(engine), "--repository", str(repo), "--name", "m"]) == 0
+    assert main(["export-triton", str(engine), "--repository", str(repo), "--name", "m", "--runner", "python"]) == 0
     capsys.readouterr()
     fails(f"model folder {repo / 'm'} exists and is not empty (--force replaces it)", str(engine), "--repository",
           str(repo), "--name", "m")
     fails("--instances must be a positive integer", str(engine), "--repository", str(repo), "--instances", "0")
     assert main(["export-triton", str(engine), "--repository", str(repo), "--name", "m", "--force",
-                 "--version", "2"]) == 0
-    assert sorted(p.name for p in (repo / "m").iterdir()) == ["2", "config.pbtxt"]
+                 "--version", "2", "--runner", "python"]) == 0
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["2", "config.pbtxt", "requirements.txt"]
 
 
 def _encoded(image, fmt, **kwargs) -> bytes:
@@ -197,7 +208,7 @@ def test_build_from_a_weights_file_and_export_need_no_torch(tmp_path, labelled_w
         f"assert main(['build', 'trt-vit-a', '--weights', {str(labelled_weights)!r}, '--no-parity', '--max-batch', "
         f"'2', '-o', {str(tmp_path / 'a.engine')!r}]) == 0\n"
         f"assert main(['export-triton', {str(tmp_path / 'a.engine')!r}, '--repository', "
-        f"{str(tmp_path / 'models')!r}, '--preprocess']) == 0\n"
+        f"{str(tmp_path / 'models')!r}, '--preprocess', '--runner', 'python']) == 0\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
