@@ -233,6 +233,13 @@ def preprocess_request(request):
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        import torch
+
+        # One thread per instance: Triton runs instances side by side (instance_group count),
+        # and torch's own intra-op threads only contend with them.
+        torch.set_num_threads(1)
+
     def execute(self, requests):
         responses = []
         for request in requests:
