@@ -44,7 +44,8 @@ def _server_dir(home: Path) -> Path:
 def _run(cmd: List[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if not ln.startswith("WARNING")]
+        tail = " ".join(lines[-2:])
         raise Unavailable(f"{what} failed ({' '.join(cmd)}): {tail}")
 
 
