@@ -1,9 +1,9 @@
 """Triton model repositories: every config.pbtxt parsed with Triton's own ModelConfig schema
-(the protobuf module shipped in the tritonclient package), and the preprocessing function
-checked against the evaluation transform.
-
-No Triton server runs here: its packages are a container image (NGC) or Linux builds
-outside PyPI; the repositories are checked against its schema instead.
+(the protobuf module shipped in the tritonclient package), the preprocessing function
+checked against the evaluation transform, and the repositories served by a real Triton
+server: tritonserver 2.51 from the nvidia-pytriton wheel (tests/triton_server.py), on the
+CPU, with the engine model's TensorRT runtime replaced by the CPU interpreter where a
+test needs its outputs.
 """
 
 from __future__ import annotations

@@ -199,8 +199,9 @@ class TritonPythonModel:
 '''
 
 
-def install_stand_in(model_dir: Path, engine: Path, weights: Path, version: int = 1) -> None:
-    """Turn a ``--runner python`` engine model folder into its CPU stand-in."""
+def install_stand_in(model_dir: Path, engine: Path, weights: Optional[Path], version: int = 1) -> None:
+    """Turn a ``--runner python`` engine model folder into its CPU stand-in (``weights``: the
+    file the engine was built from, None for the seeded weights)."""
     import json
 
     meta = json.loads(Path(str(engine) + ".json").read_text())
@@ -210,7 +211,7 @@ def install_stand_in(model_dir: Path, engine: Path, weights: Path, version: int 
     config.write_text(text.replace("kind: KIND_GPU", "kind: KIND_CPU"))
     (model_dir / str(version) / "model.py").write_text(STAND_IN_MODEL)
     (model_dir / str(version) / "stand_in.json").write_text(json.dumps({
-        "variant": meta["variant"], "weights": str(weights), "fp16": meta["precision"] == "fp16",
+        "variant": meta["variant"], "weights": None if weights is None else str(weights), "fp16": meta["precision"] == "fp16",
         "max_batch": meta["batch"]["max"], "image_size": meta["image_size"]["opt"],
         "input_name": meta["input"]["name"]}))
 
