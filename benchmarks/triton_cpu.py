@@ -14,6 +14,10 @@ Two measurements over loopback HTTP, each client sending one encoded photograph 
 
 Prints p50 and p99 latency and requests per second for each. Not a unit test: numbers
 depend on the machine and on what else runs on it.
+
+``--gpu`` serves the engine model itself (``--runner python``: EngineRunner on the GPU)
+instead of the stand-in, and first prints the largest difference between the pipeline's
+logits and the CPU interpreter's on the same preprocessed image (benchmarks/gpu_checks.sh).
 """
 
 from __future__ import annotations
@@ -40,6 +44,27 @@ def _summary(what: str, load: dict) -> str:
             f"p99 {lat[min(n - 1, int(n * 0.99))] * 1e3:.1f} ms, {n / load['wall']:.1f} requests/s")
 
 
+def _difference(server: "triton_server.TritonServer", payload: bytes, args: argparse.Namespace,
+                weights: Path) -> float:
+    """max |Δ| between the served pipeline's logits and trtvit_native.interpret's."""
+    import numpy as np
+    import torch
+    import tritonclient.http as httpclient
+
+    import trtvit_native as tv
+    from trtvit_native.data import preprocess_encoded
+
+    built = tv.build_network(args.variant, str(weights), fp16=False, max_batch=args.max_batch,
+                             image_size=args.image_size, plugins=False)
+    with torch.no_grad():
+        expected = tv.interpret(built, preprocess_encoded(payload, args.image_size)[None]).numpy()
+    with server.http() as client:
+        data = httpclient.InferInput("image_bytes", [1, 1], "BYTES")
+        data.set_data_from_numpy(np.array([[payload]], dtype=object))
+        got = client.infer("m_pipeline", [data]).as_numpy("logits")
+    return float(np.abs(got - expected).max())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="trt-vit-a")
@@ -50,6 +75,8 @@ def main() -> int:
     parser.add_argument("--pipeline-requests", type=int, default=10,
                         help="pipeline requests per client (10; 0 skips the pipeline)")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--gpu", action="store_true",
+                        help="serve the engine with EngineRunner on the GPU instead of the CPU stand-in")
     args = parser.parse_args()
 
     from PIL import Image
@@ -69,7 +96,8 @@ def main() -> int:
         assert trtvit(["export-triton", str(engine), "--repository", str(tmp / "models"), "--name", "m",
                        "--preprocess", "--runner", "python", "--max-queue-delay-us",
                        str(args.max_queue_delay_us)]) == 0
-        triton_server.install_stand_in(tmp / "models" / "m", engine, weights)
+        if not args.gpu:
+            triton_server.install_stand_in(tmp / "models" / "m", engine, weights)
         buf = io.BytesIO()
         Image.fromarray(data.coffee()).save(buf, "JPEG", quality=90)
         payload = buf.getvalue()
@@ -82,6 +110,9 @@ def main() -> int:
                   f"{args.image_size}x{args.image_size}, max batch {args.max_batch}, "
                   f"queue delay {args.max_queue_delay_us} us; {args.clients} HTTP clients; load average "
                   f"{os.getloadavg()[0]:.1f} before")
+            if args.gpu:
+                print(f"logits         max|pipeline - CPU interpreter| {_difference(server, payload, args, weights):.3g} "
+                      f"(fp32 engine, one image)")
             triton_server.run_load(server, "m_preprocess", payload, "images", args.clients, 5)  # warm-up
             print(_summary("preprocessing", triton_server.run_load(server, "m_preprocess", payload, "images",
                                                                    args.clients, args.requests)))
