@@ -352,9 +352,15 @@ def _png_header_only(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
 
 
-def _stats(client, model: str):
-    s = client.get_inference_statistics(model)["model_stats"][0]
-    return int(s["inference_count"]), int(s["execution_count"])
+def _stats(client, model: str, at_least: int = 0):
+    """(inference count, execution count) of ``model``, once it has counted ``at_least``
+    inferences: the server may count a request just after answering it."""
+    deadline = time.monotonic() + 10
+    while True:
+        s = client.get_inference_statistics(model)["model_stats"][0]
+        if int(s["inference_count"]) >= at_least or time.monotonic() > deadline:
+            return int(s["inference_count"]), int(s["execution_count"])
+        time.sleep(0.05)
 
 
 def _concurrently(calls):
@@ -417,7 +423,7 @@ def test_bad_inputs_fail_their_request_alone_in_one_line(triton, served):
         assert isinstance(error, InferenceServerException), (what, error)
         message = error.message()
         assert text in message and "\n" not in message.strip() and "Traceback" not in message, (what, message)
-    after = _stats(client, "a_preprocess")
+    after = _stats(client, "a_preprocess", inferences + len(sent))
     assert after[0] - inferences == len(sent)  # the wrong datatype never reached the model
     assert after[1] - executions < len(sent), after[1] - executions  # dynamic batching: they shared executions
     assert client.is_server_live() and client.is_model_ready("a_preprocess")
@@ -497,12 +503,13 @@ def test_pipeline_serves_the_networks_logits_and_the_references_labels(triton, s
     with torch.no_grad():
         network, ref = tv.interpret(built, x).numpy(), model.eval()(x).numpy()
     with triton.http() as client:
+        start = _stats(client, "a")[0]
         logits = _infer(client, http, "a_pipeline", images, "logits")
         # fp32 sums in other orders (the stand-in's one thread, its batches): 1.4e-5 measured on
         # logits of magnitude ~3; a bound of 7x that.
         assert np.abs(logits - network).max() <= 1e-4, np.abs(logits - network).max()
         top = _infer(client, http, "a_pipeline", images, "logits", class_count=3)
-        inferences, executions = _stats(client, "a")
+        inferences, executions = _stats(client, "a", start + 2 * len(images))
     classes = ["cat", "dog", "fox"]
     assert [[entry.decode().split(":", 2)[2] for entry in row] for row in top] == \
         [[classes[j] for j in np.argsort(-row, kind="stable")] for row in ref]
@@ -520,7 +527,7 @@ def test_pipeline_serves_the_networks_logits_and_the_references_labels(triton, s
         assert not isinstance(result, Exception), result
         assert np.abs(result[0] - network[i % 4]).max() <= 1e-4
     with triton.http() as client:
-        after = _stats(client, "a")
+        after = _stats(client, "a", inferences + 8)
     assert after[0] - inferences == 8 and after[1] - executions < 8, (after, inferences, executions)
     assert _tree(triton.repository) == served["tree"]  # serving wrote nothing into the repository
 
@@ -537,7 +544,7 @@ def test_load_8_clients_200_requests_each_without_a_failure(triton, served):
     load = triton_server.run_load(triton, "a_preprocess", payload, "images", clients=8, requests=200)
     assert load["failures"] == [] and len(load["latencies"]) == 1600
     with triton.http() as client:
-        after = _stats(client, "a_preprocess")
+        after = _stats(client, "a_preprocess", inferences + 1600)
         assert client.is_server_live() and client.is_model_ready("a_preprocess")
     assert after[0] - inferences == 1600 and after[1] - executions < 1600
     lat = np.sort(load["latencies"])
