@@ -8,9 +8,9 @@ Two measurements over loopback HTTP, each client sending one encoded photograph 
 "coffee", 400x600 JPEG) per request, one request after the other:
 
 * preprocessing: NAME_preprocess alone (decode, resize, crop, normalize in the Python backend);
-* pipeline: the NAME_pipeline ensemble with the engine model replaced by its CPU stand-in
-  (trtvit_native.interpret on the network the engine was built from, in place of the
-  TensorRT runtime): a CPU figure, not what the engine does on a GPU.
+* pipeline: the NAME_pipeline ensemble with the exported engine model on a CPU instance and
+  trtvit_native.interpret on the network the engine was built from in place of the TensorRT
+  runtime (tests/triton_server.py): a CPU figure, not what the engine does on a GPU.
 
 Prints p50 and p99 latency and requests per second for each. Not a unit test: numbers
 depend on the machine and on what else runs on it.

@@ -267,8 +267,8 @@ def _tree(repository: Path) -> list:
 @pytest.fixture(scope="module")
 def served(triton, tmp_path_factory, labelled_weights):
     """trt-vit-a (3 labelled classes, fp32, 64x64, batch 1..4) exported with --preprocess and
-    --runner python into the server's repository, the engine model replaced by its CPU
-    stand-in; the preprocessing and the pipeline loaded."""
+    --runner python into the server's repository, the engine model on a CPU instance with the
+    TensorRT runtime replaced by the CPU interpreter; all three models loaded."""
     work = tmp_path_factory.mktemp("engine")
     engine = work / "a.engine"
     assert main(["build", "trt-vit-a", "--weights", str(labelled_weights), "--fp32", "--image-size",
@@ -487,8 +487,9 @@ def test_python_runner_repository_loads_in_the_server_up_to_the_gpu(tmp_path, ca
 
 def test_pipeline_serves_the_networks_logits_and_the_references_labels(triton, served, labelled_weights):
     """Image bytes -> a_preprocess -> a -> logits and top-k labels, through the ensemble.
-    The engine model is its CPU stand-in (tests/triton_server.py): the TensorRT runtime is the
-    only part substituted, by trtvit_native.interpret on the network the engine was built from."""
+    The engine model is the exported one on a CPU instance with EngineRunner replaced by
+    trtvit_native.interpret on the network the engine was built from (tests/triton_server.py):
+    the TensorRT runtime is the only part substituted."""
     import tritonclient.http as http
 
     from trtvit_native.data import preprocess_encoded

@@ -156,46 +156,56 @@ class TritonServer:
         return grpcclient.InferenceServerClient(self.grpc_url)
 
 
-# The engine model's CPU stand-in: the config --runner python writes with KIND_CPU for
-# KIND_GPU, and a model.py running the network the engine was built from (the same weights
-# file, variant, precision, batch and image size, from ENGINE.json) on trtvit_native's CPU
-# interpreter. Only the TensorRT runtime is substituted.
-STAND_IN_MODEL = '''"""CPU stand-in for an engine model (tests only): trtvit_native.interpret runs the
-network the engine was built from, in place of the TensorRT runtime."""
+# The engine model's CPU stand-in: the folder --runner python writes, with KIND_CPU for
+# KIND_GPU in its config and its model.py unchanged (renamed exported_model.py), run with
+# trtvit_native.EngineRunner replaced by a runner that executes the network the engine was
+# built from (the same weights file, variant, precision, batch and image size, from
+# ENGINE.json) on trtvit_native's CPU interpreter. Only the TensorRT runtime is substituted.
+STAND_IN_MODEL = '''"""CPU stand-in for an engine model (tests only): the exported model.py
+(exported_model.py) with trtvit_native.EngineRunner replaced by the CPU interpreter running
+the network the engine was built from."""
 
 import sys
 
 sys.dont_write_bytecode = True
 
+import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
 
-import trtvit_native as tv  # noqa: E402
+import trtvit_native  # noqa: E402
 
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand_in.json")) as _f:
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "stand_in.json")) as _f:
     SETTINGS = json.load(_f)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        torch.set_num_threads(1)
-        self.built = tv.build_network(SETTINGS["variant"], SETTINGS["weights"], fp16=SETTINGS["fp16"],
-                                      max_batch=SETTINGS["max_batch"], image_size=SETTINGS["image_size"],
-                                      plugins=False)
+class InterpreterRunner:
+    """EngineRunner's calling convention: (plan path, device=...) and runner(numpy) -> numpy."""
 
-    def execute(self, requests):
-        inputs = [pb_utils.get_input_tensor_by_name(r, SETTINGS["input_name"]).as_numpy() for r in requests]
+    def __init__(self, engine, device=None):
+        with open(engine, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != SETTINGS["sha256"]:
+            raise RuntimeError(f"{engine} is not the engine this stand-in was made for")
+        torch.set_num_threads(1)
+        self.built = trtvit_native.build_network(
+            SETTINGS["variant"], SETTINGS["weights"], fp16=SETTINGS["fp16"], max_batch=SETTINGS["max_batch"],
+            image_size=SETTINGS["image_size"], plugins=False)
+
+    def __call__(self, images):
         with torch.no_grad():
-            logits = tv.interpret(self.built, torch.from_numpy(np.concatenate(inputs))).numpy()
-        responses, start = [], 0
-        for x in inputs:
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits[start:start + len(x)])]))
-            start += len(x)
-        return responses
+            return trtvit_native.interpret(self.built, torch.from_numpy(images)).numpy()
+
+
+trtvit_native.EngineRunner = InterpreterRunner  # what "from trtvit_native import EngineRunner" now gets
+_spec = importlib.util.spec_from_file_location("exported_model", os.path.join(HERE, "exported_model.py"))
+_exported = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_exported)
+TritonPythonModel = _exported.TritonPythonModel
 '''
 
 
@@ -209,12 +219,13 @@ def install_stand_in(model_dir: Path, engine: Path, weights: Optional[Path], ver
     text = config.read_text()
     assert text.count("kind: KIND_GPU") == 1 and 'backend: "python"' in text
     config.write_text(text.replace("kind: KIND_GPU", "kind: KIND_CPU"))
-    (model_dir / str(version) / "model.py").write_text(STAND_IN_MODEL)
-    (model_dir / str(version) / "stand_in.json").write_text(json.dumps({
-        "variant": meta["variant"], "weights": None if weights is None else str(weights), "fp16": meta["precision"] == "fp16",
-        "max_batch": meta["batch"]["max"], "image_size": meta["image_size"]["opt"],
-        "input_name": meta["input"]["name"]}))
-
+    folder = model_dir / str(version)
+    (folder / "model.py").rename(folder / "exported_model.py")
+    (folder / "model.py").write_text(STAND_IN_MODEL)
+    (folder / "stand_in.json").write_text(json.dumps({
+        "variant": meta["variant"], "weights": None if weights is None else str(weights),
+        "fp16": meta["precision"] == "fp16", "max_batch": meta["batch"]["max"],
+        "image_size": meta["image_size"]["opt"], "sha256": meta["sha256"]}))
 
 
 def run_load(server: TritonServer, model: str, payload: bytes, output: str, clients: int = 8,
