@@ -111,8 +111,8 @@ def main() -> int:
                   f"queue delay {args.max_queue_delay_us} us; {args.clients} HTTP clients; load average "
                   f"{os.getloadavg()[0]:.1f} before")
             if args.gpu:
-                print(f"logits         max|pipeline - CPU interpreter| {_difference(server, payload, args, weights):.3g} "
-                      f"(fp32 engine, one image)")
+                difference = _difference(server, payload, args, weights)
+                print(f"logits         max|pipeline - CPU interpreter| {difference:.3g} (fp32 engine, one image)")
             triton_server.run_load(server, "m_preprocess", payload, "images", args.clients, 5)  # warm-up
             print(_summary("preprocessing", triton_server.run_load(server, "m_preprocess", payload, "images",
                                                                    args.clients, args.requests)))

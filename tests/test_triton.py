@@ -390,7 +390,8 @@ def test_bad_inputs_fail_their_request_alone_in_one_line(triton, served):
 
     good = _encoded(Image.new("RGB", (90, 70), (30, 160, 220)), "JPEG")
     bad = {
-        "garbage bytes": (b"\x00not an image\xff" * 8, "112 bytes that are not an image Pillow can decode (JPEG, PNG, BMP...)"),
+        "garbage bytes": (b"\x00not an image\xff" * 8,
+                          "112 bytes that are not an image Pillow can decode (JPEG, PNG, BMP...)"),
         "empty string": (b"", "empty input: 0 bytes"),
         "1-pixel image": (_encoded(Image.new("RGB", (1, 1)), "PNG"),
                           "image of 1x1 pixels is smaller than 16 pixels on a side (min_side in settings.json)"),
