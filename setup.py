@@ -104,7 +104,7 @@ setup(
         # trtvit train / eval: augmentation (kornia: pure torch), progress bars, curves, image decoding
         "train": TRAIN_REQUIRES,
         "test": ["pytest>=7", "scikit-image>=0.21", "scikit-learn>=1.0", "nvidia-cuda-cuobjdump",
-                 "tritonclient>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES
+                 "tritonclient[http,grpc]>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES
         + RUNTIME_REQUIRES["runtime-cu13"],  # the emulated-GPU tests use cuda.core without a driver
         "bench": ["onnx>=1.14"],
     },

@@ -15,9 +15,11 @@
 #   4. benchmarks/kernels.py (kernel speed against torch and the copy bandwidth);
 #   5. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
 #      TensorRT module is importable.
+#   6. benchmarks/triton_cpu.py --gpu (a --runner python repository served by
+#      tritonserver 2.51 from the nvidia-pytriton wheel, EngineRunner on the GPU).
 #
 # TRTVIT_GPU_STEPS="cpp_example kernels" runs only the named steps of build, cpp_example,
-# pytest_gpu, host_gpu, runtime_streams, kernels and engine (the build runs whenever a later step needs it), for
+# pytest_gpu, host_gpu, runtime_streams, kernels, engine and triton (the build runs whenever a later step needs it), for
 # machines that limit how long one command may take.
 # TRTVIT_WHEELS=DIR installs every wheel in DIR first (pip --no-deps), for machines
 # without network access (the TensorRT-RTX wheels, for instance).
@@ -35,7 +37,7 @@ summary="$out/summary.txt"
 : > "$summary"
 failed=0
 
-steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu runtime_streams kernels engine}
+steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu runtime_streams kernels engine triton}
 wanted() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -106,6 +108,7 @@ step runtime_streams 600 "$py" -m pytest -m gpu -v -rs -p no:cacheprovider \
 step kernels 600 "$py" benchmarks/kernels.py --json "$out/kernels.json"
 if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; then
   step engine 900 "$py" benchmarks/engine_gpu.py --json "$out/engine.json"
+  step triton 600 "$py" benchmarks/triton_cpu.py --gpu --requests 50 --pipeline-requests 50
 else
   echo "engine         skipped: no TensorRT Python module (tensorrt or tensorrt_rtx)" | tee -a "$summary"
 fi

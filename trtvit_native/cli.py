@@ -129,6 +129,9 @@ def _parser() -> _Parser:
                     help="dynamic batching: longest wait to fill a batch, microseconds (100)")
     tx.add_argument("--preprocess", action="store_true",
                     help="also NAME_preprocess (Python backend: encoded images -> input) and NAME_pipeline (ensemble)")
+    tx.add_argument("--runner", choices=("tensorrt", "python"), default="tensorrt",
+                    help="serve the engine with Triton's TensorRT backend (full-TensorRT engines; default) or with "
+                         "a Python-backend model running trtvit_native.EngineRunner (either TensorRT)")
     tx.add_argument("--force", action="store_true", help="replace existing model folders")
     ev = sub.add_parser("eval", help="top-1/top-5 of the reference, the network (CPU) or an engine (GPU) on a folder")
     ev.add_argument("variant", help="variant name")
@@ -392,7 +395,7 @@ def _cmd_export_triton(args: argparse.Namespace) -> int:
 
     written = export_triton(args.engine, args.repository, name=args.name, version=args.version,
                             instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
-                            preprocess=args.preprocess, force=args.force)
+                            preprocess=args.preprocess, force=args.force, runner=args.runner)
     for folder in written:
         print(f"model      {folder}")
     print(f"serve      tritonserver --model-repository {os.path.abspath(args.repository)}")

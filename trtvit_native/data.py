@@ -38,7 +38,8 @@ class DataError(ValueError):
 
 def load_rgb(path: Union[PathLike, bytes]) -> torch.Tensor:
     """Decode an image (a file, or its encoded bytes) to a uint8 RGB tensor (3, H, W).
-    Grayscale, palette, RGBA (alpha dropped) and CMYK images are converted to RGB."""
+    Grayscale, palette, RGBA (alpha dropped) and CMYK images are converted to RGB; 16-bit
+    grayscale is scaled to 8 bits (Pillow's own conversion clips it at 255)."""
     import io
 
     import numpy as np
@@ -47,7 +48,11 @@ def load_rgb(path: Union[PathLike, bytes]) -> torch.Tensor:
     what = f"{len(path)} bytes of encoded image" if isinstance(path, (bytes, bytearray)) else f"image {path}"
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+            if img.mode.startswith("I;16"):
+                grey = np.rint(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
+                array = np.repeat(grey[:, :, None], 3, axis=2)
+            else:
+                array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"cannot decode {what}: {e}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -1,17 +1,23 @@
 """Triton Inference Server model repositories for engines built by ``trtvit build``.
 
     trtvit export-triton a.engine --repository models/ [--name NAME] [--version N]
-                         [--instances N] [--max-queue-delay-us N] [--preprocess] [--force]
+                         [--instances N] [--max-queue-delay-us N] [--preprocess]
+                         [--runner tensorrt|python] [--force]
 
-writes ``models/NAME/config.pbtxt`` (platform ``tensorrt_plan``: the engine's tensors with
-dims after the batch dimension, -1 where dynamic; ``max_batch_size`` the profile's
-largest batch; dynamic batching; GPU instances; ``label_filename`` where ENGINE.json
-names classes) and ``models/NAME/VERSION/model.plan`` (the engine's bytes, checked against
-ENGINE.json's SHA-256). With ``--preprocess`` also ``NAME_preprocess``, a Python-backend
+writes ``models/NAME/config.pbtxt`` (the engine's tensors with dims after the batch
+dimension, -1 where dynamic; ``max_batch_size`` the profile's largest batch; dynamic
+batching; GPU instances; ``label_filename`` where ENGINE.json names classes) and
+``models/NAME/VERSION/model.plan`` (the engine's bytes, checked against ENGINE.json's
+SHA-256). ``--runner tensorrt`` (platform ``tensorrt_plan``) is for engines built with full
+TensorRT, the TensorRT of Triton's TensorRT backend; ``--runner python`` adds a
+Python-backend ``model.py`` that runs the plan with :class:`trtvit_native.EngineRunner`,
+for TensorRT-RTX engines. With ``--preprocess`` also ``NAME_preprocess``, a Python-backend
 model that turns encoded images into the engine's input with
-:func:`trtvit_native.data.preprocess_encoded`, and ``NAME_pipeline``, an ensemble from
-image bytes to the engine's outputs; top-k class labels come from Triton's classification
-extension (request ``logits`` with ``class_count``) and the labels file.
+:func:`trtvit_native.data.preprocess_encoded` (one-line errors per request, dynamic
+batching), and ``NAME_pipeline``, an ensemble from image bytes to the engine's outputs;
+top-k class labels come from Triton's classification extension (request ``logits`` with
+``class_count``) and the labels file. Each Python model's folder holds the
+``requirements.txt`` of the Python backend's environment.
 
 Every model folder is written into a temporary folder beside it and renamed into place,
 so a failure leaves nothing half-written.
@@ -74,8 +80,10 @@ def _tensor_block(entries: List[str]) -> str:
 
 
 def engine_config(name: str, meta: Dict[str, Any], instances: int, max_queue_delay_us: int,
-                  labels: bool) -> str:
-    """config.pbtxt of the TensorRT-plan model."""
+                  labels: bool, runner: str = "tensorrt") -> str:
+    """config.pbtxt of the engine model: platform ``tensorrt_plan`` (Triton's TensorRT
+    backend), or the Python backend running :class:`trtvit_native.EngineRunner` for
+    ``runner="python"``; the same inputs, outputs and labels either way."""
     inp = meta["input"]
     inputs = [f'  {{\n    name: "{inp["name"]}"\n    data_type: {_TYPES[inp["dtype"]]}\n    dims: {_dims(inp["shape"])}\n  }}']
     outputs = []
@@ -84,18 +92,20 @@ def engine_config(name: str, meta: Dict[str, Any], instances: int, max_queue_del
         outputs.append(f'  {{\n    name: "{out["name"]}"\n    data_type: {_TYPES[out["dtype"]]}\n'
                        f'    dims: {_dims(out["shape"])}{label}\n  }}')
     batch = meta["batch"]
-    return (f'name: "{name}"\nplatform: "tensorrt_plan"\nmax_batch_size: {int(batch["max"])}\n'
+    how = 'platform: "tensorrt_plan"' if runner == "tensorrt" else 'backend: "python"'
+    return (f'name: "{name}"\n{how}\nmax_batch_size: {int(batch["max"])}\n'
             f"input {_tensor_block(inputs)}\noutput {_tensor_block(outputs)}\n"
             f"dynamic_batching {{\n  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n}}\n"
             f"instance_group [\n  {{\n    count: {int(instances)}\n    kind: KIND_GPU\n  }}\n]\n")
 
 
-def preprocess_config(name: str, meta: Dict[str, Any], instances: int) -> str:
+def preprocess_config(name: str, meta: Dict[str, Any], instances: int, max_queue_delay_us: int) -> str:
     inp = meta["input"]
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {int(meta["batch"]["max"])}\n'
             f'input [\n  {{\n    name: "image_bytes"\n    data_type: TYPE_STRING\n    dims: [ 1 ]\n  }}\n]\n'
             f'output [\n  {{\n    name: "{inp["name"]}"\n    data_type: TYPE_FP32\n    dims: {_dims(_opt_shape(meta))}\n'
-            f'  }}\n]\ninstance_group [\n  {{\n    count: {int(instances)}\n    kind: KIND_CPU\n  }}\n]\n')
+            f'  }}\n]\ndynamic_batching {{\n  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n}}\n'
+            f'instance_group [\n  {{\n    count: {int(instances)}\n    kind: KIND_CPU\n  }}\n]\n')
 
 
 def _opt_shape(meta: Dict[str, Any]) -> List[int]:
@@ -127,31 +137,180 @@ def pipeline_config(name: str, engine_name: str, meta: Dict[str, Any], labels: b
             f"ensemble_scheduling {{\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
 
 
-PYTHON_MODEL = '''"""Triton Python-backend model written by trtvit export-triton: encoded images in, the
+# The Python backend of Triton 2.51 (and others of its age) reads BYTES tensors with numpy 1
+# semantics: with numpy 2 in the stub's environment the first request kills the stub.
+PREPROCESS_REQUIREMENTS = """# The Triton Python backend's environment (the first python3 on tritonserver's PATH)
+numpy<2      # Triton 2.51's Python backend fails on numpy 2: "Stub process ... is not healthy"
+Pillow
+torch
+trtvit_native
+"""
+
+ENGINE_REQUIREMENTS = """# The Triton Python backend's environment (the first python3 on tritonserver's PATH)
+numpy<2      # Triton 2.51's Python backend fails on numpy 2: "Stub process ... is not healthy"
+trtvit_native[runtime-cu13]   # runtime-cu12 on a CUDA 12 driver (< 580)
+"""
+
+# Both Python models set sys.dont_write_bytecode before importing anything from the
+# repository. model.py itself is compiled by the stub before it runs: an environment that
+# must not write __pycache__ beside it sets the flag at start-up (a .pth file, see the
+# README), which the stub honours where it ignores PYTHONDONTWRITEBYTECODE.
+PREPROCESS_MODEL = '''"""Triton Python-backend model written by trtvit export-triton: encoded images in, the
 engine's input out, with trtvit_native.data.preprocess_encoded (the package's one
-preprocessing definition). Needs trtvit_native (and torch) in the Python backend's
-environment."""
+preprocessing definition). Each request is answered on its own: an image that cannot be
+used fails its request with a one-line error and the other requests of the batch go on.
+The Python environment is in requirements.txt beside this folder."""
 
-import json
-import os
+import sys
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+sys.dont_write_bytecode = True
 
-from trtvit_native.data import preprocess_encoded
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
 
-SETTINGS = json.load(open(os.path.join(os.path.dirname(__file__), "settings.json")))
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from trtvit_native.data import preprocess_encoded  # noqa: E402
+
+Image.MAX_IMAGE_PIXELS = None  # max_pixels below is the limit, checked before decoding
+
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "settings.json")) as _f:
+    SETTINGS = json.load(_f)
+
+
+class ImageRefused(ValueError):
+    pass
+
+
+def check_header(data):
+    """Refuse what should not be decoded, from the header alone."""
+    if not isinstance(data, bytes):
+        raise ImageRefused(f"expected encoded image bytes, got {type(data).__name__}")
+    if not data:
+        raise ImageRefused("empty input: 0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except UnidentifiedImageError:
+        raise ImageRefused(f"{len(data)} bytes that are not an image Pillow can decode (JPEG, PNG, BMP...)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageRefused(f"cannot read the image header: {e}") from None
+    if width * height > SETTINGS["max_pixels"]:
+        raise ImageRefused(f"image of {width}x{height} = {width * height:,d} pixels is over the limit of "
+                           f"{SETTINGS['max_pixels']:,d} (max_pixels in settings.json)")
+    if min(width, height) < SETTINGS["min_side"]:
+        raise ImageRefused(f"image of {width}x{height} pixels is smaller than {SETTINGS['min_side']} pixels on a side "
+                           f"(min_side in settings.json)")
+
+
+def preprocess_one(data):
+    check_header(data)
+    try:
+        return preprocess_encoded(data, SETTINGS["image_size"]).numpy()
+    except Exception as e:  # one line naming the problem, never the stub's traceback
+        raise ImageRefused(" ".join(str(e).split()) or type(e).__name__) from None
+
+
+def preprocess_request(request):
+    tensor = pb_utils.get_input_tensor_by_name(request, "image_bytes")
+    data = tensor.as_numpy()
+    if data.dtype != np.object_:
+        raise ImageRefused(f"image_bytes must be BYTES, got {data.dtype}")
+    items = data.reshape(len(data), -1)
+    if items.shape[1] != 1:
+        raise ImageRefused(f"image_bytes must hold one encoded image per batch entry, got shape {list(data.shape)}")
+    images = []
+    for i, item in enumerate(items[:, 0]):
+        try:
+            images.append(preprocess_one(item))
+        except ImageRefused as e:
+            where = f"image {i} of {len(items)}: " if len(items) > 1 else ""
+            raise ImageRefused(where + str(e)) from None
+    return pb_utils.Tensor(SETTINGS["input_name"], np.stack(images).astype(np.float32))
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        import torch
+
+        # One thread per instance: Triton runs instances side by side (instance_group count),
+        # and torch's own intra-op threads only contend with them.
+        torch.set_num_threads(1)
+
     def execute(self, requests):
         responses = []
         for request in requests:
-            data = pb_utils.get_input_tensor_by_name(request, "image_bytes").as_numpy()
-            images = np.stack([preprocess_encoded(bytes(item[0]), SETTINGS["image_size"]).numpy()
-                               for item in data]).astype(np.float32)
-            out = pb_utils.Tensor(SETTINGS["input_name"], images)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[preprocess_request(request)]))
+            except ImageRefused as e:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+        return responses
+'''
+
+ENGINE_MODEL = '''"""Triton Python-backend model written by trtvit export-triton --runner python: runs
+model.plan with trtvit_native.EngineRunner on the GPU Triton gives this instance. The
+requests of a dynamic batch are run as one batch; a request that cannot be run fails on its
+own with a one-line error. The Python environment is in requirements.txt beside this folder."""
+
+import sys
+
+sys.dont_write_bytecode = True
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from trtvit_native import EngineRunner  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "settings.json")) as _f:
+    SETTINGS = json.load(_f)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        device = int(args["model_instance_device_id"])
+        try:
+            self.runner = EngineRunner(os.path.join(HERE, "model.plan"), device=device)
+        except Exception as e:
+            raise RuntimeError(f"{args['model_name']}: cannot run the engine on GPU {device}: "
+                               f"{' '.join(str(e).split())}") from None
+
+    def execute(self, requests):
+        inputs, errors = [], {}
+        for i, request in enumerate(requests):
+            x = pb_utils.get_input_tensor_by_name(request, SETTINGS["input_name"]).as_numpy()
+            if x.dtype != np.float32:
+                errors[i] = f"{SETTINGS['input_name']} must be FP32, got {x.dtype}"
+            inputs.append(x)
+        groups = {}  # the requests of one image size run as one batch
+        for i, x in enumerate(inputs):
+            if i not in errors:
+                groups.setdefault(x.shape[1:], []).append(i)
+        results = {}
+        for members in groups.values():
+            try:
+                out = self.runner(np.ascontiguousarray(np.concatenate([inputs[i] for i in members])))
+            except Exception as e:
+                errors.update((i, " ".join(str(e).split())) for i in members)
+                continue
+            out = out if isinstance(out, dict) else {SETTINGS["output_names"][0]: out}
+            start = 0
+            for i in members:
+                results[i] = {k: v[start:start + len(inputs[i])] for k, v in out.items()}
+                start += len(inputs[i])
+        responses = []
+        for i in range(len(requests)):
+            if i in errors:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
+            else:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(k, np.ascontiguousarray(results[i][k])) for k in SETTINGS["output_names"]]))
         return responses
 '''
 
@@ -184,13 +343,44 @@ def _write_model(repository: str, name: str, files: Dict[str, bytes], force: boo
     return target
 
 
+RUNNERS = ("tensorrt", "python")
+
+# Image limits of the preprocessing model (settings.json beside its model.py): Pillow's own
+# decompression-bomb threshold, and the smallest side an image must have.
+MAX_PIXELS = 89_478_485
+MIN_SIDE = 16
+
+
+def engine_backend(meta: Dict[str, Any], sidecar: str) -> str:
+    """The TensorRT module an engine was built with ("tensorrt" or "tensorrt_rtx"), from
+    ENGINE.json's ``backend`` ("TensorRT-RTX 1.7.1.116 (tensorrt_rtx)")."""
+    label = str(meta.get("backend", ""))
+    module = label[label.rfind("(") + 1:-1] if label.endswith(")") else ""
+    if module not in ("tensorrt", "tensorrt_rtx"):
+        raise TritonExportError(f"{sidecar} does not say which TensorRT built the engine (backend {label or None!r}); "
+                                f"rebuild it with this version of trtvit build")
+    return module
+
+
 def export_triton(engine: str, repository: str, name: Optional[str] = None, version: int = 1, instances: int = 1,
-                  max_queue_delay_us: int = 100, preprocess: bool = False, force: bool = False) -> List[str]:
-    """Write a Triton model repository entry for ``engine``; returns the model folders written."""
+                  max_queue_delay_us: int = 100, preprocess: bool = False, force: bool = False,
+                  runner: str = "tensorrt") -> List[str]:
+    """Write a Triton model repository entry for ``engine``; returns the model folders written.
+
+    ``runner="tensorrt"`` serves the plan with Triton's TensorRT backend, which is built on
+    full TensorRT: a TensorRT-RTX engine is refused. ``runner="python"`` serves it with a
+    Python-backend model running :class:`trtvit_native.EngineRunner` (either TensorRT).
+    """
+    if runner not in RUNNERS:
+        raise TritonExportError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
     meta = read_engine_metadata(engine)
     if meta["plugins"]:
         raise TritonExportError(f"{engine} holds the trtvit plugins, which are Python classes: Triton's TensorRT "
                                 f"backend cannot load it. Build it with --plugins off")
+    if runner == "tensorrt" and engine_backend(meta, engine + ".json") == "tensorrt_rtx":
+        raise TritonExportError(f"{engine} is a TensorRT-RTX engine ({meta['backend']}), which Triton's TensorRT "
+                                f"backend (full TensorRT) cannot load: build it with full TensorRT "
+                                f"(TRTVIT_BACKEND=tensorrt trtvit build ...), or export it with --runner python")
     name = name or f"{meta.get('variant', 'trtvit')}-{meta.get('precision', 'engine')}"
     if not name or "/" in name or name.startswith("."):
         raise TritonExportError(f"invalid model name {name!r}")
@@ -208,8 +398,14 @@ def export_triton(engine: str, repository: str, name: Optional[str] = None, vers
     if os.path.exists(repository) and not os.path.isdir(repository):
         raise TritonExportError(f"repository {repository} is a file, not a directory")
     labels = meta.get("labels")
-    engine_files = {"config.pbtxt": engine_config(name, meta, instances, max_queue_delay_us, bool(labels)).encode(),
+    engine_files = {"config.pbtxt": engine_config(name, meta, instances, max_queue_delay_us, bool(labels),
+                                                  runner).encode(),
                     f"{version}/model.plan": plan}
+    if runner == "python":
+        settings = {"input_name": meta["input"]["name"], "output_names": [o["name"] for o in _outputs(meta)]}
+        engine_files.update({f"{version}/model.py": ENGINE_MODEL.encode(),
+                             f"{version}/settings.json": (json.dumps(settings, indent=1) + "\n").encode(),
+                             "requirements.txt": ENGINE_REQUIREMENTS.encode()})
     if labels:
         engine_files["labels.txt"] = ("\n".join(labels) + "\n").encode()
     written = []
@@ -222,11 +418,12 @@ def export_triton(engine: str, repository: str, name: Optional[str] = None, vers
     written.append(_write_model(repository, name, engine_files, force))
     if preprocess:
         h, w = _opt_shape(meta)[2:]
-        settings = {"image_size": [h, w], "input_name": meta["input"]["name"],
-                    "preprocessing": meta["input"].get("preprocessing")}
+        settings = {"image_size": [h, w], "input_name": meta["input"]["name"], "max_pixels": MAX_PIXELS,
+                    "min_side": MIN_SIDE, "preprocessing": meta["input"].get("preprocessing")}
         written.append(_write_model(repository, f"{name}_preprocess", {
-            "config.pbtxt": preprocess_config(f"{name}_preprocess", meta, instances).encode(),
-            "1/model.py": PYTHON_MODEL.encode(),
+            "config.pbtxt": preprocess_config(f"{name}_preprocess", meta, instances, max_queue_delay_us).encode(),
+            "requirements.txt": PREPROCESS_REQUIREMENTS.encode(),
+            "1/model.py": PREPROCESS_MODEL.encode(),
             "1/settings.json": (json.dumps(settings, indent=1) + "\n").encode()}, force))
         pipeline = {"config.pbtxt": pipeline_config(name, name, meta, bool(labels)).encode(), "1/.keep": b""}
         if labels:
