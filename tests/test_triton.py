@@ -556,7 +556,7 @@ def load_served(triton, tmp_path_factory, labelled_weights):
     assert main(["build", "trt-vit-a", "--weights", str(labelled_weights), "--fp32", "--image-size",
                  str(LOAD_IMAGE_SIZE), "--max-batch", str(LOAD_MAX_BATCH), "--no-parity", "-o", str(engine)]) == 0
     assert main(["export-triton", str(engine), "--repository", str(triton.repository), "--name", "l", "--preprocess",
-                 "--runner", "python", "--max-queue-delay-us", "5000"]) == 0
+                 "--runner", "python", "--max-queue-delay-us", "30000"]) == 0
     triton_server.install_stand_in(triton.repository / "l", engine, labelled_weights)
     with triton.http() as client:
         client.load_model("l_pipeline")  # and the two models it composes
