@@ -25,7 +25,7 @@ import sysconfig
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 PYTRITON = "nvidia-pytriton==0.7.0"  # tritonserver 2.51
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,6 +226,24 @@ def install_stand_in(model_dir: Path, engine: Path, weights: Optional[Path], ver
         "variant": meta["variant"], "weights": None if weights is None else str(weights),
         "fp16": meta["precision"] == "fp16", "max_batch": meta["batch"]["max"],
         "image_size": meta["image_size"]["opt"], "sha256": meta["sha256"]}))
+
+
+def load_payloads(size: Tuple[int, int] = (60, 44)) -> List[bytes]:
+    """Eight different photographs from scikit-image, each resized to ``size`` (width, height)
+    and encoded as JPEG: one per client of :func:`run_load`."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.coffee(), data.astronaut(), data.chelsea(), data.rocket(), data.camera(), data.moon(),
+              data.immunohistochemistry(), data.hubble_deep_field()]
+    payloads = []
+    for photo in photos:
+        buf = io.BytesIO()
+        Image.fromarray(photo).resize(size).save(buf, "JPEG", quality=90)
+        payloads.append(buf.getvalue())
+    return payloads
 
 
 def run_load(server: TritonServer, model: str, payloads: Sequence[bytes], output: str, clients: int = 8,
