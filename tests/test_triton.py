@@ -264,18 +264,27 @@ def _tree(repository: Path) -> list:
                   for model in SERVED for p in [repository / model, *(repository / model).rglob("*")])
 
 
+def _export_stand_in_pipeline(triton, work: Path, weights: Path, name: str, image_size: int, max_batch: int,
+                              queue_delay_us: int) -> Path:
+    """Build trt-vit-a from ``weights`` (fp32) into ``work``, export it with --preprocess and
+    --runner python as ``name`` into the server's repository and make its engine model the
+    CPU stand-in; returns the engine's path."""
+    engine = work / f"{name}.engine"
+    assert main(["build", "trt-vit-a", "--weights", str(weights), "--fp32", "--image-size", str(image_size),
+                 "--max-batch", str(max_batch), "--no-parity", "-o", str(engine)]) == 0
+    assert main(["export-triton", str(engine), "--repository", str(triton.repository), "--name", name, "--preprocess",
+                 "--runner", "python", "--max-queue-delay-us", str(queue_delay_us)]) == 0
+    triton_server.install_stand_in(triton.repository / name, engine, weights)
+    return engine
+
+
 @pytest.fixture(scope="module")
 def served(triton, tmp_path_factory, labelled_weights):
     """trt-vit-a (3 labelled classes, fp32, 64x64, batch 1..4) exported with --preprocess and
     --runner python into the server's repository, the engine model on a CPU instance with the
     TensorRT runtime replaced by the CPU interpreter; all three models loaded."""
-    work = tmp_path_factory.mktemp("engine")
-    engine = work / "a.engine"
-    assert main(["build", "trt-vit-a", "--weights", str(labelled_weights), "--fp32", "--image-size",
-                 str(IMAGE_SIZE), "--max-batch", str(MAX_BATCH), "--no-parity", "-o", str(engine)]) == 0
-    assert main(["export-triton", str(engine), "--repository", str(triton.repository), "--name", "a", "--preprocess",
-                 "--runner", "python", "--max-queue-delay-us", "20000"]) == 0
-    triton_server.install_stand_in(triton.repository / "a", engine, labelled_weights)
+    engine = _export_stand_in_pipeline(triton, tmp_path_factory.mktemp("engine"), labelled_weights, "a", IMAGE_SIZE,
+                                       MAX_BATCH, 20000)
     before = _tree(triton.repository)
     client = triton.http()
     for model in SERVED:
@@ -551,13 +560,8 @@ def load_served(triton, tmp_path_factory, labelled_weights):
     eight 60x44 JPEGs and each one's logits from trtvit_native.interpret in this process."""
     from trtvit_native.data import preprocess_encoded
 
-    work = tmp_path_factory.mktemp("load")
-    engine = work / "l.engine"
-    assert main(["build", "trt-vit-a", "--weights", str(labelled_weights), "--fp32", "--image-size",
-                 str(LOAD_IMAGE_SIZE), "--max-batch", str(LOAD_MAX_BATCH), "--no-parity", "-o", str(engine)]) == 0
-    assert main(["export-triton", str(engine), "--repository", str(triton.repository), "--name", "l", "--preprocess",
-                 "--runner", "python", "--max-queue-delay-us", "30000"]) == 0
-    triton_server.install_stand_in(triton.repository / "l", engine, labelled_weights)
+    _export_stand_in_pipeline(triton, tmp_path_factory.mktemp("load"), labelled_weights, "l", LOAD_IMAGE_SIZE,
+                              LOAD_MAX_BATCH, 30000)
     with triton.http() as client:
         client.load_model("l_pipeline")  # and the two models it composes
     payloads = triton_server.load_payloads()
