@@ -264,18 +264,27 @@ def _tree(repository: Path) -> list:
                   for model in SERVED for p in [repository / model, *(repository / model).rglob("*")])
 
 
+def _export_stand_in_pipeline(triton, work: Path, weights: Path, name: str, image_size: int, max_batch: int,
+                              queue_delay_us: int) -> Path:
+    """Build trt-vit-a from ``weights`` (fp32) into ``work``, export it with --preprocess and
+    --runner python as ``name`` into the server's repository and make its engine model the
+    CPU stand-in; returns the engine's path."""
+    engine = work / f"{name}.engine"
+    assert main(["build", "trt-vit-a", "--weights", str(weights), "--fp32", "--image-size", str(image_size),
+                 "--max-batch", str(max_batch), "--no-parity", "-o", str(engine)]) == 0
+    assert main(["export-triton", str(engine), "--repository", str(triton.repository), "--name", name, "--preprocess",
+                 "--runner", "python", "--max-queue-delay-us", str(queue_delay_us)]) == 0
+    triton_server.install_stand_in(triton.repository / name, engine, weights)
+    return engine
+
+
 @pytest.fixture(scope="module")
 def served(triton, tmp_path_factory, labelled_weights):
     """trt-vit-a (3 labelled classes, fp32, 64x64, batch 1..4) exported with --preprocess and
     --runner python into the server's repository, the engine model on a CPU instance with the
     TensorRT runtime replaced by the CPU interpreter; all three models loaded."""
-    work = tmp_path_factory.mktemp("engine")
-    engine = work / "a.engine"
-    assert main(["build", "trt-vit-a", "--weights", str(labelled_weights), "--fp32", "--image-size",
-                 str(IMAGE_SIZE), "--max-batch", str(MAX_BATCH), "--no-parity", "-o", str(engine)]) == 0
-    assert main(["export-triton", str(engine), "--repository", str(triton.repository), "--name", "a", "--preprocess",
-                 "--runner", "python", "--max-queue-delay-us", "20000"]) == 0
-    triton_server.install_stand_in(triton.repository / "a", engine, labelled_weights)
+    engine = _export_stand_in_pipeline(triton, tmp_path_factory.mktemp("engine"), labelled_weights, "a", IMAGE_SIZE,
+                                       MAX_BATCH, 20000)
     before = _tree(triton.repository)
     client = triton.http()
     for model in SERVED:
@@ -534,21 +543,55 @@ def test_pipeline_serves_the_networks_logits_and_the_references_labels(triton, s
     assert _tree(triton.repository) == served["tree"]  # serving wrote nothing into the repository
 
 
-def test_load_8_clients_200_requests_each_without_a_failure(triton, served):
-    """A bounded load test on loopback: 8 concurrent HTTP clients x 200 requests of one JPEG
-    through the preprocessing model (the part of the pipeline the CPU serves; the CPU
-    stand-in of the engine is far slower than the engine it replaces)."""
-    from PIL import Image
+LOAD_IMAGE_SIZE = 32  # the load test's pipeline: trt-vit-a at 32x32, fp32, batches of up to 8
+LOAD_MAX_BATCH = 8
+# Served logits vs the interpreter's in this process: fp32 sums in other orders (one thread
+# in the stand-in, other batch compositions); 1.2e-5 and 1.5e-5 measured over two runs of
+# 1,600 responses (logits of magnitude ~3); a bound of 7x that.
+LOAD_ATOL = 1e-4
 
-    payload = _encoded(Image.new("RGB", (96, 80), (200, 120, 40)), "JPEG")
+
+@pytest.fixture(scope="module")
+def load_served(triton, tmp_path_factory, labelled_weights):
+    """A second pipeline for the load test, ``l_pipeline``: trt-vit-a (3 classes) at 32x32,
+    fp32, batch 1..8, exported with --preprocess and --runner python, the engine model's
+    TensorRT runtime replaced by the CPU interpreter (one forward of a batch of 8 there:
+    about 0.2 s on one core) and a 30 ms queue delay, so that it runs full batches. Returns
+    eight 60x44 JPEGs and each one's logits from trtvit_native.interpret in this process."""
+    from trtvit_native.data import preprocess_encoded
+
+    _export_stand_in_pipeline(triton, tmp_path_factory.mktemp("load"), labelled_weights, "l", LOAD_IMAGE_SIZE,
+                              LOAD_MAX_BATCH, 30000)
     with triton.http() as client:
-        inferences, executions = _stats(client, "a_preprocess")
-    load = triton_server.run_load(triton, "a_preprocess", payload, "images", clients=8, requests=200)
-    assert load["failures"] == [] and len(load["latencies"]) == 1600
+        client.load_model("l_pipeline")  # and the two models it composes
+    payloads = triton_server.load_payloads()
+    built = tv.build_network("trt-vit-a", str(labelled_weights), fp16=False, max_batch=LOAD_MAX_BATCH,
+                             image_size=LOAD_IMAGE_SIZE, plugins=False)
+    with torch.no_grad():
+        logits = tv.interpret(built, torch.stack([preprocess_encoded(b, LOAD_IMAGE_SIZE) for b in payloads])).numpy()
+    return {"payloads": payloads, "logits": logits}
+
+
+def test_load_8_clients_200_requests_each_through_the_pipeline_without_a_failure(triton, load_served):
+    """A bounded load test on loopback: 8 concurrent HTTP clients x 200 requests through the
+    ensemble (l_preprocess -> l, the engine model's TensorRT runtime replaced by the CPU
+    interpreter), each client sending its own JPEG. Every response is checked: its logits
+    equal that JPEG's logits from the interpreter in this process, so an error, a wrong
+    result or a response meant for another request in the same batch is a failure."""
+    payloads, logits = load_served["payloads"], load_served["logits"]
+    pairs = [np.abs(logits[i] - logits[j]).max() for i in range(8) for j in range(i)]
+    assert min(pairs) > 100 * LOAD_ATOL, min(pairs)  # another request's logits would be caught
     with triton.http() as client:
-        after = _stats(client, "a_preprocess", inferences + 1600)
-        assert client.is_server_live() and client.is_model_ready("a_preprocess")
+        inferences, executions = _stats(client, "l")
+    load = triton_server.run_load(triton, "l_pipeline", payloads, "logits", clients=8, requests=200,
+                                  expected=logits, atol=LOAD_ATOL)
+    assert len(load["latencies"]) == 1600
+    assert load["failures"] == [], (len(load["failures"]), load["failures"][:5])
+    with triton.http() as client:
+        after = _stats(client, "l", inferences + 1600)
+        assert client.is_server_live() and client.is_model_ready("l_pipeline")
     assert after[0] - inferences == 1600 and after[1] - executions < 1600
     lat = np.sort(load["latencies"])
-    print(f"8 x 200 requests: p50 {lat[800] * 1e3:.1f} ms, p99 {lat[1584] * 1e3:.1f} ms, "
-          f"{1600 / load['wall']:.0f} requests/s, {after[1] - executions} executions")
+    print(f"8 x 200 pipeline requests: p50 {lat[800] * 1e3:.1f} ms, p99 {lat[1584] * 1e3:.1f} ms, "
+          f"{1600 / load['wall']:.1f} requests/s, {load['wall']:.1f} s, {after[1] - executions} executions of the "
+          f"engine model, max|difference| {load['max_difference']:.3g}")

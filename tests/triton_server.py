@@ -25,7 +25,7 @@ import sysconfig
 import time
 import urllib.request
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence, Tuple
 
 PYTRITON = "nvidia-pytriton==0.7.0"  # tritonserver 2.51
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,10 +228,32 @@ def install_stand_in(model_dir: Path, engine: Path, weights: Optional[Path], ver
         "image_size": meta["image_size"]["opt"], "sha256": meta["sha256"]}))
 
 
-def run_load(server: TritonServer, model: str, payload: bytes, output: str, clients: int = 8,
-             requests: int = 200) -> dict:
-    """``clients`` threads, each with its own HTTP client, sending ``requests`` requests of one
-    encoded image one after the other. Returns the latencies (s), the failures and the wall time."""
+def load_payloads(size: Tuple[int, int] = (60, 44)) -> List[bytes]:
+    """Eight different photographs from scikit-image, each resized to ``size`` (width, height)
+    and encoded as JPEG: one per client of :func:`run_load`."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.coffee(), data.astronaut(), data.chelsea(), data.rocket(), data.camera(), data.moon(),
+              data.immunohistochemistry(), data.hubble_deep_field()]
+    payloads = []
+    for photo in photos:
+        buf = io.BytesIO()
+        Image.fromarray(photo).resize(size).save(buf, "JPEG", quality=90)
+        payloads.append(buf.getvalue())
+    return payloads
+
+
+def run_load(server: TritonServer, model: str, payloads: Sequence[bytes], output: str, clients: int = 8,
+             requests: int = 200, expected: Optional[Sequence[Any]] = None, atol: float = 0.0) -> dict:
+    """``clients`` threads, each with its own HTTP client, sending ``requests`` requests one
+    after the other; client ``i`` sends the encoded image ``payloads[i % len(payloads)]``.
+    With ``expected`` (one array per payload), every response's ``output`` is compared with
+    its payload's: a wrong shape or a max |difference| over ``atol`` counts as a failure, like
+    an error. Returns the latencies (s), the failures (messages), the wall time (s) and the
+    largest difference seen."""
     import threading
 
     import numpy as np
@@ -239,32 +261,46 @@ def run_load(server: TritonServer, model: str, payload: bytes, output: str, clie
 
     latencies: List[float] = []
     failures: List[str] = []
+    largest = [0.0]
     lock = threading.Lock()
 
-    def client_loop() -> None:
-        mine, errors = [], []
+    def client_loop(index: int) -> None:
+        mine, errors, worst = [], [], 0.0
+        payload = payloads[index % len(payloads)]
+        want = None if expected is None else np.asarray(expected[index % len(payloads)])
         with server.http() as client:
             data = httpclient.InferInput("image_bytes", [1, 1], "BYTES")
             data.set_data_from_numpy(np.array([[payload]], dtype=object))
             wanted = [httpclient.InferRequestedOutput(output)]
-            for _ in range(requests):
+            for n in range(requests):
                 start = time.perf_counter()
                 try:
-                    client.infer(model, [data], outputs=wanted).as_numpy(output)
+                    got = client.infer(model, [data], outputs=wanted).as_numpy(output)
                 except Exception as e:  # noqa: BLE001 - counted and reported
-                    errors.append(str(e))
+                    errors.append(f"client {index} request {n}: {e}")
+                    got = None
                 mine.append(time.perf_counter() - start)
+                if got is not None and want is not None:
+                    if got.shape != (1, *want.shape):
+                        errors.append(f"client {index} request {n}: shape {got.shape}, expected {(1, *want.shape)}")
+                    else:
+                        difference = float(np.abs(got[0] - want).max())
+                        worst = max(worst, difference)
+                        if not difference <= atol:
+                            errors.append(f"client {index} request {n}: max|difference| {difference:.3g} > {atol:g}")
         with lock:
             latencies.extend(mine)
             failures.extend(errors)
+            largest[0] = max(largest[0], worst)
 
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"latencies": latencies, "failures": failures, "wall": time.perf_counter() - start}
+    return {"latencies": latencies, "failures": failures, "wall": time.perf_counter() - start,
+            "max_difference": largest[0]}
 
 
 if __name__ == "__main__":
