@@ -361,9 +361,11 @@ def _plugin_layer(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> List[torc
 
 
 def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
-                capture: Union[None, str, Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+                capture: Union[None, str, Iterable[str]] = None,
+                tensors: Iterable[str] = ()) -> Dict[str, torch.Tensor]:
     """Execute ``built.network`` on CPU. Returns the network outputs and captured layers.
 
+    ``tensors``: names of tensors (e.g. a layer's input) to return as well, by name.
     ``capture``: None (outputs only), ``"all"``, or layer names whose first output to keep.
     Every layer's result is checked against the shape and dtype TensorRT declares for it
     with these inputs; a mismatch is an :class:`InterpreterError`, never a silent result.
@@ -410,7 +412,7 @@ def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
         if layer.name in wanted:
             captured[layer.name] = values[layer.get_output(0).name]
     outputs = {network.get_output(i).name: values[network.get_output(i).name] for i in range(network.num_outputs)}
-    return {**captured, **outputs}
+    return {**{t: values[t] for t in tensors}, **captured, **outputs}
 
 
 def interpret(built: BuiltNetwork, images: torch.Tensor,

@@ -247,10 +247,14 @@ def comparable_layers(built: BuiltNetwork, model: nn.Module) -> List[str]:
 
 
 def reference_layers(model: nn.Module, images: torch.Tensor, names: Sequence[str],
-                     precision: str = "fp32") -> Dict[str, torch.Tensor]:
+                     precision: str = "fp32", replay: Optional[Dict[str, torch.Tensor]] = None
+                     ) -> Dict[str, torch.Tensor]:
     """Outputs of the modules ``names`` and the model output (``"logits"``), evaluated in
     ``precision``: ``"fp32"`` (the model as it is), ``"fp64"`` or ``"fp16"`` (fp16 weights
-    and fp16 rounding of every operation). Returned as float64 tensors."""
+    and fp16 rounding of every operation). Returned as float64 tensors.
+
+    ``replay``: {quantizer module: tensor}: those quantizers quantize the given tensor (the
+    network's input to its quantize layer) instead of their own input."""
     if precision not in ("fp32", "fp64", "fp16"):
         raise ValueError(f"precision must be 'fp32', 'fp64' or 'fp16', got {precision!r}")
     if precision != "fp32":
@@ -267,6 +271,13 @@ def reference_layers(model: nn.Module, images: torch.Tensor, names: Sequence[str
     captured: Dict[str, torch.Tensor] = {}
     mode = fp16_rounding() if precision == "fp16" else contextlib.nullcontext()
     hooks = []
+    for name, given in (replay or {}).items():  # ModelOpt's quantizer, on the network's tensor
+        hooks.append(modules[name].register_forward_hook(
+            lambda m, i, o, given=given: m.forward(given.to(i[0].dtype).reshape(i[0].shape))
+            if given.numel() == i[0].numel() else o))
+    if precision == "fp64":  # ModelOpt quantizes in fp32: its integers, dequantized in float64
+        hooks += [m.register_forward_hook(lambda m, i, o: _dequantize_fp64(m, o))
+                  for name, m in modules.items() if _is_quantizer(name + ".") and getattr(m, "is_enabled", False)]
     if precision == "fp16":  # a Q/DQ pair computes in fp32 from fp16 and gives fp16
         for name, m in modules.items():
             if _is_quantizer(name + "."):
@@ -289,6 +300,15 @@ def reference_layers(model: nn.Module, images: torch.Tensor, names: Sequence[str
     return captured
 
 
+def _dequantize_fp64(quantizer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """A ModelOpt quantizer's fp32 output (q / (bound / amax)) as q * amax / bound in float64."""
+    amax = quantizer.amax.double()
+    bound = 127.0 if quantizer.num_bits == 8 else 448.0
+    scaled = out.double() * (bound / amax)
+    q = scaled.round() if quantizer.num_bits == 8 else scaled.float().to(torch.float8_e4m3fn).double()
+    return q * (amax / bound)
+
+
 def _is_quantizer(name: str) -> bool:
     """A ModelOpt quantizer module (``...input_quantizer``) or one of its buffers."""
     return "_quantizer." in name
@@ -306,6 +326,16 @@ def _layer_parity(name: str, out: torch.Tensor, ref: torch.Tensor, noisy: torch.
     return LayerParity(name, tuple(ref.shape), error, noise, bound_max, bound_rms, tuple(out.shape))
 
 
+def quantizer_inputs(built: BuiltNetwork) -> Dict[str, str]:
+    """{activation quantizer: the name of the tensor its quantize layer reads} of a
+    quantized network."""
+    if built.quantization is None:
+        return {}
+    layers = {built.network.get_layer(i).name: built.network.get_layer(i) for i in range(built.num_layers)}
+    return {q: layers[f"{q}.quantize"].get_input(0).name for q in built.quantization.amax
+            if q.endswith(".input_quantizer") and f"{q}.quantize" in layers}
+
+
 def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
                   network_outputs: Optional[Dict[str, torch.Tensor]] = None) -> ParityReport:
     """Compare every layer the network shares with the reference, and the network outputs.
@@ -313,9 +343,25 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
     ``network_outputs``: the interpreter's results for these images (from
     :func:`network_layers`), when already computed, e.g. to check one network against
     several references.
+
+    A quantized network is compared with the fake-quantized reference (``model``: ModelOpt's
+    quantizers). Quantization makes both chaotic at the rounding-unit level: a last-bit
+    difference upstream moves a value across a rounding boundary and flips its integer, a
+    whole quantization step that no rounding-noise bound covers. So every quantizer of the
+    reference quantizes the network's own input to it (both reference runs do): each
+    quantize/dequantize pair is checked against ModelOpt's quantization of the same
+    tensor, exactly, and every other layer against the rounding noise on the same
+    integers. A defect still shows where it is: in a quantizer (its scale, axis, rounding,
+    saturation) at the quantizer, anywhere else at the layer that computes it.
     """
     names = comparable_layers(built, model)
-    got = network_outputs if network_outputs is not None else network_layers(built, images, names)
+    q_inputs = quantizer_inputs(built)
+    if network_outputs is not None:
+        got = network_outputs
+    else:
+        got = run_network(built, {INPUT_NAME: images.detach().cpu().float()}, capture=names,
+                          tensors=sorted(set(q_inputs.values())))
+    replay = {q: got[t].float() for q, t in q_inputs.items() if t in got}
     precision = "fp16" if built.fp16 else "fp32"
     modules = dict(model.named_modules())
     hooked = names + [f"stages.{k}" for k in range(4) if STAGE_OUTPUTS[k] in built.output_names()
@@ -324,8 +370,8 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
     if quant is not None:
         _check_fake_quantized(model, quant.precision)
         precision = f"{quant.precision}-{precision}"
-    ref = reference_layers(model, images, hooked, "fp32")
-    noisy = reference_layers(model, images, hooked, "fp16" if built.fp16 else "fp64")
+    ref = reference_layers(model, images, hooked, "fp32", replay)
+    noisy = reference_layers(model, images, hooked, "fp16" if built.fp16 else "fp64", replay)
     tol = TOLERANCES[precision]
     layers = [_layer_parity(n, got[n], ref[n], noisy[n], tol) if n in ref else _no_output(n, got[n])
               for n in names]
