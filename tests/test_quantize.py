@@ -149,6 +149,18 @@ def test_e4m3_rounding_of_the_builder_is_torchs():
     assert np.array_equal(network._e4m3(v.numpy()), expected)
 
 
+def test_builder_weights_are_modelopts_fake_quantized_weights_bit_for_bit(quantized):
+    """The builder's weight integers (ModelOpt's arithmetic, operation for operation) are
+    the reference's, for every convolution and linear layer: no weight ever flips."""
+    for precision, path in quantized.items():
+        model = tv.create_model("trt-vit-a", weights=path)
+        for name, m in model.named_modules():
+            if name.endswith("weight_quantizer") and m.is_enabled:
+                weight = model.get_submodule(name.rsplit(".", 1)[0]).weight.detach()
+                mine = network.fake_quantized_weight(weight.numpy(), m.amax.reshape(-1).numpy(), precision)
+                assert np.array_equal(mine, m(weight).numpy()), name
+
+
 # --- networks against the fake-quantized reference -----------------------------------------
 
 

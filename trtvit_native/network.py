@@ -278,14 +278,17 @@ def _e4m3(v: np.ndarray) -> np.ndarray:
 
 def fake_quantized_weight(weight: np.ndarray, amax: np.ndarray, precision: str) -> np.ndarray:
     """The weight as the reference quantizes it, per output channel (axis 0), with
-    ModelOpt's fp32 arithmetic: q = round(W * (bound / amax)) (half to even, saturated to
-    [-128, 127]; fp8: the nearest E4M3 value), dequantized as q / (bound / amax)."""
+    ModelOpt's fp32 arithmetic, operation for operation: q = round(W * (bound / amax))
+    (half to even, saturated to [-128, 127]; fp8: the nearest E4M3 value), dequantized.
+    (A last-bit difference in W * (bound / amax) would flip ties: fp8 weights hit them.)"""
     w = weight.astype(np.float32)
-    inv = (np.float32(127.0 if precision == "int8" else 448.0) / amax.astype(np.float32)).astype(np.float32)
-    inv = inv.reshape((-1,) + (1,) * (w.ndim - 1))
-    scaled = (w * inv).astype(np.float32)
-    q = np.clip(np.round(scaled), -128, 127) if precision == "int8" else _e4m3(scaled)
-    return (q / inv).astype(np.float32)
+    amax = amax.astype(np.float32).reshape((-1,) + (1,) * (w.ndim - 1))
+    if precision == "int8":  # ModelOpt: scale = 127 / amax; clamp(round(w * scale)) / scale
+        inv = (np.float32(127.0) / amax).astype(np.float32)
+        return (np.clip(np.round(w * inv), -128, 127) / inv).astype(np.float32)
+    # ModelOpt: scale = 448.0 / amax, which torch computes as (1 / amax) * 448; e4m3(w * scale) * (1 / scale)
+    inv = ((np.float32(1.0) / amax).astype(np.float32) * np.float32(448.0)).astype(np.float32)
+    return (_e4m3((w * inv).astype(np.float32)) * (np.float32(1.0) / inv).astype(np.float32)).astype(np.float32)
 
 
 def _quantized_weight(net: _Net, quantizer: str, weight: np.ndarray, channel_scale: np.ndarray, axis: int,

@@ -63,10 +63,11 @@ TOLERANCES: Dict[str, Tolerance] = {
     "fp16": Tolerance(factor=3.0, floor=2.0, unit=2.0 ** -11),
     # Quantized networks against the fake-quantized reference (``int8-fp16``: int8 Q/DQ,
     # fp16 between): set from the error/noise ratios measured on every layer
-    # (`python benchmarks/parity_cpu.py --quantized`; README "Quantize to INT8 or FP8").
-    "int8-fp32": Tolerance(factor=8.0, floor=8.0, unit=2.0 ** -24),
+    # (`python benchmarks/parity_quantized.py`; README "Quantize to INT8 or FP8"). fp32:
+    # largest 7.44x (trt-vit-a at 32x32, transformer.fc2 on one token), so K = 16.
+    "int8-fp32": Tolerance(factor=16.0, floor=8.0, unit=2.0 ** -24),
     "int8-fp16": Tolerance(factor=3.0, floor=2.0, unit=2.0 ** -11),
-    "fp8-fp32": Tolerance(factor=8.0, floor=8.0, unit=2.0 ** -24),
+    "fp8-fp32": Tolerance(factor=16.0, floor=8.0, unit=2.0 ** -24),
     "fp8-fp16": Tolerance(factor=3.0, floor=2.0, unit=2.0 ** -11),
 }
 
