@@ -256,6 +256,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"backend    {built.backend.label}")
     print(f"weights    {args.weights or 'seeded untrained weights (seed 0): for testing and timing only'}")
     print(f"layers     {built.num_layers}")
+    if built.quantization is not None:
+        pairs = sum(str(built.network.get_layer(i).type).split(".")[-1] == "QUANTIZE" for i in range(built.num_layers))
+        print(f"quantized  {built.quantization.describe()}: {pairs} quantize/dequantize pairs")
     print(f"weight     {built.weight_bytes:,d} bytes ({_human(built.weight_bytes)})")
     print(f"engine     {len(plan):,d} bytes ({_human(len(plan))})")
     print(f"time       weights {t_weights:.2f} s, network definition {built.definition_seconds:.2f} s, "

@@ -376,8 +376,8 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
     tol = TOLERANCES[precision]
     layers = [_layer_parity(n, got[n], ref[n], noisy[n], tol) if n in ref else _no_output(n, got[n])
               for n in names]
-    if quant is not None:
-        layers += _missing_quantizers(built, quant)
+    if quant is not None:  # structural problems first: the first divergence names them
+        layers = _missing_quantizers(built, quant) + layers
     outputs = [_layer_parity(n, got[n], ref[n], noisy[n], tol) for n in built.output_names() if n in ref]
     missing = [n for n in built.output_names() if n not in ref]
     if missing:
@@ -393,11 +393,21 @@ def _no_output(name: str, out: torch.Tensor) -> LayerParity:
 
 
 def _missing_quantizers(built: BuiltNetwork, quant: Any) -> List[LayerParity]:
-    """Quantizers of the reference that have no Q/DQ pair in the network."""
-    layers = set(built.layer_names())
+    """Quantizers of the reference that have no Q/DQ pair in the network, though the layer
+    they quantize for is there (a network built to stage outputs has no later layers)."""
+    layers = built.layer_names()
+    names = set(layers)
     empty = compare("", torch.zeros(1), torch.zeros(1))
-    return [LayerParity(q, (), None, empty, 0.0, 0.0, problem="the reference quantizes here; the network has no "
-                        "quantize layer " + f"{q}.quantize") for q in sorted(quant.amax) if f"{q}.quantize" not in layers]
+    missing = []
+    for q in sorted(quant.amax):
+        if f"{q}.quantize" in names:
+            continue
+        module = q.rsplit(".", 1)[0]
+        owner = module[:-len(".conv")] if module.endswith(".conv") else module  # ConvBN layers: the ConvBN's name
+        if any((n == owner or n.startswith(owner + ".")) and not n.startswith(q) for n in layers):
+            missing.append(LayerParity(q, (), None, empty, 0.0, 0.0, problem="the reference quantizes here; the "
+                                       f"network has no quantize layer {q}.quantize"))
+    return missing
 
 
 def _check_fake_quantized(model: nn.Module, precision: str) -> None:
