@@ -24,7 +24,7 @@ import trtvit_native as tv  # noqa: E402
 from trtvit_native import interpreter, network, weights as W  # noqa: E402
 from trtvit_native.cli import main  # noqa: E402
 from trtvit_native.parity import parity_report  # noqa: E402
-from trtvit_native.quantize import QuantizeError, calibration_files, quantize  # noqa: E402
+from trtvit_native.quantize import quantize  # noqa: E402
 
 from conftest import reference  # noqa: E402
 

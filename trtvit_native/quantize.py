@@ -30,13 +30,13 @@ import json
 import os
 import random
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .weights import (AMAX_SUFFIX, QUANT_METHODS, QUANT_PRECISIONS, Quantization, WeightsError, _QUANT_KEY,
+from .weights import (AMAX_SUFFIX, QUANT_METHODS, QUANT_PRECISIONS, Quantization, _QUANT_KEY,
                       check_keep, load_quantization, quantizer_sites, read_metadata, write_atomically)
 
 __all__ = ["quantize", "calibrate_model", "restore_quantizers", "quantizer_amax", "save_quantized",
@@ -315,7 +315,6 @@ def sensitivity(variant: str, quantized: PathLike, images: torch.Tensor) -> List
     only that layer is quantized: (module, RMS of the logit difference, top-1 agreement
     with the unquantized model), largest error first. This is how to choose ``--keep``."""
     from .model import create_model
-    from .weights import load_arrays
 
     q = load_quantization(quantized, variant)
     if q is None:
