@@ -107,6 +107,9 @@ setup(
                  "tritonclient[http,grpc]>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES
         + RUNTIME_REQUIRES["runtime-cu13"],  # the emulated-GPU tests use cuda.core without a driver
         "bench": ["onnx>=1.14"],
+        # trtvit quantize and quantized references: NVIDIA ModelOpt (it needs torch>=2.8, met by the
+        # torch already installed; ModelOpt 0.47 imports requests and huggingface_hub without declaring them)
+        "quant": ["nvidia-modelopt~=0.47.0", "requests", "huggingface_hub"] + TRAIN_REQUIRES,
     },
     entry_points={"console_scripts": ["trtvit=trtvit_native.cli:main"]},
     cmdclass={"build_py": BuildPyWithKernels},

@@ -16,10 +16,14 @@
 #   5. benchmarks/engine_gpu.py (trt-vit-c engines: load, parity, speed), where a
 #      TensorRT module is importable.
 #   6. benchmarks/triton_cpu.py --gpu (a --runner python repository served by
-#      tritonserver 2.51 from the nvidia-pytriton wheel, EngineRunner on the GPU).
+#      tritonserver 2.51 from the nvidia-pytriton wheel, EngineRunner on the GPU);
+#   7. quantized engines (needs the quant extra): trt-vit-c int8 and fp8 against fp16,
+#      latency and throughput at batch 1 and 32 (target: fp8 >= 1.5x fp16 images/s at
+#      batch 32 on an H100), and the digits-trained trt-vit-a int8/fp8 engines' top-1
+#      agreement on the GPU (trtvit eval --engine).
 #
 # TRTVIT_GPU_STEPS="cpp_example kernels" runs only the named steps of build, cpp_example,
-# pytest_gpu, host_gpu, runtime_streams, kernels, engine and triton (the build runs whenever a later step needs it), for
+# pytest_gpu, host_gpu, runtime_streams, kernels, engine, triton and quantized (the build runs whenever a later step needs it), for
 # machines that limit how long one command may take.
 # TRTVIT_WHEELS=DIR installs every wheel in DIR first (pip --no-deps), for machines
 # without network access (the TensorRT-RTX wheels, for instance).
@@ -37,7 +41,7 @@ summary="$out/summary.txt"
 : > "$summary"
 failed=0
 
-steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu runtime_streams kernels engine triton}
+steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu runtime_streams kernels engine triton quantized}
 wanted() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -85,6 +89,26 @@ build_with_nvcc() {
     -Xlinker "-rpath,$root/build" -o build/examples/cpp/check_kernels
 }
 
+quantized_engines() {  # PYTHON WORKDIR: int8 / fp8 trt-vit-c against fp16, digits agreement on the GPU
+  local py=$1 work=$2 p
+  mkdir -p "$work" && cd "$work" || return 1
+  "$py" -c "import trtvit_native as tv; tv.save_weights(tv.create_model('trt-vit-c'), 'c.safetensors', 'trt-vit-c')
+from trtvit_native.data import write_digits; write_digits('digits')" || return 1
+  trtvit build trt-vit-c --weights c.safetensors --fp16 --no-parity -o c-fp16.engine || return 1
+  for p in int8 fp8; do
+    trtvit quantize trt-vit-c --weights c.safetensors --calib digits/train --images 64 --precision $p --quiet \
+      -o c-$p.safetensors && trtvit build trt-vit-c --weights c-$p.safetensors --fp16 --no-parity -o c-$p.engine ||
+      return 1
+  done
+  for p in fp16 int8 fp8; do trtvit run c-$p.engine --batch 1 --batch 32 --iterations 200 || return 1; done
+  "$py" "$root/benchmarks/quantize_digits.py" --workdir digits-run || return 1
+  for p in int8 fp8; do
+    trtvit build trt-vit-a --weights digits-run/trt-vit-a-digits-$p.safetensors --fp16 --image-size 32 --no-parity \
+      -o a-$p.engine && trtvit eval trt-vit-a --weights digits-run/trt-vit-a-digits-$p.safetensors \
+      --data digits-run/digits/val --engine a-$p.engine --json || return 1
+  done
+}
+
 if command -v cmake > /dev/null; then
   step build 600 bash -c "cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=${cc}-real && cmake --build build -j"
 else
@@ -109,6 +133,8 @@ step kernels 600 "$py" benchmarks/kernels.py --json "$out/kernels.json"
 if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; then
   step engine 900 "$py" benchmarks/engine_gpu.py --json "$out/engine.json"
   step triton 600 "$py" benchmarks/triton_cpu.py --gpu --requests 50 --pipeline-requests 50
+  export root
+  step quantized 1800 bash -c "$(declare -f quantized_engines); quantized_engines '$py' '$out/quantized'"
 else
   echo "engine         skipped: no TensorRT Python module (tensorrt or tensorrt_rtx)" | tee -a "$summary"
 fi

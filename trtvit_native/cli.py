@@ -98,6 +98,25 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="trained weights file")
 
 
+def _add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``trtvit quantize`` (here, so that parsing imports no torch)."""
+    p.add_argument("variant", help="variant name (see `trtvit info`)")
+    p.add_argument("--weights", required=True, metavar="FILE", help="safetensors weights to quantize")
+    p.add_argument("--calib", required=True, metavar="DIR", help="folder of calibration images (searched recursively)")
+    p.add_argument("--precision", choices=["int8", "fp8"], default="int8", help="int8 (default) or fp8 (E4M3)")
+    p.add_argument("--method", choices=["max", "entropy", "percentile", "mse"], default="max",
+                   help="how activation ranges are calibrated (max); weights take their per-channel maximum")
+    p.add_argument("--images", type=int, default=512, metavar="N", help="calibration images, a seeded sample (512)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="(32)")
+    p.add_argument("--image-size", type=_size, metavar="S", help="S or HxW (default: the size trained at, else 224)")
+    p.add_argument("--keep", default="", metavar="PREFIXES",
+                   help="comma list of modules left unquantized, e.g. head,stages.3.1.transformer")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="also print, per quantized layer, the logit error when only that layer is quantized")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", required=True, metavar="Q.safetensors", help="quantized weights file")
+
+
 def _parser() -> _Parser:
     parser = _Parser(prog="trtvit", description="TRT-ViT TensorRT engines built with the network API.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -145,6 +164,8 @@ def _parser() -> _Parser:
     _add_precision(ev)
     ev.add_argument("--batch-size", type=int, default=32, metavar="N", help="(32)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quantize_arguments(sub.add_parser("quantize", help="calibrate int8 or fp8 quantization with NVIDIA ModelOpt "
+                                                            "(CPU) and write a quantized weights file"))
     parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
     _add_common(parity)
     parity.add_argument("--batch", type=int, default=2, metavar="N", help="images per check (2)")
@@ -154,8 +175,11 @@ def _parser() -> _Parser:
 
 def _reference_and_weights(variant: str, weights: Optional[str]):
     from .model import create_model
+    from .weights import is_quantized
 
     model = create_model(variant, weights=weights)
+    if weights is not None and is_quantized(weights):  # the fake-quantized reference; the network reads the file
+        return model, weights
     return model, model.state_dict()
 
 
@@ -235,6 +259,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"backend    {built.backend.label}")
     print(f"weights    {args.weights or 'seeded untrained weights (seed 0): for testing and timing only'}")
     print(f"layers     {built.num_layers}")
+    if built.quantization is not None:
+        pairs = sum(str(built.network.get_layer(i).type).split(".")[-1] == "QUANTIZE" for i in range(built.num_layers))
+        print(f"quantized  {built.quantization.describe()}: {pairs} quantize/dequantize pairs")
     print(f"weight     {built.weight_bytes:,d} bytes ({_human(built.weight_bytes)})")
     print(f"engine     {len(plan):,d} bytes ({_human(len(plan))})")
     print(f"time       weights {t_weights:.2f} s, network definition {built.definition_seconds:.2f} s, "
@@ -384,6 +411,36 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import QuantizeError, quantize, sensitivity
+
+    check_output_path(args.output)
+    if args.images < 1:
+        raise QuantizeError(f"--images must be at least 1, got {args.images}")
+    t0 = time.perf_counter()
+    q = quantize(args.variant, args.weights, args.calib, args.output, precision=args.precision, method=args.method,
+                 images=args.images, batch_size=args.batch_size, image_size=args.image_size, keep=args.keep,
+                 progress=not args.quiet)
+    weights = sum(1 for n in q.amax if n.endswith(".weight_quantizer"))
+    print(f"quantized  {args.output}: {q.describe()}; {len(q.amax) - weights} activation and {weights} weight "
+          f"quantizers, ModelOpt {q.modelopt}, {time.perf_counter() - t0:.1f} s")
+    if args.sensitivity:
+        import torch
+
+        from .data import eval_transform, load_rgb
+        from .quantize import _image_size, calibration_files
+
+        files = calibration_files(args.calib, min(args.images, 64), 1)
+        size = _image_size(args.weights, args.image_size)
+        images = torch.stack([eval_transform(load_rgb(f), size) for f in files])
+        print(f"sensitivity: the logits when only one layer is quantized, against the unquantized model, on "
+              f"{len(files)} calibration images (largest error first)")
+        print(f"{'layer':44s} {'RMS logit error':>16s} {'top-1 agreement':>16s}")
+        for module, rms, agree in sensitivity(args.variant, args.output, images):
+            print(f"{module:44s} {rms:16.4g} {100 * agree:15.1f}%")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import run_from_args
 
@@ -418,7 +475,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               f"{100 * r['reference_top5']:.2f} %")
         print(f"agreement  {100 * r['agreement']:.2f} % of images get the reference's top-1 class; largest logit "
               f"difference {r['max_logit_diff']:.3g}")
+    _print_quantized_eval(r)
     return 0
+
+
+def _print_quantized_eval(r: dict) -> None:
+    if "quantized_reference_top1" in r:
+        print(f"quantized  {r['quantization']['precision']} fake-quantized reference (ModelOpt, PyTorch): top-1 "
+              f"{100 * r['quantized_reference_top1']:.2f} %; the network agrees with it on "
+              f"{100 * r['quantized_reference_agreement']:.2f} % of images")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -439,10 +504,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _UsageError("a command is required: build, run, info, parity, train, eval or export-triton "
+            raise _UsageError("a command is required: build, run, info, parity, train, quantize, eval or export-triton "
                               "(see trtvit --help)")
         commands = {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity,
-                    "train": _cmd_train, "eval": _cmd_eval, "export-triton": _cmd_export_triton}
+                    "train": _cmd_train, "eval": _cmd_eval, "export-triton": _cmd_export_triton,
+                    "quantize": _cmd_quantize}
         return commands[args.command](args)
     except _UsageError as e:
         print(f"trtvit: error: {e}", file=sys.stderr)

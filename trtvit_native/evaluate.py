@@ -72,7 +72,7 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
     if image_size is None:
         image_size = int(meta.get("image_size", 224))
     image_hw(image_size, "--image-size")
-    model = create_model(variant, weights=weights)
+    model = _unquantized_reference(variant, weights)
     folder = ImageFolder.read(data)
     if model.num_classes != len(folder.classes):
         raise ValueError(f"{weights} has {model.num_classes} classes, {data} has {len(folder.classes)}")
@@ -99,6 +99,9 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
         batch_size = min(batch_size, eng.batch_range[1])
         runner = lambda x: eng(x)  # noqa: E731  (CPU tensors in and out; copied through pinned buffers)
         label = f"engine {engine}"
+    predicted: List[torch.Tensor] = []  # the runner's top-1 per batch, for quantized_fields
+    if runner is not None:
+        runner = _recording(runner, predicted)
     totals = {"images": 0, "top1": 0, "top5": 0, "ref_top1": 0, "ref_top5": 0, "agree": 0}
     max_diff, seconds = 0.0, 0.0  # seconds: of the model measured (the runner, else the reference)
     with torch.no_grad():
@@ -128,4 +131,53 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
                   "agreement": totals["agree"] / n, "max_logit_diff": max_diff}
     result.update(images=n, images_per_second=n / seconds if seconds > 0 else math.inf, variant=variant,
                   weights=weights, data=data, image_size=image_size, classes=len(folder.classes))
+    if runner is not None:
+        result.update(quantized_fields(variant, weights, folder, image_size, batch_size, predicted))
     return result
+
+
+def _recording(runner: Callable[[torch.Tensor], torch.Tensor],
+               predicted: List[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(images: torch.Tensor) -> torch.Tensor:
+        out = runner(images)
+        predicted.append(out.argmax(1).cpu())
+        return out
+
+    return run
+
+
+def _unquantized_reference(variant: str, weights: str) -> torch.nn.Module:
+    """The fp32 reference with the file's weights; for a quantized file, without its quantizers."""
+    from .model import create_model
+    from .weights import is_quantized, load_weights
+
+    if is_quantized(weights):
+        return create_model(variant, weights={k: v.float() for k, v in load_weights(weights, variant).items()})
+    return create_model(variant, weights=weights)
+
+
+def quantized_fields(variant: str, weights: str, folder: ImageFolder, image_size: int, batch_size: int,
+                     predicted: List[torch.Tensor]) -> Dict[str, Any]:
+    """For a quantized weights file: the fake-quantized reference's top-1
+    (``quantized_reference_top1``) and how often the network's top-1 is that reference's
+    (``quantized_reference_agreement``), plus the file's quantization. Empty otherwise.
+
+    ``predicted``: the network's top-1 classes per batch of :func:`batches`. (``top1`` and
+    ``agreement`` of :func:`evaluate` are the quantized network's own and its agreement
+    with the unquantized fp32 reference.)"""
+    from .model import create_model
+    from .weights import load_quantization
+
+    quant = load_quantization(weights, variant)
+    if quant is None:
+        return {}
+    fake = create_model(variant, weights=weights)
+    n = correct = agree = 0
+    with torch.no_grad():
+        for (images, labels), top1 in zip(batches(folder, image_size, batch_size), predicted):
+            ref = fake(images)
+            n += len(labels)
+            correct += _accuracy(ref, labels, 1)
+            agree += int((top1 == ref.argmax(1)).sum())
+    return {"quantized_reference_top1": correct / n, "quantized_reference_agreement": agree / n,
+            "quantization": quant.metadata()}

@@ -43,7 +43,9 @@ def _handles(layer_type: str, cls: str) -> Callable[[_Handler], _Handler]:
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-             trt.int64: torch.int64, trt.bool: torch.bool}
+             trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
+    if getattr(trt, "fp8", None) is not None:
+        table[trt.fp8] = torch.float8_e4m3fn
     if dtype not in table:
         raise InterpreterError(f"unsupported tensor dtype {dtype}")
     return table[dtype]
@@ -55,6 +57,48 @@ def _axes(mask: int, rank: int) -> List[int]:
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
+
+
+# Quantization as TensorRT defines it (IQuantizeLayer / IDequantizeLayer):
+#   int8: q = saturate(round_half_to_even(x / scale)) to [-128, 127]; x' = q * scale
+#   fp8 (E4M3): q = the E4M3 value nearest to x / scale (ties to even), saturated to +-448
+# with one scale per tensor, or one per index of ``axis``. Computed in fp32.
+INT8_RANGE = (-128.0, 127.0)
+FP8_MAX = 448.0
+
+
+def _broadcast_scale(layer: Any, scale: torch.Tensor, rank: int) -> torch.Tensor:
+    scale = scale.float()
+    if scale.dim() == 0 or scale.numel() == 1:
+        return scale.reshape(())
+    axis = layer.axis % rank
+    if scale.dim() != 1:
+        raise InterpreterError(f"layer {layer.name!r}: block quantization scales are not supported by the interpreter")
+    shape = [1] * rank
+    shape[axis] = scale.numel()
+    return scale.reshape(shape)
+
+
+def quantize_values(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale quantized to ``torch.int8`` or ``torch.float8_e4m3fn`` as TensorRT does."""
+    v = x.float() / scale
+    if dtype == torch.int8:
+        return torch.round(v).clamp(*INT8_RANGE).to(torch.int8)  # torch.round: half to even
+    if dtype == torch.float8_e4m3fn:
+        return v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # nearest, ties to even
+    raise InterpreterError(f"quantization to {dtype} is not supported by the interpreter")
+
+
+@_handles("QUANTIZE", "IQuantizeLayer")
+def _quantize(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    x, scale = inputs[0], inputs[1]
+    return quantize_values(x, _broadcast_scale(layer, scale, x.dim()), _torch_dtype(trt, layer.to_type))
+
+
+@_handles("DEQUANTIZE", "IDequantizeLayer")
+def _dequantize(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tensor:
+    q, scale = inputs[0], inputs[1]
+    return q.float() * _broadcast_scale(layer, scale, q.dim())
 
 
 @_handles("CONSTANT", "IConstantLayer")
@@ -98,7 +142,11 @@ def _convolution(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> torch.Tens
     x = _f32(inputs[0])
     cout, groups = layer.num_output_maps, layer.num_groups
     kh, kw = tuple(layer.kernel_size_nd)
-    kernel = torch.from_numpy(np.array(layer.kernel, copy=True)).float().reshape(cout, x.shape[1] // groups, kh, kw)
+    if len(inputs) > 1:  # the kernel is a tensor (e.g. dequantized weights), not weights
+        kernel = _f32(inputs[1]).reshape(cout, x.shape[1] // groups, kh, kw)
+    else:
+        kernel = torch.from_numpy(np.array(layer.kernel, copy=True)).float().reshape(cout, x.shape[1] // groups,
+                                                                                     kh, kw)
     bias_values = np.array(layer.bias, copy=True)
     bias = torch.from_numpy(bias_values).float() if bias_values.size else None
     stride, dilation = tuple(layer.stride_nd), tuple(layer.dilation_nd)
@@ -313,9 +361,11 @@ def _plugin_layer(trt: Any, layer: Any, inputs: List[torch.Tensor]) -> List[torc
 
 
 def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
-                capture: Union[None, str, Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+                capture: Union[None, str, Iterable[str]] = None,
+                tensors: Iterable[str] = ()) -> Dict[str, torch.Tensor]:
     """Execute ``built.network`` on CPU. Returns the network outputs and captured layers.
 
+    ``tensors``: names of tensors (e.g. a layer's input) to return as well, by name.
     ``capture``: None (outputs only), ``"all"``, or layer names whose first output to keep.
     Every layer's result is checked against the shape and dtype TensorRT declares for it
     with these inputs; a mismatch is an :class:`InterpreterError`, never a silent result.
@@ -362,7 +412,7 @@ def run_network(built: BuiltNetwork, feeds: Dict[str, torch.Tensor],
         if layer.name in wanted:
             captured[layer.name] = values[layer.get_output(0).name]
     outputs = {network.get_output(i).name: values[network.get_output(i).name] for i in range(network.num_outputs)}
-    return {**captured, **outputs}
+    return {**{t: values[t] for t in tensors}, **captured, **outputs}
 
 
 def interpret(built: BuiltNetwork, images: torch.Tensor,

@@ -283,7 +283,9 @@ def create_model(
     """Return the PyTorch reference of a variant, in eval mode.
 
     With ``weights`` (a safetensors path or a state dict) the model carries those weights
-    (``num_classes`` is taken from the head in the weights). Without, it carries
+    (``num_classes`` is taken from the head in the weights). A quantized weights file
+    (``trtvit quantize``) gives the fake-quantized reference: NVIDIA ModelOpt's quantizers
+    with the file's amax values (:func:`trtvit_native.quantize.restore_quantizers`). Without, it carries
     deterministic *untrained* weights from ``seed`` whose BatchNorm statistics are
     calibrated on synthetic images; such a model computes meaningful-looking but
     meaningless logits, suited to numerical parity checks and timing only.
@@ -308,6 +310,16 @@ def create_model(
         model = TRTViT(config, num_classes, features_only, out_indices)
         wanted = model.state_dict()
         model.load_state_dict({k: v.float() for k, v in state.items() if k in wanted}, strict=False)
+        if not isinstance(weights, dict):
+            from .weights import is_quantized, load_quantization
+
+            if is_quantized(weights):  # the fake-quantized reference: ModelOpt quantizers with the file's amax
+                if features_only:
+                    raise WeightsError(f"{weights} is quantized; features_only models are not quantized")
+                from .quantize import restore_quantizers
+
+                restore_quantizers(model, load_quantization(weights, config.name if config.name in VARIANTS
+                                                            else None))
         return model.eval()
     model = TRTViT(config, num_classes, features_only, out_indices)
     full = model if not features_only else TRTViT(config, num_classes)

@@ -9,6 +9,11 @@ Precision: the network is strongly typed. With ``fp16`` the images are cast to f
 the input, weights are fp16 constants and every tensor is fp16, except LayerNorm and
 softmax, which run in fp32 between casts. The engine's I/O is fp32 in both modes:
 ``images`` (B, 3, S, S) and ``logits`` (B, num_classes).
+
+Quantized weights files (``trtvit quantize``) add explicit quantization: an
+``IQuantizeLayer`` / ``IDequantizeLayer`` pair wherever the reference's ModelOpt quantizers
+quantize (see :func:`qdq`), int8 or fp8, with fp32 scales; between the pairs the network
+stays fp16 or fp32, strongly typed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 
 from .backend import Backend, BackendError, CollectingLogger, get_backend
 from .variants import BN_EPS, LN_EPS, PREPROCESSING, VariantConfig, get_config
-from .weights import WeightsError, load_arrays, validate_arrays
+from .weights import Quantization, WeightsError, is_quantized, load_arrays, load_quantization, validate_arrays
 
 __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT_NAME", "OUTPUT_NAME",
            "STAGE_OUTPUTS", "OUTPUT_NAMES", "MAX_BATCH_LIMIT", "image_hw", "resolve_outputs"]
@@ -79,6 +84,7 @@ class BuiltNetwork:
     min_image_size: Optional[Tuple[int, int]] = None  # (H, W) range of the profile; None: image_size
     max_image_size: Optional[Tuple[int, int]] = None
     outputs: Tuple[str, ...] = (OUTPUT_NAME,)
+    quantization: Optional[Quantization] = None  # int8/fp8 Q/DQ where the reference quantizes
     _keepalive: List[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +113,16 @@ class BuiltNetwork:
 
     def output_names(self) -> List[str]:
         return [self.network.get_output(i).name for i in range(self.network.num_outputs)]
+
+    @property
+    def compute_precision(self) -> str:
+        """The dtype of the tensors between quantization pairs: ``fp16`` or ``fp32``."""
+        return "fp16" if self.fp16 else "fp32"
+
+    @property
+    def precision(self) -> str:
+        """``int8`` or ``fp8`` for a quantized network, else its compute precision."""
+        return self.quantization.precision if self.quantization is not None else self.compute_precision
 
     def build_serialized(self) -> bytes:
         """Run the TensorRT builder; returns the serialized engine (plan)."""
@@ -137,7 +153,7 @@ class BuiltNetwork:
         meta = {
             "format": "trtvit-engine-metadata/1",
             "variant": self.variant.name,
-            "precision": "fp16" if self.fp16 else "fp32",
+            "precision": self.precision,
             "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, 3, h, w], "layout": "NCHW",
                       "preprocessing": dict(PREPROCESSING)},
             "outputs": outputs,
@@ -154,6 +170,9 @@ class BuiltNetwork:
             "engine_bytes": len(plan),
             "sha256": hashlib.sha256(plan).hexdigest(),
         }
+        if self.quantization is not None:
+            meta["compute_precision"] = self.compute_precision
+            meta["quantization"] = self.quantization.metadata()
         if self.outputs == (OUTPUT_NAME,):
             meta["output"] = {k: v for k, v in outputs[0].items() if k != "stride"}  # the classifier's one output
         return meta
@@ -162,7 +181,9 @@ class BuiltNetwork:
         size = "x".join(map(str, self.image_size))
         if self.dynamic_size:
             size += f" ({'x'.join(map(str, self.min_image_size))}..{'x'.join(map(str, self.max_image_size))})"
-        return (f"{self.variant.name} {'fp16' if self.fp16 else 'fp32'}, batch 1..{self.max_batch}, {size}, "
+        precision = self.compute_precision if self.quantization is None else \
+            f"{self.quantization.precision} (Q/DQ, {self.compute_precision} between)"
+        return (f"{self.variant.name} {precision}, batch 1..{self.max_batch}, {size}, "
                 f"plugins {'on' if self.plugins else 'off'}" + ("" if self.plugins else f", {self.attention} attention")
                 + ("" if self.outputs == (OUTPUT_NAME,) else f", outputs {','.join(self.outputs)}"))
 
@@ -176,7 +197,7 @@ class _Net:
     """Network under construction: the TensorRT objects, weights and the compute dtype."""
 
     def __init__(self, backend: Backend, network: Any, state: Mapping[str, np.ndarray], fp16: bool,
-                 plugins: bool = False, attention: str = "matmul"):
+                 plugins: bool = False, attention: str = "matmul", quantization: Optional[Quantization] = None):
         self.trt = backend.trt
         self.plugins = plugins  # fused CUDA plugins for LayerNorm and attention (full TensorRT only)
         self.attention = attention  # native attention without plugins: one of ATTENTION_KINDS
@@ -187,6 +208,9 @@ class _Net:
         self.dtype = self.trt.float16 if fp16 else self.trt.float32
         self.keep: List[np.ndarray] = []
         self.weight_bytes = 0
+        self.quant = quantization
+        self.qtype = None if quantization is None else \
+            {"int8": self.trt.int8, "fp8": getattr(self.trt, "fp8", None)}[quantization.precision]
 
     def weights(self, array: np.ndarray, dtype: Optional[type] = None) -> Any:
         # Always a private copy: a view would keep the (memory-mapped) source state alive.
@@ -210,10 +234,92 @@ class _Net:
         return out
 
 
+def _quantize_dequantize(net: _Net, x: Any, quantizer: str, scale: np.ndarray, axis: Optional[int],
+                         name: str) -> Any:
+    """``x`` -> IQuantizeLayer -> IDequantizeLayer with fp32 ``scale`` (per tensor, or per
+    ``axis``); the quantize layer is ``quantizer.quantize``, the dequantize layer ``name``.
+    The dequantized tensor has the network's dtype."""
+    s = net.constant(f"{quantizer}.scale", scale.astype(np.float32), np.float32)
+    q = net.network.add_quantize(x, s, net.qtype)
+    if q is None:
+        raise BuildError(f"TensorRT refused the quantize layer {quantizer}.quantize")
+    if axis is not None:
+        q.axis = axis
+    net.named(q, f"{quantizer}.quantize")
+    dq = net.network.add_dequantize(q.get_output(0), s, net.dtype)
+    if dq is None:
+        raise BuildError(f"TensorRT refused the dequantize layer {name}")
+    if axis is not None:
+        dq.axis = axis
+    return net.named(dq, name)
+
+
+def qdq(net: _Net, x: Any, quantizer: str) -> Any:
+    """The activation ``x`` quantized and dequantized per tensor where the reference's
+    quantizer ``quantizer`` (e.g. ``stem.conv.input_quantizer``) is enabled; else ``x``.
+
+    The dequantize layer carries the quantizer's name, so parity compares it with the
+    quantizer's output in the fake-quantized reference. Scale: ``amax / 127`` (int8) or
+    ``amax / 448`` (fp8), fp32 also in fp16 networks (the quantize layer reads the fp16
+    tensor with an fp32 scale), so the network quantizes with the reference's scale.
+    """
+    if net.quant is None or quantizer not in net.quant.amax:
+        return x
+    return _quantize_dequantize(net, x, quantizer, net.quant.scale(quantizer).reshape(()), None, quantizer)
+
+
+def _e4m3(v: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to the nearest fp8 E4M3 value (ties to even), saturated to +-448."""
+    v = np.clip(v, -448.0, 448.0).astype(np.float32)
+    _, e = np.frexp(v)  # |v| = m * 2**e, m in [0.5, 1)
+    step = np.ldexp(np.float32(1.0), np.maximum(e - 1, -6) - 3).astype(np.float32)  # 3 mantissa bits; subnormals
+    return (np.round(v / step) * step).astype(np.float32)  # v / step is exact (a power of two)
+
+
+def fake_quantized_weight(weight: np.ndarray, amax: np.ndarray, precision: str) -> np.ndarray:
+    """The weight as the reference quantizes it, per output channel (axis 0), with
+    ModelOpt's fp32 arithmetic, operation for operation: q = round(W * (bound / amax))
+    (half to even, saturated to [-128, 127]; fp8: the nearest E4M3 value), dequantized.
+    (A last-bit difference in W * (bound / amax) would flip ties: fp8 weights hit them.)"""
+    w = weight.astype(np.float32)
+    amax = amax.astype(np.float32).reshape((-1,) + (1,) * (w.ndim - 1))
+    if precision == "int8":  # ModelOpt: scale = 127 / amax; clamp(round(w * scale)) / scale
+        inv = (np.float32(127.0) / amax).astype(np.float32)
+        return (np.clip(np.round(w * inv), -128, 127) / inv).astype(np.float32)
+    # ModelOpt: scale = 448.0 / amax, which torch computes as (1 / amax) * 448; e4m3(w * scale) * (1 / scale)
+    inv = ((np.float32(1.0) / amax).astype(np.float32) * np.float32(448.0)).astype(np.float32)
+    return (_e4m3((w * inv).astype(np.float32)) * (np.float32(1.0) / inv).astype(np.float32)).astype(np.float32)
+
+
+def _quantized_weight(net: _Net, quantizer: str, weight: np.ndarray, channel_scale: np.ndarray, axis: int,
+                      name: str) -> Any:
+    """A weight constant (fp32), quantized and dequantized per output channel along ``axis``
+    with ``channel_scale``. ``weight`` holds the reference's fake-quantized values
+    (:func:`fake_quantized_weight`), so TensorRT's quantize layer, which divides by the
+    scale, lands within a few ulps of the reference's integers, never near a rounding
+    boundary: the network's weight integers are the reference's, none flips."""
+    const = net.constant(f"{quantizer}.weight", weight, np.float32)
+    return _quantize_dequantize(net, const, quantizer, channel_scale, axis, name)
+
+
 def conv_bn(net: _Net, x: Any, name: str, stride: int = 1, layer_name: Optional[str] = None) -> Any:
     """Convolution ``name.conv`` with BatchNorm ``name.bn`` folded into kernel and bias.
 
     The layer is named ``name`` (the reference's ConvBN module) unless ``layer_name`` says.
+
+    Quantized: the input gets the reference's per-tensor Q/DQ, and the folded kernel a
+    per-output-channel Q/DQ whose scale is the reference's weight scale times the channel's
+    BatchNorm factor in magnitude. That is exact. The reference quantizes the unfolded
+    weight, q = round(W / s) per output channel c, and BatchNorm then multiplies channel c
+    of the convolution by f = gamma / sqrt(var + eps), so it computes f * s * q. The
+    network quantizes the folded kernel K = f * W with the scale |f| * s:
+    round(f * W / (|f| * s)) = round(sign(f) * W / s) = sign(f) * q, because symmetric
+    quantization commutes with per-channel scaling by a positive number and rounding to
+    nearest even (int8) or to the nearest fp8 value is odd-symmetric, round(-v) = -round(v).
+    Dequantized: sign(f) * q * |f| * s = f * s * q, the reference's value. The one asymmetric
+    step is int8's saturation to [-128, 127]; it is never reached, since weights are
+    calibrated to their per-channel maximum (|W / s| <= 127), and a file where it could be
+    reached with a negative f is refused. A channel with f = 0 has K = 0 and keeps scale s.
     """
     w = net.state[f"{name}.conv.weight"].astype(np.float64)
     gamma, beta = net.state[f"{name}.bn.weight"], net.state[f"{name}.bn.bias"]
@@ -222,7 +328,23 @@ def conv_bn(net: _Net, x: Any, name: str, stride: int = 1, layer_name: Optional[
     kernel = w * scale[:, None, None, None]
     bias = beta - mean * scale
     cout, _, kh, kw = w.shape
-    layer = net.network.add_convolution_nd(x, cout, (kh, kw), net.weights(kernel), net.weights(bias))
+    x = qdq(net, x, f"{name}.conv.input_quantizer")
+    wq = f"{name}.conv.weight_quantizer"
+    if net.quant is not None and wq in net.quant.amax:
+        s = net.quant.scale(wq).astype(np.float64)
+        if net.quant.precision == "int8":
+            reach = np.abs(w).reshape(cout, -1).max(axis=1) / s
+            bad = np.nonzero((reach > 127.5) & (scale < 0))[0]
+            if bad.size:
+                raise BuildError(f"{wq}: amax below the weights' maximum in channels {bad[:8].tolist()} with a "
+                                 f"negative BatchNorm factor: int8 saturation ([-128, 127]) does not fold exactly")
+        folded_scale = np.where(scale == 0, s, s * np.abs(scale))
+        exact = fake_quantized_weight(w, net.quant.amax[wq], net.quant.precision).astype(np.float64)
+        kernel_in = _quantized_weight(net, wq, exact * scale[:, None, None, None], folded_scale, 0, f"{wq}.folded")
+        layer = net.network.add_convolution_nd(x, cout, (kh, kw), net.trt.Weights(), net.weights(bias))
+        layer.set_input(1, kernel_in)
+    else:
+        layer = net.network.add_convolution_nd(x, cout, (kh, kw), net.weights(kernel), net.weights(bias))
     layer.stride_nd = (stride, stride)
     layer.padding_nd = (kh // 2, kw // 2)
     return net.named(layer, layer_name or name)
@@ -275,7 +397,14 @@ def linear(net: _Net, x: Any, name: str) -> Any:
     b = net.state[f"{name}.bias"]
     rank = len(x.shape)
     wt = w.T.reshape((1,) * (rank - 2) + w.T.shape)
-    weight = net.constant(f"{name}.weight", wt)
+    x = qdq(net, x, f"{name}.input_quantizer")
+    wq = f"{name}.weight_quantizer"
+    if net.quant is not None and wq in net.quant.amax:  # per output channel: the last axis of W^T
+        exact = fake_quantized_weight(w, net.quant.amax[wq], net.quant.precision)
+        weight = _quantized_weight(net, wq, exact.T.reshape(wt.shape), net.quant.scale(wq), rank - 1,
+                                   f"{wq}.transposed")
+    else:
+        weight = net.constant(f"{name}.weight", wt)
     mm = net.network.add_matrix_multiply(x, net.trt.MatrixOperation.NONE, weight, net.trt.MatrixOperation.NONE)
     y = net.named(mm, f"{name}.matmul")
     bias = net.constant(f"{name}.bias", b.reshape((1,) * (rank - 1) + b.shape))
@@ -284,6 +413,7 @@ def linear(net: _Net, x: Any, name: str) -> Any:
 
 def layer_norm(net: _Net, x: Any, name: str) -> Any:
     """LayerNorm over the last axis with fp32 statistics (fp16 tensors cast around it)."""
+    x = qdq(net, x, f"{name}.input_quantizer")
     if net.plugins:
         from .trt_plugins import add_layer_norm
 
@@ -352,7 +482,7 @@ def transformer(net: _Net, z: Any, name: str, heads: int, head_dim: int) -> Any:
     a = attention(net, linear(net, layer_norm(net, z, f"{name}.norm1"), f"{name}.qkv"), f"{name}.attn",
                   heads, head_dim)
     proj = linear(net, a, f"{name}.proj")
-    if net.plugins:  # one kernel: s = z + proj (attention residual), LN2(s)
+    if net.plugins and net.quant is None:  # one kernel: s = z + proj (attention residual), LN2(s)
         from .trt_plugins import add_layer_norm
 
         normed, z = add_layer_norm(net, z, f"{name}.norm2", residual=proj, sum_name=f"{name}.attn_residual",
@@ -498,6 +628,19 @@ def _profile_sizes(image_size: Any, min_image_size: Any, max_image_size: Any) ->
     return low, opt, high
 
 
+def _quantization_of(weights: WeightsArg, config: VariantConfig,
+                     quantization: Optional[Quantization]) -> Optional[Quantization]:
+    """The quantization to build with: ``quantization`` when given, else what a weights file carries."""
+    if quantization is not None:
+        if not isinstance(quantization, Quantization):
+            raise WeightsError(f"quantization must be a Quantization (trtvit_native.weights.load_quantization), got "
+                               f"{type(quantization).__name__}")
+        return quantization
+    if isinstance(weights, (str, os.PathLike)) and is_quantized(weights):
+        return load_quantization(weights, config)
+    return None
+
+
 def _state_as_numpy(weights: WeightsArg, config: VariantConfig, seed: int) -> Tuple[Dict[str, np.ndarray], str]:
     """Validated weights as numpy arrays (memory-mapped when they come from a file)."""
     if weights is None:
@@ -530,7 +673,8 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
                   max_batch: int = 32, image_size: SizeArg = 224, plugins: Union[str, bool] = "auto",
                   seed: int = 0, backend: Optional[str] = None, attention: str = "matmul",
                   outputs: Any = "logits", min_image_size: Optional[SizeArg] = None,
-                  max_image_size: Optional[SizeArg] = None) -> BuiltNetwork:
+                  max_image_size: Optional[SizeArg] = None,
+                  quantization: Optional[Quantization] = None) -> BuiltNetwork:
     """Define the TensorRT network of a variant; nothing is compiled yet.
 
     ``weights`` is a safetensors path, a state dict, or None for the seeded untrained
@@ -542,6 +686,11 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     names from ``stage1``..``stage4``, ``logits``. ``attention`` chooses the native attention
     where the plugins are not used: ``"matmul"`` (MatMul-SoftMax-MatMul, softmax in fp32) or
     ``"fused"`` (the backend's IAttention layer, where it has one).
+
+    A quantized weights file (``trtvit quantize``) builds the int8 or fp8 network with
+    Q/DQ layers where the reference quantizes; ``quantization`` (a
+    :class:`~trtvit_native.weights.Quantization`) does the same for weights given as a
+    state dict or an unquantized file.
     """
     config = get_config(name_or_config)
     _check_arguments(fp16, max_batch, plugins, attention)
@@ -572,12 +721,18 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
                         "building with native attention and LayerNorm layers", largest, tokens, limit)
             use_plugins = False
     state, source = _state_as_numpy(weights, config, seed)
+    quant = _quantization_of(weights, config, quantization)
+    if quant is not None:
+        if quant.precision == "fp8" and getattr(be.trt, "fp8", None) is None:
+            raise BackendError(f"fp8 quantization needs a TensorRT with the fp8 data type; {be.label} has none")
+        if use_plugins:
+            log.info("quantized network: the fused LayerNorm/attention plugins are used, with Q/DQ before them")
     start = time.perf_counter()
     trt = be.trt
     logger = CollectingLogger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    net = _Net(be, network, state, fp16, plugins=use_plugins, attention=attention)
+    net = _Net(be, network, state, fp16, plugins=use_plugins, attention=attention, quantization=quant)
     define_network(net, config, opt, dynamic, wanted)
     builder_config = builder.create_builder_config()
     if not fp16 and hasattr(trt.BuilderFlag, "TF32"):
@@ -593,7 +748,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         num_classes=int(state["head.weight"].shape[0]), plugins=use_plugins, attention=attention,
         weight_bytes=net.weight_bytes,
         weights_source=source, definition_seconds=time.perf_counter() - start,
-        min_image_size=low, max_image_size=high, outputs=wanted,
+        min_image_size=low, max_image_size=high, outputs=wanted, quantization=quant,
         _keepalive=net.keep,
     )
 
@@ -602,7 +757,7 @@ def build_engine(name_or_config: Union[str, VariantConfig], weights: WeightsArg 
                  max_batch: int = 32, image_size: SizeArg = 224, plugins: Union[str, bool] = "auto",
                  seed: int = 0, backend: Optional[str] = None, attention: str = "matmul",
                  outputs: Any = "logits", min_image_size: Optional[SizeArg] = None,
-                 max_image_size: Optional[SizeArg] = None) -> bytes:
+                 max_image_size: Optional[SizeArg] = None, quantization: Optional[Quantization] = None) -> bytes:
     """Build the serialized TensorRT engine of a variant (see :func:`build_network`)."""
     return build_network(name_or_config, weights, fp16, max_batch, image_size, plugins, seed, backend,
-                         attention, outputs, min_image_size, max_image_size).build_serialized()
+                         attention, outputs, min_image_size, max_image_size, quantization).build_serialized()

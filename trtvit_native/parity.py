@@ -61,6 +61,14 @@ class Tolerance:
 TOLERANCES: Dict[str, Tolerance] = {
     "fp32": Tolerance(factor=8.0, floor=8.0, unit=2.0 ** -24),
     "fp16": Tolerance(factor=3.0, floor=2.0, unit=2.0 ** -11),
+    # Quantized networks against the fake-quantized reference (``int8-fp16``: int8 Q/DQ,
+    # fp16 between): set from the error/noise ratios measured on every layer
+    # (`python benchmarks/parity_quantized.py`; README "Quantize to INT8 or FP8"). fp32:
+    # largest 7.44x (trt-vit-a at 32x32, transformer.fc2 on one token), so K = 16.
+    "int8-fp32": Tolerance(factor=16.0, floor=8.0, unit=2.0 ** -24),
+    "int8-fp16": Tolerance(factor=3.0, floor=2.0, unit=2.0 ** -11),
+    "fp8-fp32": Tolerance(factor=16.0, floor=8.0, unit=2.0 ** -24),
+    "fp8-fp16": Tolerance(factor=3.0, floor=2.0, unit=2.0 ** -11),
 }
 
 
@@ -106,11 +114,12 @@ class LayerParity:
     bound_max: float
     bound_rms: float
     network_shape: tuple = ()
+    problem: str = ""  # set where there is nothing to compare: the layer fails with this explanation
 
     @property
     def ratio(self) -> float:
         """The error as a fraction of its bound (the larger of max and RMS); ≤ 1 passes."""
-        if self.error is None:
+        if self.error is None or self.problem:
             return math.inf
         return max(_div(self.error.max_abs, self.bound_max), _div(self.error.rms_abs, self.bound_rms))
 
@@ -126,6 +135,8 @@ class LayerParity:
         return self.ratio <= 1.0
 
     def describe(self) -> str:
+        if self.problem:
+            return f"{self.name}: {self.problem}"
         if self.error is None:
             return f"{self.name}: the network gives shape {self.network_shape}, the reference {self.shape}"
         e = self.error
@@ -145,10 +156,12 @@ class ParityReport:
     batch: int
     layers: List[LayerParity]  # compared layers in network order
     outputs: List[LayerParity]  # network outputs
+    quantized: Optional[str] = None  # "int8" or "fp8": the network against the fake-quantized reference
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.fp16 else "fp32"
+        compute = "fp16" if self.fp16 else "fp32"
+        return compute if self.quantized is None else f"{self.quantized}-{compute}"
 
     @property
     def tolerance(self) -> Tolerance:
@@ -174,8 +187,9 @@ class ParityReport:
         if first is not None:
             return f"{head}; first divergent layer {first.describe()}"
         out = (self.logits or self.outputs[-1])
-        return (f"{head}, each within {self.tolerance.factor:g}× the reference's own {self.precision} rounding "
-                f"noise (worst {worst.name} at {worst.ratio:.2f} of its bound); {out.name} max|Δ| "
+        noise = (f"the fake-quantized reference's own {'fp16' if self.fp16 else 'fp32'} rounding noise"
+                 if self.quantized else f"the reference's own {self.precision} rounding noise")
+        return (f"{head}, each within {self.tolerance.factor:g}× {noise} (worst {worst.name} at {worst.ratio:.2f} of its bound); {out.name} max|Δ| "
                 f"{out.error.max_abs:.3g} = {out.error.rel:.2e} of max|ref|, cosine {out.error.cosine:.7f}")
 
     def table(self) -> str:
@@ -183,6 +197,9 @@ class ParityReport:
                 f"{'/bound':>7s} {'cosine':>10s}"]
         for p in self.layers + self.outputs:
             flag = "" if p.ok else "  <-- outside tolerance"
+            if p.problem:
+                rows.append(f"{p.name:44s} {p.problem}{flag}")
+                continue
             if p.error is None:
                 rows.append(f"{p.name:44s} {str(p.shape):>20s}  network shape {p.network_shape}{flag}")
                 continue
@@ -212,10 +229,16 @@ class fp16_rounding(TorchFunctionMode):
     """Within this context every torch operation's floating result is rounded to fp16
     (computed in fp32, stored in fp16: what an fp16 GPU kernel with fp32 accumulation
     does). With fp16-rounded weights this evaluates a model in fp16 at fp32 speed on a CPU,
-    where torch's own fp16 kernels are many times slower."""
+    where torch's own fp16 kernels are many times slower.
+
+    While ``suspended`` is positive, results are not rounded: a quantizer (a Q/DQ pair in
+    the network) computes in fp32 from its fp16 input, and only its output is fp16."""
+
+    suspended = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return _round_fp16(func(*args, **(kwargs or {})))
+        out = func(*args, **(kwargs or {}))
+        return out if self.suspended else _round_fp16(out)
 
 
 def comparable_layers(built: BuiltNetwork, model: nn.Module) -> List[str]:
@@ -225,27 +248,47 @@ def comparable_layers(built: BuiltNetwork, model: nn.Module) -> List[str]:
 
 
 def reference_layers(model: nn.Module, images: torch.Tensor, names: Sequence[str],
-                     precision: str = "fp32") -> Dict[str, torch.Tensor]:
+                     precision: str = "fp32", replay: Optional[Dict[str, torch.Tensor]] = None
+                     ) -> Dict[str, torch.Tensor]:
     """Outputs of the modules ``names`` and the model output (``"logits"``), evaluated in
     ``precision``: ``"fp32"`` (the model as it is), ``"fp64"`` or ``"fp16"`` (fp16 weights
-    and fp16 rounding of every operation). Returned as float64 tensors."""
+    and fp16 rounding of every operation). Returned as float64 tensors.
+
+    ``replay``: {quantizer module: tensor}: those quantizers quantize the given tensor (the
+    network's input to its quantize layer) instead of their own input."""
     if precision not in ("fp32", "fp64", "fp16"):
         raise ValueError(f"precision must be 'fp32', 'fp64' or 'fp16', got {precision!r}")
     if precision != "fp32":
         model = copy.deepcopy(model)
         with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                if t.is_floating_point():
+            # quantizers' amax stays as it is: the network's scales are fp32 in every precision
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if t.is_floating_point() and not _is_quantizer(name):
                     t.data = t.data.double() if precision == "fp64" else _round_fp16(t.data.float())
     x = images.double() if precision == "fp64" else images.float()
     if precision == "fp16":
         x = _round_fp16(x)
     modules = dict(model.named_modules())
     captured: Dict[str, torch.Tensor] = {}
-    hooks = [modules[name].register_forward_hook(
+    mode = fp16_rounding() if precision == "fp16" else contextlib.nullcontext()
+    hooks = []
+    for name, given in (replay or {}).items():  # ModelOpt's quantizer, on the network's tensor
+        hooks.append(modules[name].register_forward_hook(
+            lambda m, i, o, given=given: m.forward(given.to(i[0].dtype).reshape(i[0].shape))
+            if given.numel() == i[0].numel() else o))
+    if precision == "fp64":  # ModelOpt quantizes in fp32: its integers, dequantized in float64
+        hooks += [m.register_forward_hook(lambda m, i, o: _dequantize_fp64(m, o))
+                  for name, m in modules.items() if _is_quantizer(name + ".") and getattr(m, "is_enabled", False)]
+    if precision == "fp16":  # a Q/DQ pair computes in fp32 from fp16 and gives fp16
+        for name, m in modules.items():
+            if _is_quantizer(name + "."):
+                hooks.append(m.register_forward_pre_hook(lambda m, i: setattr(mode, "suspended", mode.suspended + 1)))
+                hooks.append(m.register_forward_hook(lambda m, i, o: (setattr(mode, "suspended", mode.suspended - 1),
+                                                                      _round_fp16(o))[1]))
+    hooks += [modules[name].register_forward_hook(
         lambda m, i, o, name=name: captured.__setitem__(name, o.detach().double())) for name in names]
     try:
-        with torch.no_grad(), (fp16_rounding() if precision == "fp16" else contextlib.nullcontext()):
+        with torch.no_grad(), mode:
             out = model(x)
     finally:
         for h in hooks:
@@ -256,6 +299,20 @@ def reference_layers(model: nn.Module, images: torch.Tensor, names: Sequence[str
         if f"stages.{k}" in captured:
             captured[stage] = captured[f"stages.{k}"]
     return captured
+
+
+def _dequantize_fp64(quantizer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """A ModelOpt quantizer's fp32 output (q / (bound / amax)) as q * amax / bound in float64."""
+    amax = quantizer.amax.double()
+    bound = 127.0 if quantizer.num_bits == 8 else 448.0
+    scaled = out.double() * (bound / amax)
+    q = scaled.round() if quantizer.num_bits == 8 else scaled.float().to(torch.float8_e4m3fn).double()
+    return q * (amax / bound)
+
+
+def _is_quantizer(name: str) -> bool:
+    """A ModelOpt quantizer module (``...input_quantizer``) or one of its buffers."""
+    return "_quantizer." in name
 
 
 def network_layers(built: BuiltNetwork, images: torch.Tensor, names: Sequence[str]) -> Dict[str, torch.Tensor]:
@@ -270,6 +327,16 @@ def _layer_parity(name: str, out: torch.Tensor, ref: torch.Tensor, noisy: torch.
     return LayerParity(name, tuple(ref.shape), error, noise, bound_max, bound_rms, tuple(out.shape))
 
 
+def quantizer_inputs(built: BuiltNetwork) -> Dict[str, str]:
+    """{activation quantizer: the name of the tensor its quantize layer reads} of a
+    quantized network."""
+    if built.quantization is None:
+        return {}
+    layers = {built.network.get_layer(i).name: built.network.get_layer(i) for i in range(built.num_layers)}
+    return {q: layers[f"{q}.quantize"].get_input(0).name for q in built.quantization.amax
+            if q.endswith(".input_quantizer") and f"{q}.quantize" in layers}
+
+
 def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
                   network_outputs: Optional[Dict[str, torch.Tensor]] = None) -> ParityReport:
     """Compare every layer the network shares with the reference, and the network outputs.
@@ -277,19 +344,74 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
     ``network_outputs``: the interpreter's results for these images (from
     :func:`network_layers`), when already computed, e.g. to check one network against
     several references.
+
+    A quantized network is compared with the fake-quantized reference (``model``: ModelOpt's
+    quantizers). Quantization makes both chaotic at the rounding-unit level: a last-bit
+    difference upstream moves a value across a rounding boundary and flips its integer, a
+    whole quantization step that no rounding-noise bound covers. So every quantizer of the
+    reference quantizes the network's own input to it (both reference runs do): each
+    quantize/dequantize pair is checked against ModelOpt's quantization of the same
+    tensor, exactly, and every other layer against the rounding noise on the same
+    integers. A defect still shows where it is: in a quantizer (its scale, axis, rounding,
+    saturation) at the quantizer, anywhere else at the layer that computes it.
     """
     names = comparable_layers(built, model)
-    got = network_outputs if network_outputs is not None else network_layers(built, images, names)
+    q_inputs = quantizer_inputs(built)
+    if network_outputs is not None:
+        got = network_outputs
+    else:
+        got = run_network(built, {INPUT_NAME: images.detach().cpu().float()}, capture=names,
+                          tensors=sorted(set(q_inputs.values())))
+    replay = {q: got[t].float() for q, t in q_inputs.items() if t in got}
     precision = "fp16" if built.fp16 else "fp32"
     modules = dict(model.named_modules())
     hooked = names + [f"stages.{k}" for k in range(4) if STAGE_OUTPUTS[k] in built.output_names()
                       and f"stages.{k}" in modules and f"stages.{k}" not in names]
-    ref = reference_layers(model, images, hooked, "fp32")
-    noisy = reference_layers(model, images, hooked, "fp16" if built.fp16 else "fp64")
+    quant = built.quantization
+    if quant is not None:
+        _check_fake_quantized(model, quant.precision)
+        precision = f"{quant.precision}-{precision}"
+    ref = reference_layers(model, images, hooked, "fp32", replay)
+    noisy = reference_layers(model, images, hooked, "fp16" if built.fp16 else "fp64", replay)
     tol = TOLERANCES[precision]
-    layers = [_layer_parity(n, got[n], ref[n], noisy[n], tol) for n in names]
+    layers = [_layer_parity(n, got[n], ref[n], noisy[n], tol) if n in ref else _no_output(n, got[n])
+              for n in names]
+    if quant is not None:  # structural problems first: the first divergence names them
+        layers = _missing_quantizers(built, quant) + layers
     outputs = [_layer_parity(n, got[n], ref[n], noisy[n], tol) for n in built.output_names() if n in ref]
     missing = [n for n in built.output_names() if n not in ref]
     if missing:
         raise ValueError(f"network outputs {missing} have no counterpart in the reference")
-    return ParityReport(built.variant.name, built.fp16, int(images.shape[0]), layers, outputs)
+    return ParityReport(built.variant.name, built.fp16, int(images.shape[0]), layers, outputs,
+                        None if quant is None else quant.precision)
+
+
+def _no_output(name: str, out: torch.Tensor) -> LayerParity:
+    """A network layer whose reference module never ran on these images."""
+    return LayerParity(name, (), None, compare(name, out, out), 0.0, 0.0, tuple(out.shape),
+                       problem="the reference module of this name produced no output (its forward did not call it)")
+
+
+def _missing_quantizers(built: BuiltNetwork, quant: Any) -> List[LayerParity]:
+    """Quantizers of the reference that have no Q/DQ pair in the network, though the layer
+    they quantize for is there (a network built to stage outputs has no later layers)."""
+    layers = built.layer_names()
+    names = set(layers)
+    empty = compare("", torch.zeros(1), torch.zeros(1))
+    missing = []
+    for q in sorted(quant.amax):
+        if f"{q}.quantize" in names:
+            continue
+        module = q.rsplit(".", 1)[0]
+        owner = module[:-len(".conv")] if module.endswith(".conv") else module  # ConvBN layers: the ConvBN's name
+        if any((n == owner or n.startswith(owner + ".")) and not n.startswith(q) for n in layers):
+            missing.append(LayerParity(q, (), None, empty, 0.0, 0.0, problem="the reference quantizes here; the "
+                                       f"network has no quantize layer {q}.quantize"))
+    return missing
+
+
+def _check_fake_quantized(model: nn.Module, precision: str) -> None:
+    """A quantized network is checked against the fake-quantized reference, never the plain one."""
+    if not any(_is_quantizer(n + ".") for n, _ in model.named_modules()):
+        raise ValueError(f"the network is quantized ({precision}): compare it with the fake-quantized reference, "
+                         f"create_model(variant, weights=<the quantized file>)")

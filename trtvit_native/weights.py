@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -20,7 +21,8 @@ if TYPE_CHECKING:  # torch is needed only by the functions that return torch ten
     import torch
 
 __all__ = ["WeightsError", "FORMAT_VERSION", "read_metadata", "class_names", "write_atomically", "expected_shapes", "save_weights", "load_weights", "load_arrays",
-           "validate_arrays", "validate_state_dict"]
+           "validate_arrays", "validate_state_dict", "Quantization", "QUANT_PRECISIONS", "QUANT_METHODS",
+           "quantizer_sites", "load_quantization", "is_quantized"]
 
 FORMAT_VERSION = "trtvit_native/1"
 _IGNORED_SUFFIX = ".num_batches_tracked"
@@ -259,8 +261,10 @@ def load_arrays(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None
         if name not in VARIANTS:
             raise WeightsError(f"{path}: unknown arch {name!r}; known variants: {', '.join(sorted(VARIANTS))}")
         config = VARIANTS[name]
+    quantized = isinstance(meta, dict) and _QUANT_KEY in meta
     entries = {k: (tuple(info.get("shape", ())), _FILE_DTYPES.get(info.get("dtype"), str(info.get("dtype"))))
-               for k, info in header.items() if not k.endswith(_IGNORED_SUFFIX)}
+               for k, info in header.items() if not k.endswith(_IGNORED_SUFFIX)
+               and not (quantized and k.endswith(AMAX_SUFFIX))}
     _check_layout(entries, config, path)
     # One copy-on-write mapping of the file; every array is a view into it.
     mapping = np.memmap(path, dtype=np.uint8, mode="c")
@@ -273,6 +277,8 @@ def load_arrays(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None
                                f"and dtype {dtype} need {int(np.prod(shape)) * itemsize}")
         arrays[key] = mapping[data_start + begin:data_start + end].view(_SUPPORTED[dtype]).reshape(shape)
     _check_values(arrays, path)
+    if quantized:  # every amax entry is checked whenever the file is read
+        _quantization_from(header, meta, mapping, data_start, config, path, arrays)
     return arrays
 
 
@@ -306,3 +312,172 @@ def load_weights(path: PathLike, arch: Optional[Union[str, VariantConfig]] = Non
     import torch
 
     return {k: torch.from_numpy(v) for k, v in load_arrays(path, arch, config).items()}
+
+
+# --------------------------------------------------------------------------------------
+# Quantized weights files: the weights plus the amax of every enabled quantizer
+# --------------------------------------------------------------------------------------
+
+QUANT_PRECISIONS = ("int8", "fp8")
+QUANT_METHODS = ("max", "entropy", "percentile", "mse")
+QUANT_FORMAT = "trtvit-quantized/1"
+AMAX_SUFFIX = ".amax"
+_QUANT_KEY = "quantization"
+# The largest quantized magnitude: int8 [-128, 127] is scaled so amax maps to 127
+# (ModelOpt's and TensorRT's convention); fp8 E4M3's largest finite value is 448.
+QUANT_BOUNDS = {"int8": 127.0, "fp8": 448.0}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What a quantized weights file adds to the weights: the precision, how it was
+    calibrated, and ``amax`` per quantizer path (``stem.conv.input_quantizer``: shape (),
+    per tensor; ``stem.conv.weight_quantizer``: (out_channels,), per output channel).
+    A quantizer's scale is ``amax / bound`` (127 for int8, 448 for fp8)."""
+
+    precision: str
+    method: str
+    images: int
+    keep: Tuple[str, ...]
+    modelopt: str
+    amax: Dict[str, np.ndarray]
+
+    @property
+    def bound(self) -> float:
+        return QUANT_BOUNDS[self.precision]
+
+    def scale(self, quantizer: str) -> np.ndarray:
+        """The quantizer's scale (float32): ``amax / bound``."""
+        return (np.asarray(self.amax[quantizer], dtype=np.float32) / np.float32(self.bound)).astype(np.float32)
+
+    def metadata(self) -> Dict[str, Any]:
+        return {"precision": self.precision, "method": self.method, "images": self.images,
+                "keep": list(self.keep), "modelopt": self.modelopt}
+
+    def describe(self) -> str:
+        kept = f", keeping {','.join(self.keep)} unquantized" if self.keep else ""
+        return f"{self.precision} ({self.method} calibration on {self.images} images{kept})"
+
+
+def quantizable_modules(config: Union[str, VariantConfig], num_classes: int = 1000) -> Dict[str, str]:
+    """The reference's modules that ModelOpt quantizes, with their kind (``conv``,
+    ``linear``, ``norm``): every convolution, linear layer and LayerNorm (BatchNorm is
+    left alone, and folded into its convolution)."""
+    kinds = {4: "conv", 2: "linear", 1: "norm"}
+    return {k[:-len(".weight")]: kinds[len(shape)] for k, shape in expected_shapes(config, num_classes).items()
+            if k.endswith(".weight") and not k.endswith(".bn.weight")}
+
+
+def _kept(module: str, keep: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in keep)
+
+
+def check_keep(config: Union[str, VariantConfig], keep: Iterable[str]) -> Tuple[str, ...]:
+    """Module prefixes to leave unquantized; each must name at least one quantized module."""
+    modules = quantizable_modules(config)
+    keep = tuple(p.strip().rstrip(".") for p in keep if p.strip())
+    for p in keep:
+        if not any(_kept(m, [p]) for m in modules):
+            raise WeightsError(f"--keep {p!r} names no quantized module of {get_config(config).name} (modules are "
+                               f"e.g. head, stem.conv, stages.3.1.transformer, stages.0.0.conv1)")
+    return keep
+
+
+def quantizer_sites(config: Union[str, VariantConfig], keep: Iterable[str] = (),
+                    num_classes: int = 1000) -> Dict[str, Tuple[int, ...]]:
+    """Every enabled quantizer of a variant (path -> amax shape): the input of each
+    convolution, linear layer and LayerNorm, per tensor, and the weight of each convolution
+    and linear layer, per output channel; none inside the ``keep`` prefixes."""
+    shapes = expected_shapes(config, num_classes)
+    sites: Dict[str, Tuple[int, ...]] = {}
+    for module, kind in quantizable_modules(config, num_classes).items():
+        if _kept(module, keep):
+            continue
+        sites[f"{module}.input_quantizer"] = ()
+        if kind != "norm":
+            sites[f"{module}.weight_quantizer"] = (shapes[f"{module}.weight"][0],)
+    return sites
+
+
+def is_quantized(path: PathLike) -> bool:
+    """Whether a weights file carries quantization (amax values)."""
+    return _QUANT_KEY in read_metadata(path)
+
+
+def _parse_quant_meta(raw: Any, path: str) -> Dict[str, Any]:
+    try:
+        info = json.loads(raw)
+    except (TypeError, json.JSONDecodeError):
+        raise WeightsError(f"{path}: metadata {_QUANT_KEY!r} is not JSON") from None
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path}: metadata {_QUANT_KEY!r} is not a JSON object")
+    if info.get("precision") not in QUANT_PRECISIONS:
+        raise WeightsError(f"{path}: quantized to precision {info.get('precision')!r}, which this version does not "
+                           f"carry ({', '.join(QUANT_PRECISIONS)})")
+    if info.get("method") not in QUANT_METHODS:
+        raise WeightsError(f"{path}: unknown calibration method {info.get('method')!r} ({', '.join(QUANT_METHODS)})")
+    keep = info.get("keep", [])
+    if not (isinstance(keep, list) and all(isinstance(k, str) for k in keep)):
+        raise WeightsError(f"{path}: metadata {_QUANT_KEY!r}: 'keep' is not a list of module prefixes")
+    return info
+
+
+def _quantization_from(header: dict, meta: Mapping[str, str], mapping: np.ndarray, data_start: int,
+                       config: VariantConfig, path: str, arrays: Mapping[str, np.ndarray]) -> Quantization:
+    info = _parse_quant_meta(meta.get(_QUANT_KEY), path)
+    keep = tuple(info.get("keep", []))
+    sites = quantizer_sites(config, keep, int(arrays["head.weight"].shape[0]))
+    found = {k[:-len(AMAX_SUFFIX)]: k for k in header if k.endswith(AMAX_SUFFIX)}
+    unknown = sorted(set(found) - set(sites))
+    if unknown:
+        modules = quantizable_modules(config)
+        kept = [q for q in unknown if q.rsplit(".", 1)[0] in modules]
+        what = "of a module kept unquantized or a quantizer that does not exist" if kept else \
+            "for a module that does not exist"
+        raise WeightsError(f"{path}: amax {what}: {_summarize(q + AMAX_SUFFIX for q in unknown)}")
+    missing = sorted(set(sites) - set(found))
+    if missing:
+        raise WeightsError(f"{path}: amax missing for {len(missing)} quantizers: "
+                           f"{_summarize(q + AMAX_SUFFIX for q in missing)}")
+    amax: Dict[str, np.ndarray] = {}
+    for q, key in found.items():
+        entry = header[key]
+        dtype = _FILE_DTYPES.get(entry.get("dtype"), str(entry.get("dtype")))
+        shape = tuple(entry.get("shape", ()))
+        if dtype != "float32":
+            raise WeightsError(f"{path}: {key} is {dtype}, amax values are float32")
+        if shape != sites[q] and not (sites[q] == () and shape == (1,)):
+            raise WeightsError(f"{path}: {key} has shape {list(shape)}, expected {list(sites[q])}")
+        begin, end = entry["data_offsets"]
+        if end - begin != 4 * int(np.prod(shape, dtype=np.int64)):
+            raise WeightsError(f"{path}: entry {key!r} has {end - begin} bytes of data for shape {list(shape)}")
+        amax[q] = mapping[data_start + begin:data_start + end].view(np.float32).reshape(sites[q])
+    bad = {"not finite": [q for q, v in amax.items() if not np.isfinite(v).all()]}
+    bad["zero"] = [q for q, v in amax.items() if q not in bad["not finite"] and (v == 0).any()]
+    bad["negative"] = [q for q, v in amax.items() if q not in bad["not finite"] and (v < 0).any()]
+    for problem, names in bad.items():
+        if names:
+            raise WeightsError(f"{path}: amax {problem} in {_summarize(q + AMAX_SUFFIX for q in names)}")
+    return Quantization(info["precision"], info["method"], int(info.get("images", 0)), keep,
+                        str(info.get("modelopt", "")), amax)
+
+
+def load_quantization(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None,
+                      precision: Optional[str] = None) -> Optional[Quantization]:
+    """The quantization a weights file carries (validated with the weights), or None for an
+    unquantized file. ``precision`` (``int8``/``fp8``), when given, must be the file's."""
+    path = os.fspath(path)
+    arrays = load_arrays(path, arch)
+    header, data_start = _read_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    if _QUANT_KEY not in meta:
+        if precision is not None:
+            raise WeightsError(f"{path} is not quantized: it carries no {precision} amax values (trtvit quantize "
+                               f"makes a quantized file)")
+        return None
+    config = get_config(arch) if arch is not None else VARIANTS[meta["arch"]]
+    mapping = np.memmap(path, dtype=np.uint8, mode="c")
+    q = _quantization_from(header, meta, mapping, data_start, config, path, arrays)
+    if precision is not None and precision != q.precision:
+        raise WeightsError(f"{path} carries {q.precision} quantization, not {precision}")
+    return q

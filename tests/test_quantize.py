@@ -1,0 +1,395 @@
+"""INT8 and FP8: ModelOpt calibration on the CPU, the quantized file format, the
+fake-quantized reference, Q/DQ networks against it layer by layer, and planted Q/DQ
+defects each caught at its layer.
+
+Small on purpose (trt-vit-a with a 10-class head at 32x32, 20 calibration images); the
+accuracy measurement on the handwritten digits is ``benchmarks/quantize_digits.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("modelopt.torch.quantization", reason="NVIDIA ModelOpt is not installed (pip install "
+                    "'trtvit_native[quant]')")
+
+import trtvit_native as tv  # noqa: E402
+from trtvit_native import interpreter, network, weights as W  # noqa: E402
+from trtvit_native.cli import main  # noqa: E402
+from trtvit_native.parity import parity_report  # noqa: E402
+from trtvit_native.quantize import quantize  # noqa: E402
+
+from conftest import reference  # noqa: E402
+
+SIZE = 32
+CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A 10-class trt-vit-a weights file (the seeded reference's head cut to 10 classes) and
+    an ImageFolder of 10 classes x 2 PNG images, 32x32, made from synthetic images."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("quant")
+    state = dict(reference("trt-vit-a").state_dict())
+    state["head.weight"], state["head.bias"] = state["head.weight"][:CLASSES] * 50, state["head.bias"][:CLASSES]
+    classes = [f"c{i}" for i in range(CLASSES)]
+    tv.save_weights(state, root / "a.safetensors", "trt-vit-a",
+                    metadata={"image_size": str(SIZE), "classes": json.dumps(classes)})
+    images = tv.synthetic_images(2 * CLASSES, SIZE, seed=5)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    for i, img in enumerate(images):
+        folder = root / "data" / classes[i % CLASSES]
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = ((img * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(rgb).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def quantized(work):
+    """int8 and fp8 files calibrated by trtvit_native.quantize.quantize on the 20 images."""
+    out = {}
+    for precision in ("int8", "fp8"):
+        out[precision] = work / f"a-{precision}.safetensors"
+        quantize("trt-vit-a", work / "a.safetensors", work / "data", out[precision], precision=precision,
+                 images=20, batch_size=10, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fake(quantized):
+    """The fake-quantized references restored from the two files (parity does not change them)."""
+    return {precision: tv.create_model("trt-vit-a", weights=path) for precision, path in quantized.items()}
+
+
+def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return tv.synthetic_images(batch, SIZE, seed=seed)
+
+
+# --- calibration, file format, the fake-quantized reference -------------------------------
+
+
+def test_file_holds_the_weights_and_the_amax_of_every_enabled_quantizer(work, quantized, fake):
+    from safetensors.numpy import load_file
+
+    from trtvit_native.quantize import _quantizers
+
+    for precision, path in quantized.items():
+        q = W.load_quantization(path, "trt-vit-a")
+        assert q.precision == precision and q.method == "max" and q.images == 20 and q.keep == ()
+        assert set(q.amax) == set(W.quantizer_sites("trt-vit-a", num_classes=CLASSES))
+        assert len(q.amax) == 84  # the inputs of 43 convolutions, linears and LayerNorms, the weights of 41
+        stored = load_file(str(path))  # a plain safetensors file: the weights unchanged, plus the amax
+        original = load_file(str(work / "a.safetensors"))
+        assert all(np.array_equal(stored[k], v) for k, v in original.items())
+        assert set(stored) - set(original) == {n + ".amax" for n in q.amax}
+        meta = W.read_metadata(path)
+        assert json.loads(meta["classes"]) == [f"c{i}" for i in range(CLASSES)] and meta["image_size"] == str(SIZE)
+        # the reference restored from the file is ModelOpt's: the same quantizers enabled, the file's amax
+        model = fake[precision]
+        enabled = {n: m for n, m in _quantizers(model).items() if m.is_enabled}
+        assert set(enabled) == set(q.amax)
+        for name, m in enabled.items():
+            assert np.array_equal(m.amax.reshape(-1).numpy(), q.amax[name].reshape(-1))
+        assert {m.num_bits for m in enabled.values()} == ({8} if precision == "int8" else {(4, 3)})
+        assert all(m.axis == 0 for n, m in enabled.items() if n.endswith("weight_quantizer"))
+        # the builder's weight integers (ModelOpt's arithmetic, operation for operation) are the
+        # reference's, for every convolution and linear layer: no weight ever flips
+        for name, m in enabled.items():
+            if name.endswith("weight_quantizer"):
+                weight = model.get_submodule(name.rsplit(".", 1)[0]).weight.detach()
+                mine = network.fake_quantized_weight(weight.numpy(), m.amax.reshape(-1).numpy(), precision)
+                assert np.array_equal(mine, m(weight).numpy()), name
+
+
+def test_keep_leaves_modules_unquantized(work, tmp_path):
+    out = tmp_path / "kept.safetensors"
+    q = quantize("trt-vit-a", work / "a.safetensors", work / "data", out, images=10, batch_size=10,
+                 keep="head,stages.3.1.transformer", progress=False)
+    assert q.keep == ("head", "stages.3.1.transformer")
+    assert not any(n.startswith(("head.", "stages.3.1.transformer.")) for n in q.amax)
+    assert "stages.3.1.conv1.conv.input_quantizer" in q.amax
+    built = tv.build_network("trt-vit-a", out, fp16=False, max_batch=2, image_size=SIZE)
+    names = built.layer_names()
+    assert not any(n.startswith(("head.input_quantizer", "stages.3.1.transformer.qkv.input")) for n in names)
+    assert "stages.3.1.conv1.conv.input_quantizer.quantize" in names
+
+
+# --- the interpreter's Q/DQ, as TensorRT defines them --------------------------------------
+
+
+def test_quantize_values_round_half_to_even_and_saturate():
+    s = torch.tensor(0.5)
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 127.4, 127.6, -128.4, -130.0, 200.0]) * s
+    q = interpreter.quantize_values(x, s, torch.int8)
+    assert q.dtype == torch.int8
+    assert q.tolist() == [0, 2, 2, 0, -2, -2, 127, 127, -128, -128, 127]
+    f = interpreter.quantize_values(torch.tensor([17.0, 19.0, 500.0, -1000.0, 0.1]), torch.tensor(1.0),
+                                    torch.float8_e4m3fn)
+    assert f.float().tolist() == [16.0, 20.0, 448.0, -448.0, 0.1015625]  # ties to even mantissa; saturated
+
+
+def test_e4m3_rounding_of_the_builder_is_torchs():
+    v = torch.randn(100000, generator=torch.Generator().manual_seed(0)) * torch.exp(
+        3 * torch.randn(100000, generator=torch.Generator().manual_seed(1)))
+    expected = v.clamp(-448, 448).to(torch.float8_e4m3fn).float().numpy()
+    assert np.array_equal(network._e4m3(v.numpy()), expected)
+
+
+# --- networks against the fake-quantized reference -----------------------------------------
+
+
+def _count(built, kind: str) -> int:
+    return sum(str(built.network.get_layer(i).type).split(".")[-1] == kind for i in range(built.num_layers))
+
+
+@pytest.mark.parametrize("precision,fp16", [("fp8", False)])  # int8 with fp16: test_cli_quantize_build_and_eval
+def test_quantized_network_matches_the_fake_quantized_reference_layer_by_layer(quantized, fake, precision, fp16):
+    built = tv.build_network("trt-vit-a", quantized[precision], fp16=fp16, max_batch=2, image_size=SIZE)
+    q = built.quantization
+    assert q.precision == precision
+    assert _count(built, "QUANTIZE") == _count(built, "DEQUANTIZE") == len(q.amax)
+    names = set(built.layer_names())
+    assert all(f"{n}.quantize" in names for n in q.amax)
+    report = parity_report(built, fake[precision], images())
+    assert report.ok, report.table()
+    assert report.precision == f"{precision}-{'fp16' if fp16 else 'fp32'}"
+    compared = {p.name for p in report.layers}
+    assert "stem.conv.input_quantizer" in compared and "stages.3.1.transformer.fc2.input_quantizer" in compared
+    meta = built.metadata(b"plan")
+    assert meta["precision"] == precision and meta["compute_precision"] == ("fp16" if fp16 else "fp32")
+    assert meta["quantization"] == {"precision": precision, "method": "max", "images": 20, "keep": [],
+                                    "modelopt": q.modelopt}
+
+
+def test_batchnorm_folds_exactly_into_the_weight_scales_with_negative_and_zero_factors(work, quantized, tmp_path):
+    """Negative BN factors on half the channels of two convolutions, a zero one on another:
+    the network's weight integers are sign(f) times the reference's, and parity holds."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(quantized["int8"]))
+    for conv in ("stages.0.0.conv2", "stem"):
+        g = tensors[f"{conv}.bn.weight"].copy()
+        g[::2] *= -1
+        g[1] = 0.0
+        tensors[f"{conv}.bn.weight"] = g
+    path = tmp_path / "negative.safetensors"
+    save_file(tensors, str(path), metadata=W.read_metadata(quantized["int8"]))
+    model = tv.create_model("trt-vit-a", weights=path)
+    built = tv.build_network("trt-vit-a", path, fp16=False, max_batch=2, image_size=SIZE, outputs="stage1")
+    wq = "stages.0.0.conv2.conv.weight_quantizer"
+    _, got = tv.interpret(built, images(), capture=[f"{wq}.quantize", f"{wq}.folded"])
+    conv = model.stages[0][0].conv2
+    amax = conv.conv.weight_quantizer.amax.reshape(-1, 1, 1, 1)
+    w = conv.conv.weight.detach()
+    ref_int = torch.clamp(torch.round(w * (127.0 / amax)), -128, 127)
+    bn = conv.bn
+    f = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    assert (f < 0).sum() >= 16 and (f == 0).sum() == 1
+    expected = torch.sign(f).view(-1, 1, 1, 1) * ref_int  # f = 0: a zero kernel, all integers 0
+    assert torch.equal(got[f"{wq}.quantize"].float(), expected)  # the very integers, sign(f) * q
+    dequantized = conv.conv.weight_quantizer(w) * f.view(-1, 1, 1, 1)  # f * s * q
+    # equal up to fp32 rounding: q * (|f| s) in the network, f * (q / (127 / amax)) in the reference
+    assert torch.allclose(got[f"{wq}.folded"].double(), dequantized.double(), rtol=8 * 2.0 ** -24, atol=0)
+    report = parity_report(built, model, images())
+    assert report.ok, report.table()
+
+
+# --- planted Q/DQ defects, each caught at its layer ------------------------------------------
+
+
+def _stage1_report(fake, path, quantization=None, x=None, model=None):
+    built = tv.build_network("trt-vit-a", path, fp16=False, max_batch=2, image_size=SIZE, outputs="stage1",
+                             quantization=quantization)
+    return parity_report(built, model or fake["int8"], images() if x is None else x)
+
+
+def test_planted_wrong_axis_on_one_weight_scale_is_caught_at_its_convolution(quantized, fake, monkeypatch):
+    original = network._quantize_dequantize
+
+    def wrong_axis(net, x, quantizer, scale, axis, name):
+        return original(net, x, quantizer, scale, 1 if quantizer == "stages.0.0.conv2.conv.weight_quantizer" else axis,
+                        name)
+
+    monkeypatch.setattr(network, "_quantize_dequantize", wrong_axis)  # conv2 is 64 -> 64: axis 1 fits too
+    report = _stage1_report(fake, quantized["int8"])
+    assert report.first_divergence().name == "stages.0.0.conv2"
+
+
+def test_planted_doubled_activation_scale_in_the_network_only_is_caught_at_its_quantizer(quantized, fake):
+    q = W.load_quantization(quantized["int8"])
+    name = "stages.0.0.conv3.conv.input_quantizer"
+    doubled = W.Quantization(q.precision, q.method, q.images, q.keep, q.modelopt, {**q.amax, name: q.amax[name] * 2})
+    report = _stage1_report(fake, quantized["int8"], quantization=doubled)
+    assert report.first_divergence().name == name
+
+
+def test_planted_dropped_qdq_pair_is_named(quantized, fake, monkeypatch):
+    original = network.qdq
+    name = "stages.0.1.conv1.conv.input_quantizer"
+    monkeypatch.setattr(network, "qdq", lambda net, x, quantizer: x if quantizer == name else original(net, x,
+                                                                                                       quantizer))
+    report = _stage1_report(fake, quantized["int8"])
+    assert report.first_divergence().name == name
+    assert "no quantize layer" in report.first_divergence().describe()
+    assert not next(p for p in report.layers if p.name == "stages.0.1.conv1").ok  # and it shows in the numbers
+
+
+def _ties(quantized, fake, x_scale: float):
+    """The int8 file with the stem's input amax 127/32 (scale 1/32 exactly), a reference with
+    it, and images of exact ties (k + 1/2)/32, some beyond the range (saturated)."""
+    q = W.load_quantization(quantized["int8"])
+    name = "stem.conv.input_quantizer"
+    amax = np.array(127.0 / 32.0, dtype=np.float32)
+    quant = W.Quantization(q.precision, q.method, q.images, q.keep, q.modelopt, {**q.amax, name: amax})
+    model = copy.deepcopy(fake["int8"])
+    model.stem.conv.input_quantizer.amax = torch.tensor(amax)
+    k = torch.randint(-100, 100, (2, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(0)).float()
+    x = (k + 0.5) / 32.0
+    x[:, :, 0, :8] = x_scale  # beyond 127.5 steps: saturates
+    x[:, :, 1, :8] = -x_scale
+    return quant, model, x
+
+
+@pytest.mark.parametrize("defect", ["none", "half away from zero", "saturate at 128"])
+def test_planted_rounding_and_saturation_defects_are_caught_at_the_first_quantizer(quantized, fake, monkeypatch, defect):
+    quant, model, x = _ties(quantized, fake, 5.0)
+    if defect == "half away from zero":
+        monkeypatch.setattr(interpreter, "quantize_values", lambda v, s, dtype: (
+            torch.sign(v / s) * torch.floor((v / s).abs() + 0.5)).clamp(-128, 127).to(dtype))
+    elif defect == "saturate at 128":
+        monkeypatch.setattr(interpreter, "INT8_RANGE", (-128.0, 128.0))
+    report = _stage1_report(fake, quantized["int8"], quantization=quant, x=x, model=model)
+    if defect == "none":  # exact ties and saturation: the network's integers are the reference's
+        assert report.ok, report.table()
+        stem_q = next(p for p in report.layers if p.name == "stem.conv.input_quantizer")
+        assert stem_q.error.max_abs == 0.0
+    else:
+        assert report.first_divergence().name == "stem.conv.input_quantizer"
+
+
+def test_a_reference_layer_that_produced_no_output_is_named_not_a_key_error(quantized, fake, monkeypatch):
+    from trtvit_native.model import BottleNeck
+
+    def skips_relu1(self, x):  # calls F.relu, not its relu1 module
+        body = self.conv3(self.relu2(self.conv2(torch.relu(self.conv1(x)))))
+        return torch.relu(body + (x if self.shortcut is None else self.shortcut(x)))
+
+    monkeypatch.setattr(BottleNeck, "forward", skips_relu1)
+    report = _stage1_report(fake, quantized["int8"])
+    bad = next(p for p in report.layers if p.name == "stages.0.0.relu1")
+    assert not bad.ok and "produced no output" in bad.describe() and not report.ok
+
+
+# --- weights file validation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t, m: t.pop("stem.conv.input_quantizer.amax"), "amax missing for 1 quantizers: stem.conv.input_quantizer"),
+    (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(0.0, np.float32)), "amax zero in head.input_q"),
+    (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(-1.0, np.float32)), "amax negative in head"),
+    (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(np.nan, np.float32)), "amax not finite in head"),
+    (lambda t, m: t.__setitem__("stem.relu.input_quantizer.amax", np.array(1.0, np.float32)),
+     "for a module that does not exist: stem.relu.input_quantizer.amax"),
+    (lambda t, m: m.__setitem__("quantization", m["quantization"].replace('"int8"', '"int4"')),
+     "quantized to precision 'int4', which this version does not carry"),
+])
+def test_bad_amax_entries_are_named(quantized, tmp_path, edit, message):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(quantized["int8"]))
+    meta = W.read_metadata(quantized["int8"])
+    edit(tensors, meta)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(W.WeightsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        W.load_weights(path)
+    with pytest.raises(W.WeightsError, match="carries int8 quantization, not fp8"):
+        W.load_quantization(quantized["int8"], precision="fp8")
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_quantize_build_and_eval(work, quantized, capsys, tmp_path):
+    out = tmp_path / "q.safetensors"
+    code, text, err = _run(capsys, "quantize", "trt-vit-a", "--weights", work / "a.safetensors", "--calib",
+                           work / "data", "--precision", "fp8", "--images", 10, "--batch-size", 5, "--quiet",
+                           "--sensitivity", "-o", out)
+    assert code == 0, err
+    assert "fp8 (max calibration on 10 images)" in text and "stages.3.1.transformer.fc2" in text
+    engine = tmp_path / "e.engine"
+    code, text, err = _run(capsys, "build", "trt-vit-a", "--weights", quantized["int8"], "--fp16", "--image-size",
+                           SIZE, "--max-batch", 2, "-o", engine)
+    assert code == 0, err
+    assert "parity     PASS" in text and "int8 (Q/DQ, fp16 between)" in text and "84 quantize/dequantize pairs" in text
+    meta = json.loads((tmp_path / "e.engine.json").read_text())
+    assert meta["precision"] == "int8" and meta["quantization"]["images"] == 20
+    code, text, err = _run(capsys, "eval", "trt-vit-a", "--weights", quantized["int8"], "--data", work / "data",
+                           "--network", "--json")
+    assert code == 0, err
+    r = json.loads(text)
+    for key in ("top1", "reference_top1", "quantized_reference_top1", "agreement", "quantized_reference_agreement"):
+        assert 0.0 <= r[key] <= 1.0
+    assert r["quantization"]["precision"] == "int8" and r["images"] == 2 * CLASSES
+
+
+def test_build_from_a_quantized_file_with_no_parity_needs_no_torch(quantized, tmp_path):
+    script = ("import sys\nsys.modules['torch'] = None\nfrom trtvit_native.cli import main\n"
+              f"sys.exit(main(['build', 'trt-vit-a', '--weights', {str(quantized['fp8'])!r}, '--image-size', "
+              f"'{SIZE}', '--max-batch', '1', '--no-parity', '-o', {str(tmp_path / 'e.engine')!r}]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "e.engine.json").read_text())["precision"] == "fp8"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--images", "0"], "--images must be at least 1, got 0"),
+    (["--keep", "head,stages.9"], "--keep 'stages.9' names no quantized module of trt-vit-a"),
+    (["--batch-size", "64"], "holds 20 images, fewer than one batch (--batch-size 64)"),
+    (["--calib", "EMPTY"], "holds no images"),
+    (["--calib", "MISSING"], "does not exist"),
+])
+def test_cli_quantize_bad_input_is_one_line_and_writes_nothing(work, capsys, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [{"EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "missing")}.get(a, a) for a in args]
+    base = {"--calib": str(work / "data"), "--batch-size": "10"}
+    for flag, value in base.items():
+        if flag not in args:
+            args += [flag, value]
+    out = tmp_path / "q.safetensors"
+    code, _, err = _run(capsys, "quantize", "trt-vit-a", "--weights", work / "a.safetensors", *args, "-o", out)
+    assert code == 1 and err.startswith("trtvit: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_missing_modelopt_names_the_extra(work, capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "modelopt.torch.quantization", None)
+    code, _, err = _run(capsys, "quantize", "trt-vit-a", "--weights", work / "a.safetensors", "--calib",
+                        work / "data", "--batch-size", "10", "-o", tmp_path / "q.safetensors")
+    assert code == 1 and "pip install 'trtvit_native[quant]'" in err and err.count("\n") == 1
+
+
+def test_fp8_from_a_tensorrt_without_fp8_is_refused(quantized, monkeypatch, tmp_path, capsys):
+    be = tv.get_backend()
+    monkeypatch.delattr(be.trt, "fp8")
+    engine = tmp_path / "e.engine"
+    code, _, err = _run(capsys, "build", "trt-vit-a", "--weights", quantized["fp8"], "--image-size", SIZE,
+                        "--no-parity", "-o", engine)
+    assert code == 1 and "fp8 quantization needs a TensorRT with the fp8 data type" in err
+    assert not engine.exists()

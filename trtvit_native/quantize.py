@@ -1,0 +1,348 @@
+"""INT8 and FP8 post-training quantization with NVIDIA ModelOpt, on the CPU.
+
+    trtvit quantize trt-vit-a --weights a.safetensors --calib images/ --precision int8 -o a-int8.safetensors
+
+:func:`quantize` runs ``modelopt.torch.quantization`` on the PyTorch reference over
+calibration images read through the project's one preprocessing definition
+(:func:`trtvit_native.data.eval_transform`) and writes a quantized weights file: the
+weights file as it was plus the ``amax`` of every enabled quantizer, under the quantizer's
+module path (``stem.conv.input_quantizer.amax``), and a ``quantization`` metadata entry
+(see ``weights/README.md``). Nothing is pickled: ModelOpt's own checkpoint format is
+``torch.save``, so it is not used.
+
+What is quantized (ModelOpt's default INT8/FP8 recipe): the input of every convolution,
+linear layer and LayerNorm, per tensor, and the weight of every convolution and linear
+layer, per output channel (FP8 weights too, so BatchNorm folds exactly into the engine's
+weight scales: :mod:`trtvit_native.network`). ``method`` chooses how activation ranges are
+calibrated (``max``, or ``entropy``, ``percentile``, ``mse`` from a histogram); weights
+always take their per-channel maximum.
+
+:func:`restore_quantizers` puts the file's amax values back onto a reference:
+``create_model(variant, weights=quantized_file)`` returns that fake-quantized reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import random
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .weights import (AMAX_SUFFIX, QUANT_METHODS, QUANT_PRECISIONS, Quantization, _QUANT_KEY,
+                      check_keep, load_quantization, quantizer_sites, read_metadata, write_atomically)
+
+__all__ = ["quantize", "calibrate_model", "restore_quantizers", "quantizer_amax", "save_quantized",
+           "sensitivity", "QuantizeError", "modelopt_available"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class QuantizeError(ValueError):
+    """Bad input to quantization (folder, counts, modules, a missing ModelOpt); one line."""
+
+
+def _mtq():
+    """``modelopt.torch.quantization``; a one-line error naming the extra when it is missing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import modelopt.torch.quantization as mtq
+    except ImportError as e:
+        raise QuantizeError(f"quantization needs NVIDIA ModelOpt, which is not installed or does not import ({e}): "
+                            f"pip install 'trtvit_native[quant]'") from None
+    return mtq
+
+
+def modelopt_available() -> bool:
+    try:
+        _mtq()
+        return True
+    except QuantizeError:
+        return False
+
+
+def modelopt_version() -> str:
+    import modelopt
+
+    return str(getattr(modelopt, "__version__", "unknown"))
+
+
+def quant_config(precision: str, method: str = "max") -> Dict[str, Any]:
+    """ModelOpt's default INT8 or FP8 configuration with per-output-channel weights (axis 0)
+    and, for a method other than ``max``, histogram calibration of the inputs."""
+    if precision not in QUANT_PRECISIONS:
+        raise QuantizeError(f"precision must be one of {', '.join(QUANT_PRECISIONS)}, got {precision!r}")
+    if method not in QUANT_METHODS:
+        raise QuantizeError(f"method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
+    mtq = _mtq()
+    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG if precision == "int8" else mtq.FP8_DEFAULT_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["axis"] = 0
+        elif entry.get("quantizer_name") == "*input_quantizer" and method != "max":
+            entry["cfg"]["calibrator"] = "histogram"
+    return cfg
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ModelOpt prints to stdout and warns about packages this model does not use."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _quantizers(model: nn.Module) -> Dict[str, Any]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def _insert(model: nn.Module, precision: str, method: str, keep: Sequence[str]) -> Dict[str, Any]:
+    """Insert ModelOpt's quantizers (no calibration); those inside ``keep`` are disabled.
+    Returns the enabled quantizers by path."""
+    mtq = _mtq()
+    cfg = quant_config(precision, method)
+    cfg["algorithm"] = None  # calibration is run (or amax restored) by the caller
+    with _quiet():
+        mtq.quantize(model, cfg, forward_loop=None)
+    enabled = {}
+    for name, q in _quantizers(model).items():
+        if not q.is_enabled:
+            continue
+        module = name.rsplit(".", 1)[0]
+        if any(module == p or module.startswith(p + ".") for p in keep):
+            q.disable()
+        else:
+            enabled[name] = q
+    return enabled
+
+
+def _check_sites(model: nn.Module, enabled: Dict[str, Any], keep: Sequence[str]) -> None:
+    """ModelOpt's enabled quantizers must be the ones the file format defines."""
+    sites = quantizer_sites(model.config, keep, model.num_classes)
+    if set(enabled) != set(sites):
+        extra, missing = sorted(set(enabled) - set(sites)), sorted(set(sites) - set(enabled))
+        raise QuantizeError(f"ModelOpt {modelopt_version()} quantizes other modules than this format defines: "
+                            f"extra {extra[:4]}, missing {missing[:4]}")
+
+
+def restore_quantizers(model: nn.Module, quantization: Quantization) -> nn.Module:
+    """Insert ModelOpt's quantizers into ``model`` (in place) with the amax values of
+    ``quantization``: the fake-quantized reference the quantized network is checked
+    against. Returns the model, in eval mode."""
+    enabled = _insert(model, quantization.precision, quantization.method, quantization.keep)
+    _check_sites(model, enabled, quantization.keep)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, q in enabled.items():
+            amax = torch.from_numpy(np.array(quantization.amax[name], dtype=np.float32))
+            if name.endswith(".weight_quantizer"):  # ModelOpt's per-channel shape: (C, 1, ...)
+                weight = params[name[:-len("weight_quantizer")] + "weight"]
+                amax = amax.reshape((-1,) + (1,) * (weight.dim() - 1))
+            q.amax = amax
+            q.enable_quant()
+            q.disable_calib()
+    return model.eval()
+
+
+def quantizer_amax(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The amax of every enabled quantizer of a ModelOpt-quantized model, as the file
+    stores it: shape () per tensor, (C,) per output channel, float32."""
+    out = {}
+    for name, q in _quantizers(model).items():
+        if q.is_enabled:
+            if q.amax is None:
+                raise QuantizeError(f"quantizer {name} has no amax: it saw no calibration data")
+            amax = q.amax.detach().float().cpu()
+            out[name] = amax.reshape(-1) if name.endswith(".weight_quantizer") else amax.reshape(())
+    return out
+
+
+def save_quantized(model: nn.Module, path: PathLike, precision: str, method: str, images: int,
+                   keep: Sequence[str] = (), metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write the quantized weights file: the model's weights (float32), the amax of every
+    enabled quantizer under ``<quantizer path>.amax``, and the metadata (atomically)."""
+    from safetensors.torch import save
+
+    from .weights import FORMAT_VERSION, validate_state_dict
+
+    state = {k: v for k, v in model.state_dict().items() if "_quantizer." not in k}
+    state = validate_state_dict(state, model.config)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    amax = quantizer_amax(model)
+    tensors.update({k + AMAX_SUFFIX: v.contiguous() for k, v in amax.items()})
+    meta = {"arch": model.config.name, "format": FORMAT_VERSION, "num_classes": str(model.num_classes)}
+    meta.update(metadata or {})
+    meta[_QUANT_KEY] = json.dumps({"precision": precision, "method": method, "images": int(images),
+                                   "keep": list(keep), "modelopt": modelopt_version()})
+    write_atomically(path, save(tensors, metadata=meta))
+
+
+def _finish_calibration(model: nn.Module, method: str) -> None:
+    """Compute each enabled quantizer's amax from what its calibrator collected: the
+    histogram ``method`` for inputs calibrated by histogram, the maximum otherwise."""
+    for name, q in _quantizers(model).items():
+        if not q.is_enabled:
+            continue
+        cal = getattr(q, "_calibrator", None)
+        histogram = type(cal).__name__ == "HistogramCalibrator"
+        if histogram:
+            q.load_calib_amax(method)
+        else:
+            q.load_calib_amax()
+        q.enable_quant()
+        q.disable_calib()
+
+
+def calibrate_model(model: nn.Module, batches: Iterable[torch.Tensor], precision: str = "int8",
+                    method: str = "max", keep: Sequence[str] = ()) -> nn.Module:
+    """Quantize ``model`` in place with ModelOpt: insert the quantizers, run ``batches``
+    (preprocessed image tensors) through it collecting statistics, set every amax."""
+    from modelopt.torch.quantization.model_calib import enable_stats_collection
+
+    enabled = _insert(model, precision, method, keep)
+    _check_sites(model, enabled, keep)
+    model.eval()
+    with _quiet(), torch.no_grad():
+        enable_stats_collection(model)
+        for images in batches:
+            model(images)
+        _finish_calibration(model, method)
+    return model
+
+
+def calibration_files(calib: PathLike, images: int, batch_size: int, seed: int = 0) -> List[str]:
+    """``images`` image files from the folder ``calib`` (searched recursively), chosen by a
+    seeded shuffle so every sub-folder (class) is represented; errors name the problem."""
+    from .data import IMAGE_EXTENSIONS
+    from pathlib import Path
+
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise QuantizeError(f"--images must be a positive number of calibration images, got {images!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise QuantizeError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    root = Path(calib)
+    if not root.exists():
+        raise QuantizeError(f"calibration folder {calib} does not exist")
+    if not root.is_dir():
+        raise QuantizeError(f"calibration folder {calib} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise QuantizeError(f"calibration folder {calib} is not readable")
+    try:
+        files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    except OSError as e:
+        raise QuantizeError(f"calibration folder {calib} cannot be read: {e.strerror or e}") from None
+    if not files:
+        raise QuantizeError(f"calibration folder {calib} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if len(files) < batch_size:
+        raise QuantizeError(f"calibration folder {calib} holds {len(files)} images, fewer than one batch "
+                            f"(--batch-size {batch_size})")
+    random.Random(seed).shuffle(files)
+    return files[:images]
+
+
+def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: bool) -> Iterable[torch.Tensor]:
+    from .data import eval_transform, load_rgb
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc="calibrating", unit="image", leave=False)
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            yield torch.stack([eval_transform(load_rgb(f), image_size) for f in chunk])
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _image_size(weights: PathLike, image_size: Any) -> Any:
+    from .network import image_hw
+
+    if image_size is None:
+        image_size = int(read_metadata(weights).get("image_size", 224))
+    image_hw(image_size, "--image-size")
+    return image_size
+
+
+def quantize(variant: str, weights: PathLike, calib: PathLike, output: PathLike, precision: str = "int8",
+             method: str = "max", images: int = 512, batch_size: int = 32, image_size: Any = None,
+             keep: Union[str, Sequence[str]] = (), progress: bool = True, seed: int = 0) -> Quantization:
+    """Calibrate ``variant`` with ``weights`` on images of the folder ``calib`` and write the
+    quantized weights file ``output``. Returns what was written (read back and validated).
+
+    ``images``: how many images (a seeded sample of the folder; all of them when it holds
+    fewer); ``image_size``: S or (H, W), by default the size the weights were trained at;
+    ``keep``: module prefixes (a comma list or a sequence) left unquantized, e.g.
+    ``"head,stages.3.1.transformer"``.
+    """
+    from .model import create_model
+    from .weights import load_arrays
+
+    if precision not in QUANT_PRECISIONS:
+        raise QuantizeError(f"--precision must be one of {', '.join(QUANT_PRECISIONS)}, got {precision!r}")
+    if method not in QUANT_METHODS:
+        raise QuantizeError(f"--method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
+    keep = check_keep(variant, keep.split(",") if isinstance(keep, str) else keep)
+    if read_metadata(weights).get(_QUANT_KEY) is not None:
+        raise QuantizeError(f"{weights} is already quantized; quantize the unquantized weights")
+    load_arrays(weights, variant)  # every weights problem named before any work
+    image_size = _image_size(weights, image_size)
+    files = calibration_files(calib, images, batch_size, seed)
+    _mtq()
+    model = create_model(variant, weights=weights)
+    calibrate_model(model, _batches(files, image_size, batch_size, progress), precision, method, keep)
+    meta = {k: v for k, v in read_metadata(weights).items() if k not in ("arch", "format", "num_classes")}
+    save_quantized(model, output, precision, method, len(files), keep, meta)
+    return load_quantization(output, variant)
+
+
+def sensitivity(variant: str, quantized: PathLike, images: torch.Tensor) -> List[Tuple[str, float, float]]:
+    """For each quantized layer (conv, linear or LayerNorm), the error of the logits when
+    only that layer is quantized: (module, RMS of the logit difference, top-1 agreement
+    with the unquantized model), largest error first. This is how to choose ``--keep``."""
+    from .model import create_model
+
+    q = load_quantization(quantized, variant)
+    if q is None:
+        raise QuantizeError(f"{quantized} is not a quantized weights file (trtvit quantize makes one)")
+    model = create_model(variant, weights=_unquantized_state(quantized, variant))
+    with torch.no_grad():
+        reference = model(images)
+    restore_quantizers(model, q)
+    quantizers = _quantizers(model)
+    modules = sorted({name.rsplit(".", 1)[0] for name in q.amax})
+    for name in q.amax:
+        quantizers[name].disable()
+    rows = []
+    with torch.no_grad():
+        for module in modules:
+            mine = [n for n in q.amax if n.rsplit(".", 1)[0] == module]
+            for n in mine:
+                quantizers[n].enable()
+            out = model(images)
+            for n in mine:
+                quantizers[n].disable()
+            rms = float((out - reference).square().mean().sqrt())
+            agree = float((out.argmax(1) == reference.argmax(1)).float().mean())
+            rows.append((module, rms, agree))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def _unquantized_state(path: PathLike, variant: str) -> Dict[str, torch.Tensor]:
+    from .weights import load_arrays
+
+    return {k: torch.from_numpy(np.array(v)) for k, v in load_arrays(path, variant).items()}
