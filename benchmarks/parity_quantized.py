@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import trtvit_native as tv  # noqa: E402
 from trtvit_native.parity import parity_report  # noqa: E402
-from trtvit_native.quantize import calibrate_model, save_quantized  # noqa: E402
+from trtvit_native.quantization import calibrate_model, save_quantized  # noqa: E402
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ import trtvit_native as tv  # noqa: E402
 from trtvit_native import interpreter, network, weights as W  # noqa: E402
 from trtvit_native.cli import main  # noqa: E402
 from trtvit_native.parity import parity_report  # noqa: E402
-from trtvit_native.quantize import quantize  # noqa: E402
+from trtvit_native.quantization import quantize  # noqa: E402
 
 from conftest import reference  # noqa: E402
 
@@ -56,7 +56,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quantized(work):
-    """int8 and fp8 files calibrated by trtvit_native.quantize.quantize on the 20 images."""
+    """int8 and fp8 files calibrated by trtvit_native.quantize on the 20 images."""
     out = {}
     for precision in ("int8", "fp8"):
         out[precision] = work / f"a-{precision}.safetensors"
@@ -81,7 +81,7 @@ def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
 def test_file_holds_the_weights_and_the_amax_of_every_enabled_quantizer(work, quantized, fake):
     from safetensors.numpy import load_file
 
-    from trtvit_native.quantize import _quantizers
+    from trtvit_native.quantization import _quantizers
 
     for precision, path in quantized.items():
         q = W.load_quantization(path, "trt-vit-a")

@@ -6,7 +6,8 @@
 Main entry points: :func:`create_model` (PyTorch reference), :func:`save_weights` /
 :func:`load_weights` (safetensors), :func:`build_network` / :func:`build_engine`
 (TensorRT), :func:`interpret` (CPU execution of the built network),
-:func:`parity_report` (layer-by-layer comparison with the reference) and
+:func:`parity_report` (layer-by-layer comparison with the reference), :func:`quantize`
+(int8 / fp8 calibration with NVIDIA ModelOpt) and
 :class:`EngineRunner` (running an engine on a GPU with numpy, CuPy, torch or any CUDA array,
 without torch: TensorRT, cuda.core and numpy).
 """
@@ -30,6 +31,7 @@ _EXPORTS = {
     "ParityReport": "parity", "parity_report": "parity",
     "EngineError": "runtime", "EngineRunner": "runtime", "EngineIO": "runtime",
     "ArrayError": "arrays", "DeviceArray": "arrays",
+    "QuantizeError": "quantization", "quantize": "quantization",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -412,7 +412,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .quantize import QuantizeError, quantize, sensitivity
+    from .quantization import QuantizeError, quantize, sensitivity
 
     check_output_path(args.output)
     if args.images < 1:
@@ -428,7 +428,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         import torch
 
         from .data import eval_transform, load_rgb
-        from .quantize import _image_size, calibration_files
+        from .quantization import _image_size, calibration_files
 
         files = calibration_files(args.calib, min(args.images, 64), 1)
         size = _image_size(args.weights, args.image_size)

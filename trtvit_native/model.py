@@ -285,7 +285,7 @@ def create_model(
     With ``weights`` (a safetensors path or a state dict) the model carries those weights
     (``num_classes`` is taken from the head in the weights). A quantized weights file
     (``trtvit quantize``) gives the fake-quantized reference: NVIDIA ModelOpt's quantizers
-    with the file's amax values (:func:`trtvit_native.quantize.restore_quantizers`). Without, it carries
+    with the file's amax values (:func:`trtvit_native.quantization.restore_quantizers`). Without, it carries
     deterministic *untrained* weights from ``seed`` whose BatchNorm statistics are
     calibrated on synthetic images; such a model computes meaningful-looking but
     meaningless logits, suited to numerical parity checks and timing only.
@@ -316,7 +316,7 @@ def create_model(
             if is_quantized(weights):  # the fake-quantized reference: ModelOpt quantizers with the file's amax
                 if features_only:
                     raise WeightsError(f"{weights} is quantized; features_only models are not quantized")
-                from .quantize import restore_quantizers
+                from .quantization import restore_quantizers
 
                 restore_quantizers(model, load_quantization(weights, config.name if config.name in VARIANTS
                                                             else None))
