@@ -70,8 +70,18 @@ def prepare(home: Path = HOME) -> Path:
              "creating the Python backend's environment")
         _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), "numpy<2"],
              "installing numpy<2 into the Python backend's environment")
-    (site / "trtvit-serving.pth").write_text(f"{ROOT}\nimport sys; sys.dont_write_bytecode = True\n")
+    # The checkout first, then this interpreter's own site-packages: where it runs in a venv,
+    # --system-site-packages reaches only the base installation's, not the venv's (torch, Pillow).
+    paths = [str(ROOT)] + [p for p in sysconfig_site_packages() if p != str(site)]
+    (site / "trtvit-serving.pth").write_text("\n".join(paths) + "\nimport sys; sys.dont_write_bytecode = True\n")
     return home
+
+
+def sysconfig_site_packages() -> list:
+    """This interpreter's site-packages directories (purelib and platlib)."""
+    import sysconfig
+
+    return list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
 
 
 def free_port() -> int:
