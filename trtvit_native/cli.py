@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import List, Optional
+
+from .weights import check_output_path  # noqa: F401  (numpy only; used by the commands)
 
 __all__ = ["main"]
 
@@ -168,29 +169,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("Depths are this project's choice (the paper published no per-variant table of them); "
           "GMACs count convolutions and matrix products, attention included.")
     return 0
-
-
-def check_output_path(path: str) -> None:
-    """Fail before any work when ``path`` cannot become a file: a directory, a missing or
-    non-directory parent, or a place this process cannot write. Errors name ``path``."""
-    if os.path.isdir(path):
-        raise ValueError(f"output {path} is a directory; give the engine file's name")
-    directory = os.path.dirname(os.path.abspath(path))
-    ancestor = directory
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise ValueError(f"output {path}: {ancestor} is a file, not a directory")
-    if ancestor != directory:
-        raise ValueError(f"output {path}: output directory {directory} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise ValueError(f"output {path}: cannot write to {directory} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise ValueError(f"output {path} exists and is not a regular file")
 
 
 def _plugins_arg(value: str):
