@@ -73,7 +73,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``trtvit train`` (here, so that parsing imports no torch)."""
     p.add_argument("variant", help="variant name (see `trtvit info`)")
-    p.add_argument("--data", required=True, metavar="DIR", help="training ImageFolder (one sub-folder per class)")
+    p.add_argument("--data", metavar="DIR", help="training ImageFolder (one sub-folder per class); required "
+                                                  "unless --resume")
     p.add_argument("--val", metavar="DIR", help="validation ImageFolder with the same classes")
     p.add_argument("--epochs", type=int, default=30, metavar="N", help="epochs (30)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="global batch size (64)")
@@ -84,7 +85,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.1, metavar="F", help="(0.1)")
     p.add_argument("--init", metavar="W.safetensors", help="start from these weights (same variant, any classes)")
     p.add_argument("--freeze", default="", metavar="PREFIXES", help="comma-separated module prefixes to freeze")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (its saved settings apply)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run with the same number of processes (its saved settings apply)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after epoch N (resumable)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="data loading processes (2)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="(0)")
@@ -94,9 +96,29 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="smallest random crop, as a fraction of the image area (0.5)")
     p.add_argument("--hflip", type=float, default=0.5, metavar="P", help="horizontal flip probability (0.5)")
     p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"], default="auto",
-                   help="mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, fp16 (CUDA), bf16")
+                   help="mixed precision: auto (bf16 from compute capability 8.0, else fp16 on CUDA; off on CPU), "
+                        "off, fp16 (CUDA), bf16")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an EMA of weights and buffers (e.g. 0.999); validated, saved and resumed instead")
+    aug = p.add_mutually_exclusive_group()
+    aug.add_argument("--randaug", type=_randaug, metavar="N,M", help="kornia RandAugment: N operations, magnitude M "
+                                                                     "(0 < M < 30)")
+    aug.add_argument("--trivialaug", action="store_true", help="kornia TrivialAugment")
+    p.add_argument("--random-erasing", type=float, default=0.0, metavar="P", help="random erasing probability (0)")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="A", help="MixUp with Beta(A, A) (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, metavar="A",
+                   help="CutMix with Beta(A, A) (0: off; with --mixup, one of the two per batch)")
+    p.add_argument("--accum-steps", type=int, default=1, metavar="K",
+                   help="gradient accumulation: --batch-size split into K backward passes per step (1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="trained weights file")
+    p.add_argument("-o", "--output", metavar="OUT.safetensors", help="trained weights file; required unless --resume")
+
+
+def _randaug(text: str):
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"invalid N,M {text!r}: give operations and magnitude, e.g. 2,9")
+    return int(parts[0]), int(parts[1])
 
 
 def _parser() -> _Parser:
@@ -142,6 +164,8 @@ def _parser() -> _Parser:
     what.add_argument("--engine", metavar="FILE", help="also run this engine file on the GPU")
     _add_precision(ev)
     ev.add_argument("--batch-size", type=int, default=32, metavar="N", help="(32)")
+    ev.add_argument("--workers", type=int, default=0, metavar="N", help="image decoding processes (0)")
+    ev.add_argument("--confusion", metavar="PNG", help="also draw the confusion matrix into this PNG file")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
     _add_common(parity)
@@ -381,7 +405,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     r = evaluate(args.variant, args.weights, args.data, image_size=args.image_size, network=args.network,
-                 engine=args.engine, fp16=args.fp16, batch_size=args.batch_size)
+                 engine=args.engine, fp16=args.fp16, batch_size=args.batch_size, workers=args.workers,
+                 confusion_png=args.confusion)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -393,6 +418,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               f"{100 * r['reference_top5']:.2f} %")
         print(f"agreement  {100 * r['agreement']:.2f} % of images get the reference's top-1 class; largest logit "
               f"difference {r['max_logit_diff']:.3g}")
+    width = max(len(c["label"]) for c in r["per_class"])
+    for c in r["per_class"]:
+        recall, precision = ("-" if c[k] is None else f"{100 * c[k]:.2f} %" for k in ("recall", "precision"))
+        print(f"class      {c['label']:<{width}}  {c['images']:6d} images, recall {recall}, precision {precision}")
+    if r["skipped"]:
+        print(f"skipped    {len(r['skipped'])} undecodable image(s): {', '.join(r['skipped'][:5])}")
+    if args.confusion:
+        print(f"confusion  {args.confusion}")
     return 0
 
 
@@ -426,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("trtvit: interrupted", file=sys.stderr)
         return 130
     except ImportError as e:
-        if e.name not in ("torch", "kornia", "tqdm", "matplotlib", "PIL"):
+        if e.name not in ("torch", "kornia", "tqdm", "matplotlib", "PIL", "torchmetrics"):
             raise
         extra = "torch" if e.name == "torch" else "train"
         print(f"trtvit: error: trtvit {getattr(args, 'command', '')} needs {e.name}, which is not installed: pip install "
