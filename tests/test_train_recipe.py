@@ -33,15 +33,17 @@ def test_folder_scan_is_torchvisions(tmp_path, monkeypatch):
         _image(root / "a" / f"{i}.{ext}")
     _image(root / "a" / "gray.pgm").write_bytes(b"P5\n4 4\n255\n" + bytes(16))
     elsewhere = _image(tmp_path / "outside" / "b" / "x.jpg").parent
-    (root / "b").symlink_to(elsewhere, target_is_directory=True)
+    (root / "b").symlink_to(elsewhere, target_is_directory=True)  # a symlinked class folder
+    more = _image(tmp_path / "outside" / "more" / "y.bmp").parent
+    (root / "a" / "more").symlink_to(more, target_is_directory=True)  # and a symlinked folder inside one
     (root / "a" / "notes.txt").write_text("not an image")
     # reading the tree must not decode pixels: a full read would call Image.load
     monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
     folder = ImageFolder.read(root)
     assert folder.classes == ["a", "b"]
     assert sorted(Path(p).name for p, _ in folder.samples) == ["0.webp", "1.tif", "2.TIFF", "3.ppm", "4.png",
-                                                               "gray.pgm", "x.jpg"]
-    assert folder.counts() == {"a": 6, "b": 1} and folder.skipped == []
+                                                               "gray.pgm", "x.jpg", "y.bmp"]
+    assert folder.counts() == {"a": 7, "b": 1} and folder.skipped == []
 
 
 def test_random_resized_crops_come_from_the_whole_image():
