@@ -418,8 +418,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               f"{100 * r['reference_top5']:.2f} %")
         print(f"agreement  {100 * r['agreement']:.2f} % of images get the reference's top-1 class; largest logit "
               f"difference {r['max_logit_diff']:.3g}")
-    width = max(len(c["label"]) for c in r["per_class"])
-    for c in r["per_class"]:
+    shown = r["per_class"]
+    if len(shown) > 20:  # the classes a mean top-1 hides: the lowest recall first (--json has them all)
+        shown = sorted(shown, key=lambda c: -1.0 if c["recall"] is None else c["recall"])[:10]
+        print(f"classes    the 10 of {len(r['per_class'])} with the lowest recall:")
+    width = max(len(c["label"]) for c in shown)
+    for c in shown:
         recall, precision = ("-" if c[k] is None else f"{100 * c[k]:.2f} %" for k in ("recall", "precision"))
         print(f"class      {c['label']:<{width}}  {c['images']:6d} images, recall {recall}, precision {precision}")
     if r["skipped"]:

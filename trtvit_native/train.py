@@ -636,7 +636,8 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
     start_epoch = 0
     if state is not None:
         _load_state(config.run_dir, state, model, ema, optimizer, scheduler, scaler)
-        metrics, best, start_epoch = state["metrics"], state["best_score"], state["epochs_done"]
+        metrics, start_epoch = state["metrics"], state["epochs_done"]
+        best = state.get("best_score", state.get("best_val_top1"))  # the latter: runs of earlier versions
         say(f"resuming {config.run_dir} after epoch {start_epoch} of {config.epochs}")
     if dist_.main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
