@@ -114,6 +114,13 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], title: str =
                     ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
                             color="white" if rows[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    return figure_png(fig)
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out, 80 dpi), closed afterwards."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png = io.BytesIO()
     try:

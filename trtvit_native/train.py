@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -503,6 +502,8 @@ def _save_weights(model: torch.nn.Module, path: str, config: TrainConfig, folder
 def _plot(metrics: List[dict], path: str) -> None:
     import matplotlib
 
+    from .evaluate import figure_png
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -518,13 +519,7 @@ def _plot(metrics: List[dict], path: str) -> None:
         ax2.plot(epochs, [100 * m["val_top1"] for m in metrics], marker="o", label="val")
     ax2.set(xlabel="epoch", ylabel="top-1 %", title="accuracy")
     ax2.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    try:
-        fig.savefig(png, format="png", dpi=80)
-    finally:
-        plt.close(fig)
-    write_atomically(path, png.getvalue())
+    write_atomically(path, figure_png(fig))
 
 
 # --------------------------------------------------------------------------------------
