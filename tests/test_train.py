@@ -371,7 +371,7 @@ def test_one_preprocessing_definition():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", ["bf16", "fp16", "auto"])
 def test_mixed_precision_training_on_cuda(digits, tmp_path, capsys, amp):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -379,6 +379,8 @@ def test_mixed_precision_training_on_cuda(digits, tmp_path, capsys, amp):
     out = tmp_path / "gpu.safetensors"
     assert main(["train", SMALL.name, "--data", str(train), "--val", str(val), "--epochs", "3", "--amp", amp,
                  *RECIPE, "-o", str(out)]) == 0
+    if amp == "auto":  # bf16 only where it is native (compute capability 8.0 and newer)
+        amp = "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
     assert f"1 process(es) on cuda, {amp}" in capsys.readouterr().err
     metrics = _metrics(tmp_path / "gpu.run")
     assert all(math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"]) for m in metrics)
