@@ -84,10 +84,10 @@ def class_report(confusion: torch.Tensor, classes: Sequence[str]) -> List[Dict[s
     """Per class, in label order: its ``label``, ``images`` (true instances), ``recall``
     (its top-1) and ``precision`` (None where nothing was predicted as it)."""
     confusion = torch.as_tensor(confusion).long()
-    true, predicted, hits = confusion.sum(1), confusion.sum(0), confusion.diagonal()
-    return [{"label": name, "images": int(true[c]),
-             "recall": float(hits[c] / true[c]) if true[c] else None,
-             "precision": float(hits[c] / predicted[c]) if predicted[c] else None}
+    true, predicted, hits = confusion.sum(1).tolist(), confusion.sum(0).tolist(), confusion.diagonal().tolist()
+    return [{"label": name, "images": true[c],
+             "recall": hits[c] / true[c] if true[c] else None,
+             "precision": hits[c] / predicted[c] if predicted[c] else None}
             for c, name in enumerate(classes)]
 
 
