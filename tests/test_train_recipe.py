@@ -5,7 +5,6 @@ the torch version check, and the module structure."""
 from __future__ import annotations
 
 import ast
-import math
 from pathlib import Path
 
 import numpy as np
