@@ -74,7 +74,8 @@ class BuildPyWithKernels(build_py):
 # and running engines need none of it. Install the build that fits the machine first (on
 # a CPU-only machine its CPU build) and the "torch" extra then leaves it as it is.
 TORCH_REQUIRES = ["torch>=2.1"]
-TRAIN_REQUIRES = TORCH_REQUIRES + ["kornia>=0.7", "tqdm>=4.60", "matplotlib>=3.5", "Pillow>=9"]
+# training needs torch >= 2.3 (torch.amp.GradScaler(device)); counting by torchmetrics
+TRAIN_REQUIRES = ["torch>=2.3", "kornia>=0.7", "torchmetrics>=1.0", "tqdm>=4.60", "matplotlib>=3.5", "Pillow>=9"]
 # EngineRunner and the kernel launchers without torch: arrays, devices, streams, events and
 # memory through cuda.core, host arrays as numpy (TensorRT itself: the "rtx" extra, or
 # NVIDIA's tensorrt wheel). One extra per CUDA major: cuda-bindings 13 needs a CUDA 13 driver
@@ -101,7 +102,8 @@ setup(
         "torch": TORCH_REQUIRES,
         **RUNTIME_REQUIRES,
         "rtx": ["tensorrt-rtx>=1.2"],
-        # trtvit train / eval: augmentation (kornia: pure torch), progress bars, curves, image decoding
+        # trtvit train / eval: augmentation (kornia) and metrics (torchmetrics), both pure torch;
+        # progress bars, curves, image decoding
         "train": TRAIN_REQUIRES,
         "test": ["pytest>=7", "scikit-image>=0.21", "scikit-learn>=1.0", "nvidia-cuda-cuobjdump",
                  "tritonclient[http,grpc]>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES

@@ -9,6 +9,7 @@ trt-vit-a on the same data is `benchmarks/train_digits.py`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import torch
 
 import trtvit_native as tv
 from trtvit_native.cli import main
-from trtvit_native.data import PREPROCESSING, write_digits
+from trtvit_native.data import PREPROCESSING, ImageFolder, write_digits
 from trtvit_native.weights import read_metadata
 
 SMALL = tv.VariantConfig("trt-vit-digits", depths=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_width=16,
@@ -54,12 +55,16 @@ def _metrics(run_dir):
 
 def test_training_reaches_90_percent_and_writes_a_complete_run(trained, digits):
     run = trained.with_suffix(".run")
-    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "curves.png", "last.safetensors",
-                                                     "metrics.jsonl", "state.json", "state.safetensors"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "confusion.png", "curves.png",
+                                                     "last.safetensors", "metrics.jsonl", "state.json",
+                                                     "state.safetensors"]
     metrics = _metrics(run)
     assert [m["epoch"] for m in metrics] == list(range(1, 11))
-    for key in ("train_loss", "lr", "train_top1", "val_top1", "images_per_second", "seconds"):
+    for key in ("train_loss", "lr", "train_top1", "val_top1", "val_recall", "images_per_second", "seconds"):
         assert key in metrics[0]
+    assert all(len(m["val_recall"]) == 10 for m in metrics)
+    # a new head starts at zero: uniform predictions, loss ln(classes) (the seeded head gave 2.6 for ln 4 = 1.39)
+    assert abs(metrics[0]["first_step_loss"] - math.log(10)) < 1e-4, metrics[0]
     assert max(m["val_top1"] for m in metrics) >= 0.90, metrics
     meta = read_metadata(trained)
     assert meta["arch"] == SMALL.name and json.loads(meta["classes"]) == [str(i) for i in range(10)]
@@ -115,35 +120,184 @@ def test_fine_tuning_reinitializes_the_head_and_freezes_bit_identically(trained,
     assert after["head.weight"].shape == (4, 256)
 
 
-def test_resumed_run_ends_like_the_uninterrupted_one(digits, tmp_path):
+def test_eval_reports_per_class_metrics_like_sklearn(trained, digits, tmp_path, capsys):
+    from sklearn.metrics import confusion_matrix, precision_score, recall_score
+
+    from trtvit_native.evaluate import batches
+
+    _, val = digits
+    png = tmp_path / "confusion.png"
+    assert main(["eval", SMALL.name, "--weights", str(trained), "--data", str(val), "--json", "--confusion",
+                 str(png)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    confusion = torch.tensor(r["confusion"])
+    classes = [str(i) for i in range(10)]
+    assert confusion.shape == (10, 10) and int(confusion.sum()) == r["images"] == 359
+    assert int(confusion.trace()) / r["images"] == r["top1"]
+    assert [c["label"] for c in r["per_class"]] == classes
+    assert [c["images"] for c in r["per_class"]] == confusion.sum(1).tolist() and all(c["images"] > 0 for c in
+                                                                                      r["per_class"])
+    model = tv.create_model(SMALL.name, weights=str(trained)).eval()
+    predicted, true = [], []
+    with torch.no_grad():
+        for images, labels in batches(ImageFolder.read(val), 32, 50):
+            predicted += model(images).argmax(1).tolist()
+            true += labels.tolist()
+    assert confusion_matrix(true, predicted, labels=range(10)).tolist() == r["confusion"]
+    recall = recall_score(true, predicted, labels=range(10), average=None)
+    precision = precision_score(true, predicted, labels=range(10), average=None, zero_division=0)
+    for c, rec, prec in zip(r["per_class"], recall, precision):
+        assert abs(c["recall"] - rec) < 1e-12 and abs((c["precision"] or 0.0) - prec) < 1e-12, (c, rec, prec)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    few = _subset(val, tmp_path / "few", classes, per_class=2)
+    assert main(["eval", SMALL.name, "--weights", str(trained), "--data", str(few)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("\nclass      ") == 10 and "recall" in text and "precision" in text
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _assert_equal_files(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, different
+
+
+def test_resumed_run_ends_bit_for_bit_like_the_uninterrupted_one(digits, tmp_path, capsys):
+    """With EMA, TrivialAugment, erasing, MixUp and CutMix drawing random numbers, and the
+    first half run with a DataLoader worker: weights, EMA, optimizer state and RNG equal."""
     train, val = digits
-    small_train = _subset(train, tmp_path / "t", [str(i) for i in range(10)], per_class=24)
-    args = [SMALL.name, "--data", str(small_train), "--val", str(val), "--epochs", "2", *RECIPE]
-    assert main(["train", *args, "-o", str(tmp_path / "full.safetensors")]) == 0
-    assert main(["train", *args, "--stop-after", "1", "-o", str(tmp_path / "split.safetensors")]) == 0
-    assert not (tmp_path / "split.safetensors").exists() and len(_metrics(tmp_path / "split.run")) == 1
-    assert main(["train", SMALL.name, "--data", str(small_train), "--resume", str(tmp_path / "split.run"),
-                 "-o", str(tmp_path / "split.safetensors")]) == 0
-    full, split = _metrics(tmp_path / "full.run"), _metrics(tmp_path / "split.run")
-    assert [m["val_top1"] for m in full] == [m["val_top1"] for m in split]
-    assert abs(full[-1]["train_loss"] - split[-1]["train_loss"]) <= 1e-4
-    a, b = tv.load_weights(tmp_path / "full.safetensors"), tv.load_weights(tmp_path / "split.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    small_train = _subset(train, tmp_path / "t", ["0", "1", "2"], per_class=12)
+    small_val = _subset(val, tmp_path / "v", ["0", "1", "2"], per_class=4)
+    recipe = ["--ema", "0.9", "--trivialaug", "--random-erasing", "0.5", "--mixup", "0.4", "--cutmix", "1.0",
+              "--batch-size", "8", "--image-size", "32", "--lr", "3e-3", "--quiet"]
+    args = [SMALL.name, "--data", str(small_train), "--val", str(small_val), "--epochs", "2", *recipe]
+    assert main(["train", *args, "--workers", "0", "-o", str(tmp_path / "full.safetensors")]) == 0
+    assert main(["train", *args, "--workers", "1", "--stop-after", "1", "-o",
+                 str(tmp_path / "split.safetensors")]) == 0
+    split = tmp_path / "split.run"
+    assert not (tmp_path / "split.safetensors").exists() and len(_metrics(split)) == 1
+    after_1 = tmp_path / "after1"
+    shutil.copytree(split, after_1)
+    # a resumed run keeps its settings: other data or output, or another process count, are named errors
+    capsys.readouterr()
+    for extra, message in ((["--data", str(train)], f"--data {train} is not the run's --data {small_train}"),
+                           (["-o", str(tmp_path / "x.safetensors")],
+                            f"-o {tmp_path / 'x.safetensors'} is not the run's -o {tmp_path / 'split.safetensors'}")):
+        assert main(["train", SMALL.name, "--resume", str(split), *extra, "--quiet"]) == 1
+        assert message in _one_error_line(capsys.readouterr().err)
+    two = tmp_path / "two.run"
+    shutil.copytree(after_1, two)
+    state = json.loads((two / "state.json").read_text())
+    assert state["world_size"] == 1
+    (two / "state.json").write_text(json.dumps({**state, "world_size": 2}))
+    assert main(["train", SMALL.name, "--resume", str(two), "--quiet"]) == 1
+    assert "the run was started with 2 process(es), this is 1" in _one_error_line(capsys.readouterr().err)
+
+    assert main(["train", SMALL.name, "--resume", str(split), "--workers", "0", "--quiet"]) == 0
+    full_run = tmp_path / "full.run"
+    for name in ("last.safetensors", "best.safetensors", "state.safetensors"):
+        _assert_equal_files(full_run / name, split / name)
+    _assert_equal_files(tmp_path / "full.safetensors", tmp_path / "split.safetensors")
+    # the files compared changed after epoch 1: equal at the end is not equal because never written
+    for name in ("last.safetensors", "state.safetensors"):
+        before, after = _tensors(after_1 / name), _tensors(split / name)
+        assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("rng.")), name
+    state = _tensors(split / "state.safetensors")
+    assert any(k.startswith("optimizer.") for k in state) and "ema.n_averaged" in state
+    assert any(not torch.equal(state[f"model.{k}"], v) for k, v in _tensors(split / "last.safetensors").items())
+    drop = ("seconds", "images_per_second")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in _metrics(full_run)] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in _metrics(split)]
 
 
-def test_two_processes_under_torchrun(digits, tmp_path):
+def test_two_processes_under_torchrun_score_the_saved_weights(digits, tmp_path, capsys):
+    """Validation under DDP (its own data, counts summed over both processes) equals a
+    single-process evaluation of the weights written; resuming with one process is refused."""
+    from trtvit_native.evaluate import evaluate
+
     train, val = digits
     small = _subset(train, tmp_path / "t", [str(i) for i in range(10)], per_class=8)
+    small_val = _subset(val, tmp_path / "v", [str(i) for i in range(10)], per_class=4)
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "trtvit_native.train", "trt-vit-a", "--data", str(small),
-                           "--val", str(small), "--epochs", "1", "--image-size", "32", "--batch-size", "16",
-                           "--workers", "0", "--quiet", "-o", str(out)], capture_output=True, text=True, env=env,
-                          timeout=600)
+                           "--master_port", "29517", "-m", "trtvit_native", "train", "trt-vit-a", "--data",
+                           str(small), "--val", str(small_val), "--epochs", "1", "--image-size", "32",
+                           "--batch-size", "16", "--workers", "0", "--quiet", "-o", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stderr and proc.stderr.count("epoch 1/1:") == 1  # one writer
-    assert out.exists() and len(_metrics(tmp_path / "ddp.run")) == 1
+    (line,) = _metrics(tmp_path / "ddp.run")
+    single = evaluate("trt-vit-a", str(out), str(small_val))
+    assert single["images"] == 40
+    assert line["val_top1"] == single["top1"], (line, single)
+    assert line["val_recall"] == [c["recall"] for c in single["per_class"]]
+    assert abs(line["val_loss"] - single_loss(out, small_val)) < 1e-4
+    assert main(["train", "trt-vit-a", "--resume", str(tmp_path / "ddp.run"), "--quiet"]) == 1
+    assert "the run was started with 2 process(es), this is 1" in _one_error_line(capsys.readouterr().err)
+
+
+def single_loss(weights, folder):
+    from trtvit_native.evaluate import evaluate_model
+
+    model = tv.create_model("trt-vit-a", weights=str(weights))
+    return evaluate_model(model, ImageFolder.read(folder), 32)["loss"]
+
+
+def test_bf16_on_cpu_accumulating_without_validation(digits, tmp_path, capsys):
+    """Finite losses under autocast (isfinite: x == x lets inf through), the learning rate
+    logged is the one the epoch's last step used, and without --val the first epoch is
+    already the best (the score is minus the loss, above 1 here)."""
+    from trtvit_native.train import TrainConfig, _schedule
+
+    train, _ = digits
+    data = _subset(train, tmp_path / "d", ["0", "1", "2", "3"], per_class=4)
+    out = tmp_path / "bf16.safetensors"
+    assert main(["train", SMALL.name, "--data", str(data), "--epochs", "1", "--amp", "bf16", "--accum-steps", "2",
+                 "--batch-size", "8", "--warmup-epochs", "0", "--image-size", "32", "--lr", "3e-3", "--workers", "0",
+                 "--quiet", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "1 process(es) on cpu, bf16; batch 8, 2 steps per epoch; accumulating 2 batches of 4" in err
+    (line,) = _metrics(tmp_path / "bf16.run")
+    assert math.isfinite(line["train_loss"]) and math.isfinite(line["first_step_loss"])
+    assert abs(line["first_step_loss"] - math.log(4)) < 0.01  # bf16 logits of a zero head are zero too
+    assert line["train_loss"] > 1 and (tmp_path / "bf16.run" / "best.safetensors").exists()
+    factor = _schedule(TrainConfig(SMALL.name, str(data), str(out), epochs=1, warmup_epochs=0), 2)
+    assert line["lr"] == pytest.approx(3e-3 * factor(1), rel=1e-12) and factor(1) != factor(2)
+
+
+def _truncated_jpeg(source: Path, target: Path) -> Path:
+    from PIL import Image
+
+    with Image.open(source) as img:
+        img.convert("RGB").resize((64, 64)).save(target, format="JPEG", quality=95)
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    with Image.open(target) as img:  # the header is fine: only decoding finds the damage
+        assert img.size == (64, 64)
+    return target
+
+
+def test_a_truncated_jpeg_in_the_validation_folder_is_skipped_and_counted(digits, tmp_path, capsys):
+    train, val = digits
+    data = _subset(train, tmp_path / "d", ["0", "1"], per_class=6)
+    vdata = _subset(val, tmp_path / "v", ["0", "1"], per_class=4)
+    bad = _truncated_jpeg(next((vdata / "1").iterdir()), vdata / "1" / "truncated.jpg")
+    assert main(["train", SMALL.name, "--data", str(data), "--val", str(vdata), "--epochs", "1", *RECIPE,
+                 "--batch-size", "4", "-o", str(tmp_path / "w.safetensors")]) == 0
+    assert f"skipped 1 unreadable image(s): {bad}" in capsys.readouterr().err
+    (line,) = _metrics(tmp_path / "w.run")
+    assert line["skipped_images"] == 1
+    assert main(["eval", SMALL.name, "--weights", str(tmp_path / "w.safetensors"), "--data", str(vdata),
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["skipped"] == [str(bad)] and r["images"] == 8 == sum(c["images"] for c in r["per_class"])
 
 
 def _one_error_line(err):
@@ -218,7 +372,7 @@ def test_one_preprocessing_definition():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", ["bf16", "fp16", "auto"])
 def test_mixed_precision_training_on_cuda(digits, tmp_path, capsys, amp):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -226,7 +380,9 @@ def test_mixed_precision_training_on_cuda(digits, tmp_path, capsys, amp):
     out = tmp_path / "gpu.safetensors"
     assert main(["train", SMALL.name, "--data", str(train), "--val", str(val), "--epochs", "3", "--amp", amp,
                  *RECIPE, "-o", str(out)]) == 0
+    if amp == "auto":  # bf16 only where it is native (compute capability 8.0 and newer)
+        amp = "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
     assert f"1 process(es) on cuda, {amp}" in capsys.readouterr().err
     metrics = _metrics(tmp_path / "gpu.run")
-    assert all(m["train_loss"] == m["train_loss"] for m in metrics)  # finite, no NaN
+    assert all(math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"]) for m in metrics)
     assert metrics[-1]["val_top1"] > 0.5

@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import List, Optional
+
+from .weights import check_output_path  # noqa: F401  (numpy only; used by the commands)
 
 __all__ = ["main"]
 
@@ -72,7 +73,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``trtvit train`` (here, so that parsing imports no torch)."""
     p.add_argument("variant", help="variant name (see `trtvit info`)")
-    p.add_argument("--data", required=True, metavar="DIR", help="training ImageFolder (one sub-folder per class)")
+    p.add_argument("--data", metavar="DIR", help="training ImageFolder (one sub-folder per class); required "
+                                                  "unless --resume")
     p.add_argument("--val", metavar="DIR", help="validation ImageFolder with the same classes")
     p.add_argument("--epochs", type=int, default=30, metavar="N", help="epochs (30)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="global batch size (64)")
@@ -83,7 +85,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.1, metavar="F", help="(0.1)")
     p.add_argument("--init", metavar="W.safetensors", help="start from these weights (same variant, any classes)")
     p.add_argument("--freeze", default="", metavar="PREFIXES", help="comma-separated module prefixes to freeze")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (its saved settings apply)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run with the same number of processes (its saved settings apply)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after epoch N (resumable)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="data loading processes (2)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="(0)")
@@ -93,9 +96,29 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="smallest random crop, as a fraction of the image area (0.5)")
     p.add_argument("--hflip", type=float, default=0.5, metavar="P", help="horizontal flip probability (0.5)")
     p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"], default="auto",
-                   help="mixed precision: auto (bf16/fp16 on CUDA, off on CPU), off, fp16 (CUDA), bf16")
+                   help="mixed precision: auto (bf16 from compute capability 8.0, else fp16 on CUDA; off on CPU), "
+                        "off, fp16 (CUDA), bf16")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an EMA of weights and buffers (e.g. 0.999); validated, saved and resumed instead")
+    aug = p.add_mutually_exclusive_group()
+    aug.add_argument("--randaug", type=_randaug, metavar="N,M", help="kornia RandAugment: N operations, magnitude M "
+                                                                     "(0 < M < 30)")
+    aug.add_argument("--trivialaug", action="store_true", help="kornia TrivialAugment")
+    p.add_argument("--random-erasing", type=float, default=0.0, metavar="P", help="random erasing probability (0)")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="A", help="MixUp with Beta(A, A) (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, metavar="A",
+                   help="CutMix with Beta(A, A) (0: off; with --mixup, one of the two per batch)")
+    p.add_argument("--accum-steps", type=int, default=1, metavar="K",
+                   help="gradient accumulation: --batch-size split into K backward passes per step (1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="trained weights file")
+    p.add_argument("-o", "--output", metavar="OUT.safetensors", help="trained weights file; required unless --resume")
+
+
+def _randaug(text: str):
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"invalid N,M {text!r}: give operations and magnitude, e.g. 2,9")
+    return int(parts[0]), int(parts[1])
 
 
 def _add_quantize_arguments(p: argparse.ArgumentParser) -> None:
@@ -163,6 +186,8 @@ def _parser() -> _Parser:
     what.add_argument("--engine", metavar="FILE", help="also run this engine file on the GPU")
     _add_precision(ev)
     ev.add_argument("--batch-size", type=int, default=32, metavar="N", help="(32)")
+    ev.add_argument("--workers", type=int, default=0, metavar="N", help="image decoding processes (0)")
+    ev.add_argument("--confusion", metavar="PNG", help="also draw the confusion matrix into this PNG file")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quantize_arguments(sub.add_parser("quantize", help="calibrate int8 or fp8 quantization with NVIDIA ModelOpt "
                                                             "(CPU) and write a quantized weights file"))
@@ -195,29 +220,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("Depths are this project's choice (the paper published no per-variant table of them); "
           "GMACs count convolutions and matrix products, attention included.")
     return 0
-
-
-def check_output_path(path: str) -> None:
-    """Fail before any work when ``path`` cannot become a file: a directory, a missing or
-    non-directory parent, or a place this process cannot write. Errors name ``path``."""
-    if os.path.isdir(path):
-        raise ValueError(f"output {path} is a directory; give the engine file's name")
-    directory = os.path.dirname(os.path.abspath(path))
-    ancestor = directory
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise ValueError(f"output {path}: {ancestor} is a file, not a directory")
-    if ancestor != directory:
-        raise ValueError(f"output {path}: output directory {directory} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise ValueError(f"output {path}: cannot write to {directory} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise ValueError(f"output {path} exists and is not a regular file")
 
 
 def _plugins_arg(value: str):
@@ -463,7 +465,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     r = evaluate(args.variant, args.weights, args.data, image_size=args.image_size, network=args.network,
-                 engine=args.engine, fp16=args.fp16, batch_size=args.batch_size)
+                 engine=args.engine, fp16=args.fp16, batch_size=args.batch_size, workers=args.workers,
+                 confusion_png=args.confusion)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -475,6 +478,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               f"{100 * r['reference_top5']:.2f} %")
         print(f"agreement  {100 * r['agreement']:.2f} % of images get the reference's top-1 class; largest logit "
               f"difference {r['max_logit_diff']:.3g}")
+    shown = r["per_class"]
+    if len(shown) > 20:  # the classes a mean top-1 hides: the lowest recall first (--json has them all)
+        shown = sorted(shown, key=lambda c: -1.0 if c["recall"] is None else c["recall"])[:10]
+        print(f"classes    the 10 of {len(r['per_class'])} with the lowest recall:")
+    width = max(len(c["label"]) for c in shown)
+    for c in shown:
+        recall, precision = ("-" if c[k] is None else f"{100 * c[k]:.2f} %" for k in ("recall", "precision"))
+        print(f"class      {c['label']:<{width}}  {c['images']:6d} images, recall {recall}, precision {precision}")
+    if r["skipped"]:
+        print(f"skipped    {len(r['skipped'])} undecodable image(s): {', '.join(r['skipped'][:5])}")
+    if args.confusion:
+        print(f"confusion  {args.confusion}")
     _print_quantized_eval(r)
     return 0
 
@@ -517,7 +532,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("trtvit: interrupted", file=sys.stderr)
         return 130
     except ImportError as e:
-        if e.name not in ("torch", "kornia", "tqdm", "matplotlib", "PIL"):
+        if e.name not in ("torch", "kornia", "tqdm", "matplotlib", "PIL", "torchmetrics"):
             raise
         extra = "torch" if e.name == "torch" else "train"
         print(f"trtvit: error: trtvit {getattr(args, 'command', '')} needs {e.name}, which is not installed: pip install "

@@ -13,25 +13,36 @@ largest logit difference.
 
 from __future__ import annotations
 
+import io
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .data import ImageFolder, eval_transform, load_rgb
+from .data import EvalImages, ImageFolder, collate_skipping, normalize
 
-__all__ = ["evaluate_model", "evaluate", "batches"]
+__all__ = ["evaluate_model", "evaluate", "batches", "eval_loader", "class_report", "plot_confusion"]
 
 
-def batches(folder: ImageFolder, image_size: int, batch_size: int, indices: Optional[List[int]] = None):
-    """(images, labels) batches of the evaluation transform, in folder order."""
-    order = list(range(len(folder))) if indices is None else indices
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        images = torch.stack([eval_transform(load_rgb(folder.samples[i][0]), image_size) for i in chunk])
-        yield images, torch.tensor([folder.samples[i][1] for i in chunk])
+def eval_loader(folder: ImageFolder, image_size: int, batch_size: int, indices: Optional[Sequence[int]] = None,
+                workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Batches ``(images, labels, skipped_paths)`` of the evaluation transform in folder
+    order (images float 0..255, normalized by the caller on its device), decoded in
+    ``workers`` DataLoader processes; undecodable images are left out and named."""
+    return torch.utils.data.DataLoader(EvalImages(folder, image_size, indices), batch_size=batch_size,
+                                       num_workers=workers, collate_fn=collate_skipping, pin_memory=pin_memory,
+                                       persistent_workers=workers > 0)
+
+
+def batches(folder: ImageFolder, image_size: int, batch_size: int, indices: Optional[List[int]] = None,
+            workers: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(network input, labels) batches of the evaluation transform, in folder order;
+    undecodable images are left out."""
+    for images, labels, _ in eval_loader(folder, image_size, batch_size, indices, workers):
+        if len(labels):
+            yield normalize(images), labels
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -39,35 +50,134 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return int((logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
 
 
+class _Counts:
+    """Top-1 (through the confusion matrix), top-5 and loss sums of one model's logits,
+    counted by torchmetrics; under torch.distributed, :meth:`compute` sums them over
+    every process."""
+
+    def __init__(self, classes: int, device: Any = "cpu"):
+        from torchmetrics import MetricCollection, SumMetric
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+        self.classes = classes
+        self.metrics = MetricCollection({
+            "confusion": MulticlassConfusionMatrix(classes),
+            "top5": MulticlassAccuracy(classes, top_k=min(5, classes), average="micro"),
+            "loss": SumMetric()}).to(device)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = logits.float()
+        self.metrics["confusion"].update(logits.argmax(1), labels)
+        self.metrics["top5"].update(logits, labels)
+        self.metrics["loss"].update(F.cross_entropy(logits, labels, reduction="sum"))
+
+    def compute(self) -> Dict[str, Any]:
+        """``images``, ``top1``, ``top5``, ``loss`` (mean) and ``confusion`` (classes x
+        classes, rows the true classes, int64 on the CPU)."""
+        confusion = self.metrics["confusion"].compute().long().cpu()
+        n = int(confusion.sum())
+        return {"images": n, "top1": int(confusion.trace()) / max(n, 1), "top5": float(self.metrics["top5"].compute()),
+                "loss": float(self.metrics["loss"].compute()) / max(n, 1), "confusion": confusion}
+
+
+def class_report(confusion: torch.Tensor, classes: Sequence[str]) -> List[Dict[str, Any]]:
+    """Per class, in label order: its ``label``, ``images`` (true instances), ``recall``
+    (its top-1) and ``precision`` (None where nothing was predicted as it)."""
+    confusion = torch.as_tensor(confusion).long()
+    true, predicted, hits = confusion.sum(1).tolist(), confusion.sum(0).tolist(), confusion.diagonal().tolist()
+    return [{"label": name, "images": true[c],
+             "recall": hits[c] / true[c] if true[c] else None,
+             "precision": hits[c] / predicted[c] if predicted[c] else None}
+            for c, name in enumerate(classes)]
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], title: str = "") -> bytes:
+    """The confusion matrix (rows true, columns predicted, each row as fractions of its
+    class) as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.as_tensor(confusion).double()
+    rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(min(3 + 0.5 * n, 24), min(2.5 + 0.5 * n, 24)))
+    im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(classes, rotation=90 if n > 10 else 0)
+    ax.set_yticklabels(classes)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if rows[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    return figure_png(fig)
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out, 80 dpi), closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    return png.getvalue()
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, folder: ImageFolder, image_size: int, batch_size: int = 64,
-                   device: Any = "cpu", indices: Optional[List[int]] = None) -> Dict[str, float]:
-    """Sums over ``indices`` (default all) for one process: images, correct top-1/top-5, loss."""
+                   device: Any = "cpu", indices: Optional[List[int]] = None, workers: int = 0,
+                   loader: Optional[torch.utils.data.DataLoader] = None,
+                   channels_last: bool = False) -> Dict[str, Any]:
+    """Top-1, top-5, mean loss and the confusion matrix of ``model`` on ``indices`` (default
+    all) of ``folder``, or on the batches of ``loader`` (from :func:`eval_loader`); under
+    torch.distributed, summed over the processes (each passing its own shard). Also
+    ``skipped``: this process's undecodable images."""
     was_training = model.training
     model.eval()
-    sums = {"images": 0, "top1": 0, "top5": 0, "loss": 0.0}
-    for images, labels in batches(folder, image_size, batch_size, indices):
-        logits = model(images.to(device)).float().cpu()
-        sums["images"] += len(labels)
-        sums["top1"] += _accuracy(logits, labels, 1)
-        sums["top5"] += _accuracy(logits, labels, 5)
-        sums["loss"] += float(F.cross_entropy(logits, labels, reduction="sum"))
+    counts = _Counts(len(folder.classes), device)
+    skipped: List[str] = []
+    if loader is None:
+        loader = eval_loader(folder, image_size, batch_size, indices, workers)
+    for images, labels, bad in loader:
+        skipped += bad
+        if not len(labels):
+            continue
+        images = normalize(images.to(device, non_blocking=True))
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        counts.update(model(images), labels.to(device, non_blocking=True))
     model.train(was_training)
-    return sums
+    return {**counts.compute(), "skipped": skipped}
 
 
 def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = None, network: bool = False,
-             engine: Optional[str] = None, fp16: bool = True, batch_size: int = 32) -> Dict[str, Any]:
+             engine: Optional[str] = None, fp16: bool = True, batch_size: int = 32, workers: int = 0,
+             confusion_png: Optional[str] = None) -> Dict[str, Any]:
     """Accuracy of the reference and, with ``network`` or ``engine``, of the network/engine,
-    with their agreement. Fractions in 0..1."""
+    with their agreement. Fractions in 0..1. ``per_class`` and ``confusion`` (rows: true
+    classes in label order) are those of the model measured (the network or engine when
+    given, else the reference); ``confusion_png`` also draws the matrix there."""
     from .model import create_model
     from .network import image_hw
-    from .weights import class_names, read_metadata
+    from .weights import class_names, load_quantization, read_metadata
 
     if network and engine:
         raise ValueError("choose --network or --engine, not both")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+    if confusion_png is not None:
+        from .weights import check_output_path
+
+        check_output_path(confusion_png)
     meta = read_metadata(weights)
     if image_size is None:
         image_size = int(meta.get("image_size", 224))
@@ -99,17 +209,26 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
         batch_size = min(batch_size, eng.batch_range[1])
         runner = lambda x: eng(x)  # noqa: E731  (CPU tensors in and out; copied through pinned buffers)
         label = f"engine {engine}"
-    predicted: List[torch.Tensor] = []  # the runner's top-1 per batch, for quantized_fields
-    if runner is not None:
-        runner = _recording(runner, predicted)
-    totals = {"images": 0, "top1": 0, "top5": 0, "ref_top1": 0, "ref_top5": 0, "agree": 0}
+    # A quantized file's network is also compared with the fake-quantized reference (the
+    # reference ``model`` above is the unquantized fp32 one).
+    quant = load_quantization(weights, variant) if runner is not None else None
+    fake = create_model(variant, weights=weights) if quant is not None else None
+    totals = {"images": 0, "top1": 0, "top5": 0, "ref_top1": 0, "ref_top5": 0, "agree": 0, "fake_top1": 0,
+              "fake_agree": 0}
     max_diff, seconds = 0.0, 0.0  # seconds: of the model measured (the runner, else the reference)
+    counts = _Counts(len(folder.classes))  # of the model measured
+    skipped: List[str] = []
     with torch.no_grad():
-        for images, labels in batches(folder, image_size, batch_size):
+        for images, labels, bad in eval_loader(folder, image_size, batch_size, workers=workers):
+            skipped += bad
+            if not len(labels):
+                continue
+            images = normalize(images)
             start = time.perf_counter()
             ref = model(images)
             if runner is None:
                 seconds += time.perf_counter() - start
+                counts.update(ref, labels)
             totals["images"] += len(labels)
             totals["ref_top1"] += _accuracy(ref, labels, 1)
             totals["ref_top5"] += _accuracy(ref, labels, 5)
@@ -118,32 +237,40 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
             start = time.perf_counter()
             out = runner(images)
             seconds += time.perf_counter() - start
+            counts.update(out, labels)
             totals["top1"] += _accuracy(out, labels, 1)
             totals["top5"] += _accuracy(out, labels, 5)
             totals["agree"] += int((out.argmax(1) == ref.argmax(1)).sum())
+            if fake is not None:
+                fake_out = fake(images)
+                totals["fake_top1"] += _accuracy(fake_out, labels, 1)
+                totals["fake_agree"] += int((out.argmax(1) == fake_out.argmax(1)).sum())
             max_diff = max(max_diff, float((out.float() - ref).abs().max()))
     n = totals["images"]
+    if n == 0:
+        raise ValueError(f"{data}: none of its {len(folder)} images could be decoded")
     if runner is None:
         result = {"model": label, "top1": totals["ref_top1"] / n, "top5": totals["ref_top5"] / n}
     else:
         result = {"model": label, "top1": totals["top1"] / n, "top5": totals["top5"] / n,
                   "reference_top1": totals["ref_top1"] / n, "reference_top5": totals["ref_top5"] / n,
                   "agreement": totals["agree"] / n, "max_logit_diff": max_diff}
+    measured = counts.compute()
+    result["top1"] = measured["top1"]  # the confusion matrix's diagonal over the count
     result.update(images=n, images_per_second=n / seconds if seconds > 0 else math.inf, variant=variant,
-                  weights=weights, data=data, image_size=image_size, classes=len(folder.classes))
-    if runner is not None:
-        result.update(quantized_fields(variant, weights, folder, image_size, batch_size, predicted))
+                  weights=weights, data=data, image_size=image_size, classes=len(folder.classes),
+                  per_class=class_report(measured["confusion"], folder.classes),
+                  confusion=measured["confusion"].tolist(), skipped=skipped)
+    if fake is not None:  # a quantized weights file: the fake-quantized reference too
+        result.update(quantized_reference_top1=totals["fake_top1"] / n,
+                      quantized_reference_agreement=totals["fake_agree"] / n, quantization=quant.metadata())
+    if confusion_png is not None:
+        from .weights import write_atomically
+
+        write_atomically(confusion_png, plot_confusion(measured["confusion"], folder.classes,
+                                                       f"{variant} on {data}: top-1 {100 * measured['top1']:.2f} %"))
     return result
 
-
-def _recording(runner: Callable[[torch.Tensor], torch.Tensor],
-               predicted: List[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(images: torch.Tensor) -> torch.Tensor:
-        out = runner(images)
-        predicted.append(out.argmax(1).cpu())
-        return out
-
-    return run
 
 
 def _unquantized_reference(variant: str, weights: str) -> torch.nn.Module:
@@ -155,29 +282,3 @@ def _unquantized_reference(variant: str, weights: str) -> torch.nn.Module:
         return create_model(variant, weights={k: v.float() for k, v in load_weights(weights, variant).items()})
     return create_model(variant, weights=weights)
 
-
-def quantized_fields(variant: str, weights: str, folder: ImageFolder, image_size: int, batch_size: int,
-                     predicted: List[torch.Tensor]) -> Dict[str, Any]:
-    """For a quantized weights file: the fake-quantized reference's top-1
-    (``quantized_reference_top1``) and how often the network's top-1 is that reference's
-    (``quantized_reference_agreement``), plus the file's quantization. Empty otherwise.
-
-    ``predicted``: the network's top-1 classes per batch of :func:`batches`. (``top1`` and
-    ``agreement`` of :func:`evaluate` are the quantized network's own and its agreement
-    with the unquantized fp32 reference.)"""
-    from .model import create_model
-    from .weights import load_quantization
-
-    quant = load_quantization(weights, variant)
-    if quant is None:
-        return {}
-    fake = create_model(variant, weights=weights)
-    n = correct = agree = 0
-    with torch.no_grad():
-        for (images, labels), top1 in zip(batches(folder, image_size, batch_size), predicted):
-            ref = fake(images)
-            n += len(labels)
-            correct += _accuracy(ref, labels, 1)
-            agree += int((top1 == ref.argmax(1)).sum())
-    return {"quantized_reference_top1": correct / n, "quantized_reference_agreement": agree / n,
-            "quantization": quant.metadata()}

@@ -2,36 +2,51 @@
 
     trtvit train trt-vit-a --data train/ --val val/ --epochs 30 -o a.safetensors
     trtvit train trt-vit-a --data mine/ --init a.safetensors --freeze stem,stages.0 -o mine.safetensors
-    trtvit train trt-vit-a ... --resume RUN_DIR                  # continue a stopped run
-    torchrun --nproc_per_node 4 -m trtvit_native.train trt-vit-a --data train/ -o a.safetensors
+    trtvit train trt-vit-a --resume RUN_DIR                      # continue a stopped run
+    torchrun --nproc_per_node 4 -m trtvit_native train trt-vit-a --data train/ -o a.safetensors
 
 Recipe: AdamW (weight decay on weight matrices and kernels only), linear warmup then
-cosine decay per step, label smoothing, gradient clipping. Training images get kornia's
-random-resized crop and horizontal flip on each batch; evaluation is resize + center
-crop (:mod:`trtvit_native.data`); both normalize as ENGINE.json says. Mixed precision on
-CUDA (bf16 where supported, else fp16 with a gradient scaler); fp32 on a CPU unless
+cosine decay per optimizer step, label smoothing, gradient clipping; the classifier head
+starts at zero when it is new (from scratch, or re-created for other classes), so
+training starts from uniform predictions (loss ln(classes)). Each training image is a
+random-resized crop of the whole decoded image (kornia, in the DataLoader's workers) and
+goes to the device as uint8; there it is normalized and, as asked, gets RandAugment or
+TrivialAugment, random erasing, and MixUp or CutMix (soft targets, label smoothing
+applied on top). ``--ema DECAY`` keeps an exponential moving average of the weights and
+buffers (``torch.optim.swa_utils.AveragedModel``), which is then what is validated and
+saved. Evaluation is resize + center crop (:mod:`trtvit_native.data`); both normalize as
+ENGINE.json says. Mixed precision on CUDA (bf16 on compute capability 8.0 and newer,
+else fp16 with a gradient scaler), channels_last on CUDA; fp32 on a CPU unless
 ``--amp bf16`` (much slower on CPUs without bf16 units).
 
 Under torchrun every process trains on its shard of each epoch's permutation with
-DistributedDataParallel (gloo on CPU, nccl on CUDA); ``--batch-size`` is the global batch.
-Process 0 writes the run directory:
+DistributedDataParallel (gloo on CPU, nccl on CUDA); ``--batch-size`` is the global batch
+of one optimizer step (``--accum-steps`` splits it into that many backward passes).
+Before validation every process takes process 0's BatchNorm statistics, so the score is
+that of the weights saved; the counts are summed over the processes. Process 0 writes
+the run directory:
 
-    last.safetensors, best.safetensors   weights after the last / best-val-top-1 epoch
-    state.safetensors, state.json        optimizer, scheduler, RNG states, epoch, config (no pickle)
-    metrics.jsonl, curves.png            one line per epoch; loss and accuracy plotted
+    last.safetensors, best.safetensors   weights (the EMA's with --ema) after the last / best epoch
+    state.safetensors, state.json        optimizer, scheduler, RNG, EMA states, epoch, config (no pickle)
+    metrics.jsonl, curves.png            one line per epoch (per-class val recall too); curves
+    confusion.png                        the validation confusion matrix of the best epoch
 
 Each epoch's data order and augmentation are drawn from generators seeded by (seed,
-epoch, rank), so a run resumed after any epoch ends as the uninterrupted run would.
+epoch, image) in the workers and (seed, epoch, rank) on the device, so on the CPU a run
+resumed after any epoch ends bit for bit as the uninterrupted run would (on CUDA up to
+its non-deterministic kernels). A run resumes only with the number of processes it was
+started with.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -39,13 +54,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from .data import DataError, DecodedImages, ImageFolder, check_same_classes, normalize
+from .data import ImageFolder, TrainImages, check_same_classes, collate_skipping
 from .variants import get_config
-from .weights import write_atomically
+from .weights import check_output_path, write_atomically
 
-__all__ = ["TrainConfig", "train", "main", "TrainError"]
+__all__ = ["TrainConfig", "train", "TrainError", "pick_amp", "BatchAugment", "make_ema", "read_run"]
 
 STATE_FORMAT = "trtvit-train-state/1"
 
@@ -60,9 +74,10 @@ class TrainConfig:
 
     Defaults: from scratch lr 1e-3 with 1 warmup epoch; fine-tuning (``init``) lr 2e-4
     without warmup. Both: AdamW weight decay 0.05, label smoothing 0.1, gradient clipping
-    at norm 1.0, random crops covering 50-100 % of the image (milder than the 8 % of
-    ImageNet recipes, which pay off only over long schedules: pass 0.08 there), flips with
-    probability 0.5.
+    at norm 1.0, random crops covering 50-100 % of the image's area with aspect ratios
+    3/4..4/3 (milder than the 8 % of ImageNet recipes, which pay off only over long
+    schedules: pass 0.08 there), flips with probability 0.5; no EMA, RandAugment, erasing
+    or mixing unless asked.
     """
 
     variant: str
@@ -86,9 +101,18 @@ class TrainConfig:
     hflip: float = 0.5
     amp: str = "auto"
     min_lr_ratio: float = 0.01
+    ema: Optional[float] = None
+    randaug: Optional[Tuple[int, int]] = None
+    trivialaug: bool = False
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    accum_steps: int = 1
 
     def __post_init__(self) -> None:
         self.freeze = tuple(self.freeze)
+        if self.randaug is not None:
+            self.randaug = tuple(self.randaug)
         if self.lr is None:
             self.lr = 2e-4 if self.init else 1e-3
         if self.warmup_epochs is None:
@@ -112,6 +136,16 @@ class TrainConfig:
             (0 <= self.hflip <= 1, f"--hflip must be in [0, 1], got {self.hflip}"),
             (self.amp in ("auto", "off", "fp16", "bf16"), f"--amp must be auto, off, fp16 or bf16, got {self.amp}"),
             (self.clip_grad > 0, f"--clip-grad must be positive, got {self.clip_grad}"),
+            (self.ema is None or 0 < self.ema < 1, f"--ema must be a decay in (0, 1), e.g. 0.999, got {self.ema}"),
+            (self.randaug is None or (len(self.randaug) == 2 and self.randaug[0] >= 1 and 0 < self.randaug[1] < 30),
+             f"--randaug must be N,M with N >= 1 operations and magnitude 0 < M < 30 (kornia's scale), got "
+             f"{self.randaug}"),
+            (not (self.randaug and self.trivialaug), "--randaug and --trivialaug exclude each other"),
+            (0 <= self.random_erasing <= 1, f"--random-erasing must be a probability in [0, 1], got "
+                                            f"{self.random_erasing}"),
+            (self.mixup >= 0, f"--mixup must be a Beta(alpha, alpha) alpha >= 0, got {self.mixup}"),
+            (self.cutmix >= 0, f"--cutmix must be a Beta(alpha, alpha) alpha >= 0, got {self.cutmix}"),
+            (self.accum_steps >= 1, f"--accum-steps must be at least 1, got {self.accum_steps}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -119,8 +153,27 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------
-# Small helpers: processes, files
+# Small helpers: processes, files, precision
 # --------------------------------------------------------------------------------------
+
+
+def _check_torch() -> None:
+    """torch.amp.GradScaler(device) and AveragedModel's multi_avg_fn need torch 2.3."""
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if found is None or tuple(int(v) for v in found.groups()) < (2, 3):
+        raise TrainError(f"trtvit train needs torch >= 2.3 (torch.amp.GradScaler(device)); this is torch "
+                         f"{torch.__version__}")
+
+
+def pick_amp(requested: str, device: torch.device) -> str:
+    """``--amp auto``: off on a CPU; bf16 on GPUs with native bf16 (compute capability 8.0,
+    Ampere, and newer), fp16 before (T4, V100: ``torch.cuda.is_bf16_supported()`` counts
+    their slow emulation)."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 @dataclass
@@ -161,6 +214,29 @@ def _all_sum(values: List[float], dist_: _Dist) -> List[float]:
     return t.tolist()
 
 
+def _all_paths(paths: Sequence[str], dist_: _Dist) -> List[str]:
+    """The union of every process's ``paths``, sorted."""
+    if dist_.world == 1:
+        return sorted(set(paths))
+    import torch.distributed as dist
+
+    everyone: List[Any] = [None] * dist_.world
+    dist.all_gather_object(everyone, sorted(set(paths)))
+    return sorted({p for part in everyone for p in part})
+
+
+def _take_buffers_of_rank0(modules: Sequence[torch.nn.Module], dist_: _Dist) -> None:
+    """Every process's buffers (BatchNorm statistics, drifted by its own batches) become
+    process 0's, so that what each evaluates is what process 0 saves."""
+    if dist_.world == 1:
+        return
+    import torch.distributed as dist
+
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _save_tensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save
 
@@ -193,11 +269,15 @@ def _frozen_names(model: torch.nn.Module, prefixes: Sequence[str]) -> List[str]:
 def _build_model(config: TrainConfig, classes: List[str], say,
                  load_init: bool = True) -> Tuple[torch.nn.Module, List[str]]:
     """The model to train and its frozen parameter names. ``load_init``: start from
-    ``config.init`` (a resumed run starts from its own last weights instead)."""
+    ``config.init`` (a resumed run starts from its own last weights instead). A new head
+    (from scratch, or re-created for other classes) starts at zero, as timm's does: every
+    class gets the same logit, the first loss is ln(classes), and the seeded weights of
+    ``create_model`` stay what the parity tests use."""
     from .model import create_model
     from .weights import WeightsError, class_names, load_weights
 
     model = create_model(config.variant, num_classes=len(classes), seed=config.seed)
+    new_head = True
     if config.init and load_init:
         try:
             state = load_weights(config.init, arch=config.variant)
@@ -210,8 +290,14 @@ def _build_model(config: TrainConfig, classes: List[str], say,
                    else f"{config.init} was trained on other classes ({', '.join(init_classes)})")
             say(f"head re-initialized: {why}")
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        else:
+            new_head = False
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    if new_head:
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
     return model, _frozen_names(model, config.freeze)
 
 
@@ -237,12 +323,85 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
 
 
 # --------------------------------------------------------------------------------------
+# EMA and batch augmentation
+# --------------------------------------------------------------------------------------
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s parameters and buffers: after each
+    ``update_parameters(model)``, ema = decay * ema + (1 - decay) * model (the first update
+    copies the model)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class BatchAugment:
+    """What a training batch gets on the device: uint8 (B, 3, S, S) and labels in; the
+    network input and the targets out. RandAugment ``(n, m)`` or TrivialAugment (kornia's
+    policies, drawn per batch), normalization, random erasing with probability
+    ``erasing`` (mean-colored), then MixUp and/or CutMix with Beta(alpha, alpha) (one of
+    the two per batch, at random, when both are given): the targets become class
+    probabilities, ``weight_a`` of the image's own class and ``weight_b`` of its partner's
+    (they sum to 1; the loss's label smoothing applies on top). Without mixing the
+    targets are the labels."""
+
+    def __init__(self, classes: int, randaug: Optional[Tuple[int, int]] = None, trivialaug: bool = False,
+                 erasing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0):
+        import kornia.augmentation as K
+        from kornia.augmentation.auto import RandAugment, TrivialAugment
+
+        self.classes, self.mixup, self.cutmix = classes, mixup, cutmix
+        self.policy = RandAugment(*randaug) if randaug else TrivialAugment() if trivialaug else None
+        self.erase = K.RandomErasing(p=erasing) if erasing > 0 else None
+        self._cutmix = K.RandomCutMixV2(beta=cutmix, use_correct_lambda=True, data_keys=["input", "class"]) \
+            if cutmix > 0 else None
+        self.last_mix: Optional[Dict[str, torch.Tensor]] = None  # partner index and weights of the last batch
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """MixUp or CutMix of a normalized batch: (images, class probabilities)."""
+        import kornia.augmentation as K
+
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or bool(torch.rand(()) < 0.5))
+        if use_cutmix:
+            images, mixed = self._cutmix(images, labels)
+            mixed = mixed[0]  # (B, 3): own label, partner's label, weight of the own label (the kept area)
+            weight_a = mixed[:, 2]
+        else:
+            lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+            images, mixed = K.RandomMixUpV2(lambda_val=(lam, lam), data_keys=["input", "class"])(images, labels)
+            weight_a = 1 - mixed[:, 2]  # kornia: (1 - lam) * own + lam * partner
+        partner = mixed[:, 1].long()
+        weight_a = weight_a.to(images.dtype)
+        weight_b = 1 - weight_a
+        targets = (weight_a[:, None] * torch.nn.functional.one_hot(labels, self.classes).to(images.dtype)
+                   + weight_b[:, None] * torch.nn.functional.one_hot(partner, self.classes).to(images.dtype))
+        self.last_mix = {"partner_label": partner, "weight_a": weight_a, "weight_b": weight_b,
+                         "kind": "cutmix" if use_cutmix else "mixup"}
+        return images, targets
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        from .model import imagenet_normalize
+
+        x = images.float() / 255.0
+        if self.policy is not None:
+            x = self.policy(x).clamp(0, 1)
+        x = imagenet_normalize(x)
+        if self.erase is not None:
+            x = self.erase(x)
+        if self.mixup > 0 or self.cutmix > 0:
+            return self.mix(x, labels)
+        return x, labels
+
+
+# --------------------------------------------------------------------------------------
 # Resume state: safetensors for tensors, JSON for the rest
 # --------------------------------------------------------------------------------------
 
 
 def _save_state(run_dir: str, epoch: int, config: TrainConfig, optimizer: torch.optim.Optimizer, scheduler: Any,
-                scaler: Any, best: float, metrics: List[dict], folder: ImageFolder) -> None:
+                scaler: Any, best: Optional[float], metrics: List[dict], folder: ImageFolder, world: int,
+                model: torch.nn.Module, ema: Optional[torch.nn.Module]) -> None:
     opt = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -250,12 +409,15 @@ def _save_state(run_dir: str, epoch: int, config: TrainConfig, optimizer: torch.
     for index, entry in opt["state"].items():
         for key, value in entry.items():
             tensors[f"optimizer.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    if ema is not None:  # last.safetensors holds the EMA: the trained weights are kept here
+        tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+        tensors["ema.n_averaged"] = ema.n_averaged
     _save_tensors(tensors, os.path.join(run_dir, "state.safetensors"))
     state = {"format": STATE_FORMAT, "variant": config.variant, "epochs_done": epoch,
              "config": dataclasses.asdict(config), "classes": folder.classes, "data": folder.fingerprint(),
-             "optimizer_param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
+             "world_size": world, "optimizer_param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
              "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-             "best_val_top1": best, "metrics": metrics,
+             "best_score": best, "metrics": metrics,
              "data_order": "torch.randperm(n, generator seeded with seed * 1000003 + epoch)"}
     write_atomically(os.path.join(run_dir, "state.json"), (json.dumps(state, indent=1) + "\n").encode())
 
@@ -274,11 +436,21 @@ def read_run(run_dir: str) -> Dict[str, Any]:
     return state
 
 
-def _load_state(run_dir: str, state: Dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-                scaler: Any) -> None:
+def _load_state(run_dir: str, state: Dict[str, Any], model: torch.nn.Module, ema: Optional[torch.nn.Module],
+                optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None:
     from safetensors.torch import load_file
 
+    from .weights import load_weights
+
     tensors = load_file(os.path.join(run_dir, "state.safetensors"))
+    last = {k: v.float() for k, v in load_weights(os.path.join(run_dir, "last.safetensors"),
+                                                  arch=state["variant"]).items()}
+    if ema is not None:
+        ema.module.load_state_dict(last)
+        ema.n_averaged.copy_(tensors["ema.n_averaged"])
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    else:
+        model.load_state_dict(last)
     per_param: Dict[int, Dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -291,6 +463,25 @@ def _load_state(run_dir: str, state: Dict[str, Any], optimizer: torch.optim.Opti
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def _check_resume(resume: str, state: Dict[str, Any], config: TrainConfig, world: int) -> TrainConfig:
+    """The run's saved settings, after checking that what the command line gives agrees."""
+    if state["variant"] != config.variant:
+        raise TrainError(f"--resume {resume} is a run of {state['variant']}, not {config.variant}")
+    saved = dict(state["config"])
+    saved["freeze"] = tuple(saved["freeze"])
+    for flag, key in (("--data", "data"), ("-o", "output")):
+        given = getattr(config, key)
+        if given and os.path.abspath(given) != os.path.abspath(saved[key]):
+            raise TrainError(f"--resume {resume}: {flag} {given} is not the run's {flag} {saved[key]} (a resumed run "
+                             f"keeps its settings: leave {flag} out or give the same)")
+    started = int(state.get("world_size", 1))
+    if started != world:
+        raise TrainError(f"--resume {resume}: the run was started with {started} process(es), this is {world}; "
+                         f"the global batch, the steps per epoch and the data shards would change (resume it with "
+                         f"{started})")
+    return TrainConfig(**{**saved, "workers": config.workers, "run_dir": resume})
 
 
 # --------------------------------------------------------------------------------------
@@ -311,6 +502,8 @@ def _save_weights(model: torch.nn.Module, path: str, config: TrainConfig, folder
 def _plot(metrics: List[dict], path: str) -> None:
     import matplotlib
 
+    from .evaluate import figure_png
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -326,13 +519,7 @@ def _plot(metrics: List[dict], path: str) -> None:
         ax2.plot(epochs, [100 * m["val_top1"] for m in metrics], marker="o", label="val")
     ax2.set(xlabel="epoch", ylabel="top-1 %", title="accuracy")
     ax2.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    try:
-        fig.savefig(png, format="png", dpi=80)
-    finally:
-        plt.close(fig)
-    write_atomically(path, png.getvalue())
+    write_atomically(path, figure_png(fig))
 
 
 # --------------------------------------------------------------------------------------
@@ -340,26 +527,43 @@ def _plot(metrics: List[dict], path: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+class _EpochShard(torch.utils.data.Sampler):
+    """This process's share of each epoch's permutation, as ``(epoch, index)`` keys for
+    :class:`TrainImages`; :meth:`set_epoch` before each epoch (the DataLoader and its
+    persistent workers are built once)."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int, per_epoch: int):
+        self.n, self.seed, self.rank, self.world, self.per_epoch, self.epoch = n, seed, rank, world, per_epoch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+        mine = order[self.rank::self.world][:self.per_epoch].tolist()
+        return iter([(self.epoch, i) for i in mine])
+
+
 def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optional[int] = None,
           progress: bool = True) -> Dict[str, Any]:
     """Run (or, with ``resume``, continue) a training run. Returns the last epoch's metrics
-    plus ``output`` and ``run_dir``. ``stop_after``: stop after that many epochs in total
-    (resumable), e.g. to split a run over time-limited jobs."""
-    import kornia.augmentation as K
+    plus ``output``, ``run_dir`` and ``skipped`` (images that could not be decoded).
+    ``stop_after``: stop after that many epochs in total (resumable), e.g. to split a run
+    over time-limited jobs."""
     from tqdm import tqdm
 
-    from .evaluate import evaluate_model
+    from .evaluate import class_report, eval_loader, evaluate_model, plot_confusion
 
+    _check_torch()
     dist_ = _setup_processes()
     say = (lambda msg: print(f"trtvit train: {msg}", file=sys.stderr, flush=True)) if dist_.main else (lambda m: None)
     state = None
     if resume is not None:
         state = read_run(resume)
-        if state["variant"] != config.variant:
-            raise TrainError(f"--resume {resume} is a run of {state['variant']}, not {config.variant}")
-        saved = dict(state["config"])
-        saved["freeze"] = tuple(saved["freeze"])
-        config = TrainConfig(**{**saved, "workers": config.workers, "run_dir": resume})
+        config = _check_resume(resume, state, config, dist_.world)
     get_config(config.variant)
 
     # Everything that can be wrong with the request is checked before any file is written.
@@ -371,27 +575,28 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
         raise TrainError(f"--resume {resume}: the data in {config.data} changed since the run started")
     model, frozen = _build_model(config, folder.classes, say, load_init=state is None)
     if dist_.main:
-        from .cli import check_output_path
-
         check_output_path(config.output)
         if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
             raise TrainError(f"run directory {config.run_dir} is a file")
         if state is None and os.path.exists(os.path.join(config.run_dir, "state.json")):
             raise TrainError(f"run directory {config.run_dir} already holds a run: continue it with --resume "
                              f"{config.run_dir} or choose another --run-dir")
+    per_rank = len(folder) // dist_.world
+    micro = min(max(2, config.batch_size // (dist_.world * config.accum_steps)), per_rank)
+    steps = per_rank // (micro * config.accum_steps)
+    if steps < 1 or micro < 2:
+        raise TrainError(f"{config.data} has {len(folder)} images: too few for {dist_.world} process(es) with "
+                         f"--accum-steps {config.accum_steps}")
+    if dist_.main:
         os.makedirs(config.run_dir, exist_ok=True)
 
     device = dist_.device
+    cuda = device.type == "cuda"
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
     frozen_modules = [m for n, m in model.named_modules() if any(_under(n, f) for f in config.freeze)]
-    if state is not None:
-        from .weights import load_weights
-
-        model.load_state_dict({k: v.float() for k, v in
-                               load_weights(os.path.join(config.run_dir, "last.safetensors"),
-                                            arch=config.variant).items()}, strict=False)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    ema = make_ema(model, config.ema) if config.ema else None
     train_model = model
     if dist_.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -399,148 +604,190 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
         # 1x1 convolutions on 1x1 maps (stage 4 at small images) give weight gradients with
         # other strides than DDP's buckets: a copy per step, not an error
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
-    per_rank = len(folder) // dist_.world
-    local_batch = max(2, config.batch_size // dist_.world)
-    if per_rank < 2:
-        raise TrainError(f"{config.data} has {len(folder)} images: too few for {dist_.world} processes")
-    local_batch = min(local_batch, per_rank)
-    steps = per_rank // local_batch
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, steps))
-    amp = config.amp
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    amp = pick_amp(config.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
     autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    augment = K.AugmentationSequential(
-        K.RandomResizedCrop((config.image_size, config.image_size), scale=(config.min_crop_scale, 1.0)),
-        K.RandomHorizontalFlip(p=config.hflip))
-    dataset = DecodedImages(folder, config.image_size, crop_pct=1.0)
+    augment = BatchAugment(len(folder.classes), config.randaug, config.trivialaug, config.random_erasing,
+                           config.mixup, config.cutmix)
+    dataset = TrainImages(folder, config.image_size, scale=(config.min_crop_scale, 1.0), hflip=config.hflip,
+                          seed=config.seed)
+    sampler = _EpochShard(len(folder), config.seed, dist_.rank, dist_.world, steps * config.accum_steps * micro)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=config.workers,
+                                         collate_fn=collate_skipping, pin_memory=cuda,
+                                         persistent_workers=config.workers > 0)
+    val_loader = None
+    if val is not None:
+        val_loader = eval_loader(val, config.image_size, micro * 2, range(dist_.rank, len(val), dist_.world),
+                                 config.workers, pin_memory=cuda)
+    eval_model = ema.module if ema is not None else model
 
     metrics: List[dict] = []
-    best, start_epoch = -1.0, 0
+    best: Optional[float] = None
+    start_epoch = 0
     if state is not None:
-        _load_state(config.run_dir, state, optimizer, scheduler, scaler)
-        metrics, best, start_epoch = state["metrics"], state["best_val_top1"], state["epochs_done"]
+        _load_state(config.run_dir, state, model, ema, optimizer, scheduler, scaler)
+        metrics, start_epoch = state["metrics"], state["epochs_done"]
+        best = state.get("best_score", state.get("best_val_top1"))  # the latter: runs of earlier versions
         say(f"resuming {config.run_dir} after epoch {start_epoch} of {config.epochs}")
     if dist_.main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        extras = [f"EMA {config.ema}" if ema is not None else "",
+                  f"accumulating {config.accum_steps} batches of {micro * dist_.world}" if config.accum_steps > 1
+                  else ""]
         say(f"{config.variant}: {len(folder)} training images in {len(folder.classes)} classes"
             f"{f', {len(val)} validation images' if val else ''}; {trainable:,d} trainable parameters"
             f"{f' ({len(frozen)} tensors frozen)' if frozen else ''}; {dist_.world} process(es) on {device}, "
-            f"{'fp32' if amp == 'off' else amp}; batch {local_batch * dist_.world}, {steps} steps per epoch")
-        if folder.skipped:
-            say(f"skipped {len(folder.skipped)} unreadable image(s) of {config.data}")
+            f"{'fp32' if amp == 'off' else amp}; batch {micro * config.accum_steps * dist_.world}, {steps} steps per "
+            f"epoch{''.join(f'; {e}' for e in extras if e)}")
+    skipped = set(folder.skipped) | set(val.skipped if val is not None else ())
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
-        mine = order[dist_.rank:per_rank * dist_.world:dist_.world][:steps * local_batch].tolist()
-        torch.manual_seed(config.seed * 1000003 + epoch * 1009 + dist_.rank)  # augmentation draws
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=local_batch,
-                                             shuffle=False, num_workers=config.workers, drop_last=True)
+        sampler.set_epoch(epoch)
+        torch.manual_seed(config.seed * 1000003 + epoch * 1009 + dist_.rank)  # the device's augmentation draws
         train_model.train()
         for m in frozen_modules:  # frozen BatchNorms keep their statistics
             m.eval()
-        sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n: one sync per epoch
+        first_loss = None
+        lr_used = scheduler.get_last_lr()[0]
+        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                    disable=not (progress and dist_.main), file=sys.stderr)
-        for images, labels in bar:
-            images, labels = images.to(device), labels.to(device)
-            with torch.no_grad():
-                images = normalize(augment(images))
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = train_model(images)
-                loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            n = len(labels)
-            sums[0] += float(loss.detach()) * n
-            sums[1] += int((logits.argmax(1) == labels).sum())
-            sums[2] += n
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            img_s=f"{sums[2] * dist_.world / elapsed:.1f}")
+        optimizer.zero_grad(set_to_none=True)
+        for i, (images, labels, bad) in enumerate(bar):
+            skipped.update(bad)
+            last_micro = (i + 1) % config.accum_steps == 0
+            if len(labels) < 2:  # undecodable images left fewer than BatchNorm needs
+                if dist_.world > 1:
+                    raise TrainError(f"a batch of process {dist_.rank} holds {len(labels)} decodable image(s) "
+                                     f"(BatchNorm needs 2): remove the undecodable images {sorted(bad)}")
+            else:
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with torch.no_grad():
+                    x, targets = augment(images, labels)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                sync = contextlib.nullcontext() if last_micro or dist_.world == 1 else train_model.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        logits = train_model(x)
+                    loss = criterion(logits.float(), targets)
+                    scaler.scale(loss / config.accum_steps).backward()
+                hard = targets if targets.dim() == 1 else targets.argmax(1)
+                n = len(labels)
+                sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == hard).sum().double(),
+                                     torch.tensor(float(n), dtype=torch.float64, device=device)])
+                if epoch == 0 and i == 0:
+                    first_loss = float(loss.detach())
+            if last_micro:
+                lr_used = scheduler.get_last_lr()[0]  # the rate this step uses (before scheduler.step)
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+            if progress and dist_.main and i % 20 == 19:  # a host sync every 20 batches, for the bar only
+                loss_sum, _, seen = sums.tolist()
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", lr=f"{lr_used:.2e}",
+                                img_s=f"{seen * dist_.world / (time.perf_counter() - t0):.1f}")
         bar.close()
-        loss_sum, correct, seen = _all_sum(sums, dist_)
+        loss_sum, correct, seen = _all_sum(sums.tolist(), dist_)
         train_seconds = time.perf_counter() - t0
-        line = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": scheduler.get_last_lr()[0],
-                "train_top1": correct / seen, "images_per_second": seen / train_seconds}
-        if val is not None:
-            shard = list(range(dist_.rank, len(val), dist_.world))
-            v = evaluate_model(model, val, config.image_size, local_batch * 2, device, shard)
-            v_images, v_top1, v_top5, v_loss = _all_sum([v["images"], v["top1"], v["top5"], v["loss"]], dist_)
-            line.update(val_top1=v_top1 / v_images, val_top5=v_top5 / v_images, val_loss=v_loss / v_images)
+        line: Dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": lr_used,
+                                "train_top1": correct / seen, "images_per_second": seen / train_seconds}
+        if first_loss is not None:
+            line["first_step_loss"] = first_loss
+        _take_buffers_of_rank0([model] + ([ema.module] if ema is not None else []), dist_)
+        v = None
+        if val_loader is not None:
+            v = evaluate_model(eval_model, val, config.image_size, device=device, loader=val_loader,
+                               channels_last=cuda)
+            skipped.update(v["skipped"])
+            line.update(val_top1=v["top1"], val_top5=v["top5"], val_loss=v["loss"],
+                        val_recall=[c["recall"] for c in class_report(v["confusion"], val.classes)])
+        all_skipped = _all_paths(sorted(skipped), dist_)
+        line["skipped_images"] = len(all_skipped)
         line["seconds"] = time.perf_counter() - t0
         metrics.append(line)
         score = line.get("val_top1", -line["train_loss"])
-        improved = score > best
-        best = max(best, score)
+        improved = best is None or score > best
+        if improved:
+            best = score
         if dist_.main:
             for name in ("last", "best") if improved else ("last",):
-                _save_weights(model, os.path.join(config.run_dir, f"{name}.safetensors"), config, folder, epoch + 1,
-                              line.get("val_top1"))
-            _save_state(config.run_dir, epoch + 1, config, optimizer, scheduler, scaler, best, metrics, folder)
+                _save_weights(eval_model, os.path.join(config.run_dir, f"{name}.safetensors"), config, folder,
+                              epoch + 1, line.get("val_top1"))
+            if improved and v is not None:
+                write_atomically(os.path.join(config.run_dir, "confusion.png"), plot_confusion(
+                    v["confusion"], val.classes, f"epoch {epoch + 1}: val top-1 {100 * v['top1']:.2f} %"))
+            _save_state(config.run_dir, epoch + 1, config, optimizer, scheduler, scaler, best, metrics, folder,
+                        dist_.world, model, ema)
             write_atomically(os.path.join(config.run_dir, "metrics.jsonl"),
-                          "".join(json.dumps(m) + "\n" for m in metrics).encode())
+                             "".join(json.dumps(m) + "\n" for m in metrics).encode())
             _plot(metrics, os.path.join(config.run_dir, "curves.png"))
             val_text = f", val top-1 {100 * line['val_top1']:.2f} %" if "val_top1" in line else ""
-            say(f"epoch {epoch + 1}/{config.epochs}: loss {line['train_loss']:.4f}, lr {line['lr']:.2e}, "
+            first_text = (f", first step loss {first_loss:.4f} (ln {len(folder.classes)} = "
+                          f"{math.log(len(folder.classes)):.4f})" if first_loss is not None else "")
+            say(f"epoch {epoch + 1}/{config.epochs}: loss {line['train_loss']:.4f}{first_text}, lr {line['lr']:.2e}, "
                 f"train top-1 {100 * line['train_top1']:.2f} %{val_text}, {line['images_per_second']:.1f} "
                 f"images/s, {line['seconds']:.1f} s")
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < config.epochs:
             say(f"stopped after epoch {epoch + 1}; continue with --resume {config.run_dir}")
             break
     finished = bool(metrics) and metrics[-1]["epoch"] == config.epochs
+    all_skipped = _all_paths(sorted(skipped), dist_)
+    if all_skipped:
+        say(f"skipped {len(all_skipped)} unreadable image(s): {', '.join(all_skipped[:5])}"
+            f"{' ...' if len(all_skipped) > 5 else ''}")
     if dist_.main and finished:
         source = "best.safetensors" if val is not None else "last.safetensors"
         with open(os.path.join(config.run_dir, source), "rb") as f:
             write_atomically(config.output, f.read())
-        say(f"wrote {config.output} ({source.split('.')[0]} epoch{' by val top-1' if val is not None else ''})")
+        say(f"wrote {config.output} ({source.split('.')[0]} epoch{' by val top-1' if val is not None else ''}"
+            f"{', EMA weights' if ema is not None else ''})")
     if dist_.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return {**(metrics[-1] if metrics else {}), "output": config.output if finished else None,
-            "run_dir": config.run_dir, "finished": finished}
+            "run_dir": config.run_dir, "finished": finished, "skipped": all_skipped}
 
 
 # --------------------------------------------------------------------------------------
-# Command line (``trtvit train`` and ``python -m trtvit_native.train`` for torchrun)
+# Command line (``trtvit train``; ``torchrun -m trtvit_native train`` for several processes)
 # --------------------------------------------------------------------------------------
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    data, output = args.data, args.output
+    if args.resume is None:
+        missing = [flag for flag, value in (("--data", data), ("-o/--output", output)) if not value]
+        if missing:
+            raise TrainError(f"{' and '.join(missing)} required (a resumed run, --resume, keeps its own)")
+    else:  # given ones are checked against the run's; missing ones are the run's
+        saved = read_run(args.resume).get("config", {})
+        data, output = data or saved.get("data", ""), output or saved.get("output", "")
     return TrainConfig(
-        variant=args.variant, data=args.data, output=args.output, val=args.val, epochs=args.epochs,
+        variant=args.variant, data=data, output=output, val=args.val, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         image_size=args.image_size, label_smoothing=args.label_smoothing, init=args.init,
         freeze=tuple(f for f in args.freeze.split(",") if f), workers=args.workers, seed=args.seed,
         run_dir=args.resume or args.run_dir, clip_grad=args.clip_grad, min_crop_scale=args.min_crop_scale,
-        hflip=args.hflip, amp=args.amp)
+        hflip=args.hflip, amp=args.amp, ema=args.ema, randaug=args.randaug, trivialaug=args.trivialaug,
+        random_erasing=args.random_erasing, mixup=args.mixup, cutmix=args.cutmix, accum_steps=args.accum_steps)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     train(config_from_args(args), resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
     return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m trtvit_native.train`` (e.g. under torchrun): the arguments of ``trtvit train``."""
-    from .cli import main as cli_main
-
-    return cli_main(["train"] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ from .variants import VARIANTS, VariantConfig, expected_shapes, get_config
 if TYPE_CHECKING:  # torch is needed only by the functions that return torch tensors
     import torch
 
-__all__ = ["WeightsError", "FORMAT_VERSION", "read_metadata", "class_names", "write_atomically", "expected_shapes", "save_weights", "load_weights", "load_arrays",
+__all__ = ["WeightsError", "FORMAT_VERSION", "read_metadata", "class_names", "write_atomically", "check_output_path", "expected_shapes", "save_weights", "load_weights", "load_arrays",
            "validate_arrays", "validate_state_dict", "Quantization", "QUANT_PRECISIONS", "QUANT_METHODS",
            "quantizer_sites", "load_quantization", "is_quantized"]
 
@@ -153,6 +153,32 @@ def write_atomically(path: PathLike, data: bytes) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output_path(path: PathLike) -> None:
+    """Fail before any work when ``path`` cannot become a file: a directory, a missing or
+    non-directory parent, or a place this process cannot write. Errors name ``path``
+    (as ValueError: the command line prints it as its one-line error)."""
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory; give the engine file's name")
+    directory = os.path.dirname(os.path.abspath(path))
+    ancestor = directory
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"output {path}: {ancestor} is a file, not a directory")
+    if ancestor != directory:
+        raise ValueError(f"output {path}: output directory {directory} does not exist")
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trtvit-", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise ValueError(f"output {path}: cannot write to {directory} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"output {path} exists and is not a regular file")
 
 
 def read_engine_json(path: PathLike, error: type = ValueError) -> Dict[str, Any]:
