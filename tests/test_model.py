@@ -19,7 +19,9 @@ def test_parameter_counts_match_the_design_table(variant):
     model = reference(variant)
     assert tv.count_parameters(model) == full
     assert tv.count_parameters(model, include_head=False) == backbone
-    assert tv.count_parameters(variant) == full  # the meta-device count agrees
+    assert tv.count_parameters(variant) == full  # the count from the config alone (no model) agrees
+    assert tv.count_parameters(variant, include_head=False) == backbone
+    assert tv.count_parameters(variant, num_classes=7) == backbone + 7 * (tv.get_config(variant).num_features + 1)
 
 
 @pytest.mark.parametrize("variant", sorted(TABLE))

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 from .weights import check_output_path  # noqa: F401  (numpy only; used by the commands)
@@ -58,8 +59,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("variant", help="variant name (see `trtvit info`)")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: seeded untrained weights)")
     _add_precision(p)
-    p.add_argument("--image-size", type=_size, default=224, metavar="S",
-                   help="input size S or HxW, multiples of 32 (224); the optimization shape when dynamic")
+    p.add_argument("--image-size", type=_size, metavar="S",
+                   help="input size S or HxW, multiples of 32 (default: the size the weights were trained at, "
+                        "else 224); the optimization shape when dynamic")
     p.add_argument("--min-image-size", type=_size, metavar="S", help="smallest input, S or HxW: dynamic H and W")
     p.add_argument("--max-image-size", type=_size, metavar="S", help="largest input, S or HxW: dynamic H and W")
     p.add_argument("--outputs", default="logits", metavar="LIST",
@@ -76,12 +78,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="training ImageFolder (one sub-folder per class); required "
                                                   "unless --resume")
     p.add_argument("--val", metavar="DIR", help="validation ImageFolder with the same classes")
-    p.add_argument("--epochs", type=int, default=30, metavar="N", help="epochs (30)")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help="epochs (30); with --resume, a larger number extends the run to that end")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="global batch size (64)")
     p.add_argument("--lr", type=float, metavar="F", help="peak learning rate (1e-3 from scratch, 2e-4 with --init)")
     p.add_argument("--weight-decay", type=float, default=0.05, metavar="F", help="AdamW weight decay (0.05)")
     p.add_argument("--warmup-epochs", type=float, metavar="N", help="linear warmup (1 from scratch, 0 with --init)")
-    p.add_argument("--image-size", type=int, default=224, metavar="S", help="training image size, a multiple of 32")
+    p.add_argument("--image-size", type=int, metavar="S",
+                   help="training image size, a multiple of 32 (default: the size of the --init weights, else 224)")
     p.add_argument("--label-smoothing", type=float, default=0.1, metavar="F", help="(0.1)")
     p.add_argument("--init", metavar="W.safetensors", help="start from these weights (same variant, any classes)")
     p.add_argument("--freeze", default="", metavar="PREFIXES", help="comma-separated module prefixes to freeze")
@@ -188,7 +192,22 @@ def _parser() -> _Parser:
     ev.add_argument("--batch-size", type=int, default=32, metavar="N", help="(32)")
     ev.add_argument("--workers", type=int, default=0, metavar="N", help="image decoding processes (0)")
     ev.add_argument("--confusion", metavar="PNG", help="also draw the confusion matrix into this PNG file")
+    ev.add_argument("--per-image", action="store_true",
+                    help="also each image's predicted class and probability (JSON: 'predictions')")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    pr = sub.add_parser("predict", help="the top classes of image files, by the reference, the network (CPU) or an "
+                                        "engine (GPU)")
+    pr.add_argument("weights", help="safetensors weights (from trtvit train): the variant and class names come from "
+                                    "the file")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, BMP...)")
+    what = pr.add_mutually_exclusive_group()
+    what.add_argument("--network", action="store_true", help="classify with the TensorRT network on the CPU "
+                                                             "interpreter")
+    what.add_argument("--engine", metavar="FILE", help="classify with this engine file on the GPU")
+    _add_precision(pr)
+    pr.add_argument("--top", type=int, metavar="K", help="classes per image (5, or all when there are fewer)")
+    pr.add_argument("--image-size", type=int, metavar="S", help="input size (default: the size trained at)")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quantize_arguments(sub.add_parser("quantize", help="calibrate int8 or fp8 quantization with NVIDIA ModelOpt "
                                                             "(CPU) and write a quantized weights file"))
     parity = sub.add_parser("parity", help="per-layer parity report of the network against the reference")
@@ -209,14 +228,13 @@ def _reference_and_weights(variant: str, weights: Optional[str]):
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .model import count_parameters
-    from .variants import VARIANTS, count_macs
+    from .variants import VARIANTS, count_config_parameters, count_macs  # data: no torch
 
     print(f"{'variant':12s} {'depths':>14s} {'params (backbone)':>18s} {'params (+head)':>15s} {'GMACs@224':>10s}")
     for name in sorted(VARIANTS):
         cfg = VARIANTS[name]
-        print(f"{name:12s} {str(tuple(cfg.depths)):>14s} {count_parameters(name, include_head=False):>18,d} "
-              f"{count_parameters(name):>15,d} {count_macs(name) / 1e9:>10.2f}")
+        print(f"{name:12s} {str(tuple(cfg.depths)):>14s} {count_config_parameters(name, include_head=False):>18,d} "
+              f"{count_config_parameters(name):>15,d} {count_macs(name) / 1e9:>10.2f}")
     print("Depths are this project's choice (the paper published no per-variant table of them); "
           "GMACs count convolutions and matrix products, attention included.")
     return 0
@@ -230,8 +248,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .variants import get_config
     from .network import build_network
 
+    from .weights import resolve_image_size
+
     get_config(args.variant)  # fail fast on an unknown name
+    _check_engine_output(args.output)
     check_output_path(args.output)
+    args.image_size, size_line = resolve_image_size(args.weights, args.image_size)
+    print(f"image      {size_line}", flush=True)
     t0 = time.perf_counter()
     if args.no_parity and args.weights:
         model, weights = None, args.weights  # numpy from the file: no torch on this path
@@ -242,6 +265,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
                           image_size=args.image_size, plugins=_plugins_arg(args.plugins), attention=args.attention,
                           outputs=_outputs(args.outputs), min_image_size=args.min_image_size,
                           max_image_size=args.max_image_size)
+    if args.weights:  # the network may come from the reference's state dict: the file says the size
+        from .weights import trained_image_size
+
+        built.trained_image_size = trained_image_size(args.weights)
     t1 = time.perf_counter()
     plan = built.build_serialized()
     t_build = time.perf_counter() - t1
@@ -292,6 +319,24 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if status:
         print(f"trtvit: error: parity check failed; {args.output} written anyway (--keep-failed)", file=sys.stderr)
     return status
+
+
+_WEIGHTS_SUFFIXES = (".safetensors",)
+_ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def _check_engine_output(path: str) -> None:
+    """An engine written under a weights file's name would be mistaken for one."""
+    if path.lower().endswith(_WEIGHTS_SUFFIXES):
+        raise _UsageError(f"build: -o {path}: trtvit build writes a TensorRT engine, not a safetensors weights file; "
+                          f"name it e.g. {os.path.splitext(path)[0]}.engine")
+
+
+def check_weights_output(path: Optional[str], command: str) -> None:
+    """Weights written under an engine's name would be mistaken for one."""
+    if path and path.lower().endswith(_ENGINE_SUFFIXES):
+        raise _UsageError(f"{command}: -o {path}: trtvit {command} writes a safetensors weights file, not an engine; "
+                          f"name it {os.path.splitext(path)[0]}.safetensors (trtvit build makes the engine from it)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -397,6 +442,10 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 
     if not 1 <= args.batch <= MAX_BATCH_LIMIT:
         raise ValueError(f"--batch must be in 1..{MAX_BATCH_LIMIT}, got {args.batch}")
+    from .weights import resolve_image_size
+
+    args.image_size, size_line = resolve_image_size(args.weights, args.image_size)
+    print(f"image size {size_line}", flush=True)
     model, state = _reference_and_weights(args.variant, args.weights)
     built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.batch, image_size=args.image_size,
                           plugins=_plugins_arg(args.plugins), attention=args.attention,
@@ -416,25 +465,25 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quantization import QuantizeError, quantize, sensitivity
 
+    check_weights_output(args.output, "quantize")
     check_output_path(args.output)
     if args.images < 1:
         raise QuantizeError(f"--images must be at least 1, got {args.images}")
     t0 = time.perf_counter()
     q = quantize(args.variant, args.weights, args.calib, args.output, precision=args.precision, method=args.method,
                  images=args.images, batch_size=args.batch_size, image_size=args.image_size, keep=args.keep,
-                 progress=not args.quiet)
+                 progress=not args.quiet, say=lambda line: print(f"{line}", flush=True))
     weights = sum(1 for n in q.amax if n.endswith(".weight_quantizer"))
     print(f"quantized  {args.output}: {q.describe()}; {len(q.amax) - weights} activation and {weights} weight "
           f"quantizers, ModelOpt {q.modelopt}, {time.perf_counter() - t0:.1f} s")
     if args.sensitivity:
         import torch
 
-        from .data import eval_transform, load_rgb
-        from .quantization import _image_size, calibration_files
+        from .quantization import _batches, _image_size, calibration_files
 
         files = calibration_files(args.calib, min(args.images, 64), 1)
-        size = _image_size(args.weights, args.image_size)
-        images = torch.stack([eval_transform(load_rgb(f), size) for f in files])
+        size, _ = _image_size(args.weights, args.image_size)
+        images = torch.cat(list(_batches(files, size, len(files), progress=False)))
         print(f"sensitivity: the logits when only one layer is quantized, against the unquantized model, on "
               f"{len(files)} calibration images (largest error first)")
         print(f"{'layer':44s} {'RMS logit error':>16s} {'top-1 agreement':>16s}")
@@ -444,13 +493,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.resume is None:
+        missing = [flag for flag, value in (("--data", args.data), ("-o/--output", args.output)) if not value]
+        if missing:
+            raise _UsageError(f"train: {' and '.join(missing)} required (a resumed run, --resume, keeps its own)")
+    check_weights_output(args.output, "train")
     from .train import run_from_args
 
     return run_from_args(args)
 
 
 def _cmd_export_triton(args: argparse.Namespace) -> int:
-    from .triton import export_triton
+    from .triton import export_triton, read_engine_metadata
+
+    meta = read_engine_metadata(args.engine)
+    sizes = meta.get("image_size") or {}
+    opt, trained = sizes.get("opt") or meta["input"]["shape"][2:], meta.get("trained_image_size")
+    dynamic = sizes.get("min") != sizes.get("max")
+    note = f"; the weights were trained at {trained}x{trained}" if trained else ""
+    print(f"image      {opt[0]}x{opt[1]} (the engine's {'optimization shape' if dynamic else 'input'}, "
+          f"ENGINE.json{note})", flush=True)
 
     written = export_triton(args.engine, args.repository, name=args.name, version=args.version,
                             instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
@@ -466,11 +528,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     r = evaluate(args.variant, args.weights, args.data, image_size=args.image_size, network=args.network,
                  engine=args.engine, fp16=args.fp16, batch_size=args.batch_size, workers=args.workers,
-                 confusion_png=args.confusion)
+                 confusion_png=args.confusion, per_image=args.per_image)
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"data       {args.data}: {r['images']} images, {r['classes']} classes, {r['image_size']}x{r['image_size']}")
+    print(f"image      {r['image_size_source']}")
+    print(f"data       {args.data}: {r['images']} images, {r['classes']} classes")
     print(f"model      {r['model']}: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} %, "
           f"{r['images_per_second']:.1f} images/s")
     if "agreement" in r:
@@ -491,6 +554,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.confusion:
         print(f"confusion  {args.confusion}")
     _print_quantized_eval(r)
+    for p in r.get("predictions", ()):
+        print(f"image      {p['image']}: {p['predicted']} ({100 * p['probability']:.2f} %), true {p['label']}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .evaluate import predict
+
+    r = predict(args.weights, args.images, network=args.network, engine=args.engine, fp16=args.fp16, top=args.top,
+                image_size=args.image_size)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"image      {r['image_size_source']}")
+    print(f"model      {r['variant']} {r['model']}, {args.weights}")
+    for p in r["predictions"]:
+        ranked = ", ".join(f"{t['label']} ({100 * t['probability']:.2f} %)" for t in p["top"])
+        print(f"{p['image']}: {ranked}")
     return 0
 
 
@@ -516,14 +597,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             interpreter is not None and isinstance(e, interpreter.InterpreterError))
 
     args = None
+    original_showwarning = warnings.showwarning
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # The package's own warnings (a skipped image...) are for the user: one line, no source
+        if category.__module__.startswith(__package__ or "trtvit_native"):
+            print(f"trtvit: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            original_showwarning(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_warning
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _UsageError("a command is required: build, run, info, parity, train, quantize, eval or export-triton "
+            raise _UsageError("a command is required: build, run, info, parity, train, quantize, eval, predict or "
+                              "export-triton "
                               "(see trtvit --help)")
         commands = {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity,
-                    "train": _cmd_train, "eval": _cmd_eval, "export-triton": _cmd_export_triton,
-                    "quantize": _cmd_quantize}
+                    "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict,
+                    "export-triton": _cmd_export_triton, "quantize": _cmd_quantize}
         return commands[args.command](args)
     except _UsageError as e:
         print(f"trtvit: error: {e}", file=sys.stderr)
@@ -545,6 +637,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # WeightsError is a ValueError: every bad input ends here with its own message.
         print(f"trtvit: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = original_showwarning
 
 
 if __name__ == "__main__":

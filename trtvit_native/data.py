@@ -39,6 +39,20 @@ class DataError(ValueError):
     """A data folder or image that cannot be used; the message names it."""
 
 
+class SkippedImageWarning(UserWarning):
+    """An image file left out of a data set because it cannot be read; the message names
+    the file and why (``trtvit`` prints it as one line)."""
+
+
+def _unreadable_reason(e: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image Pillow can decode"
+    text = str(e).split(":")[0].strip() if str(e) else ""
+    return text or type(e).__name__
+
+
 def load_rgb(path: Union[PathLike, bytes]) -> torch.Tensor:
     """Decode an image (a file, or its encoded bytes) to a uint8 RGB tensor (3, H, W).
     Grayscale, palette, RGBA (alpha dropped) and CMYK images are converted to RGB; 16-bit
@@ -125,6 +139,9 @@ class ImageFolder:
         root = Path(root)
         if not root.exists():
             raise DataError(f"data folder {root} does not exist")
+        if root.is_file():
+            raise DataError(f"{root} is a file, not a data folder (an ImageFolder tree, one sub-folder per class); "
+                            f"to classify image files: trtvit predict WEIGHTS {root}")
         if not root.is_dir():
             raise DataError(f"data folder {root} is not a directory")
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -144,7 +161,8 @@ class ImageFolder:
                             pass
                     except Exception as e:  # Pillow raises many kinds for a bad file
                         skipped.append(path)
-                        warnings.warn(f"skipping unreadable image {path}: {e}", RuntimeWarning, stacklevel=2)
+                        warnings.warn(f"skipped {path}: {_unreadable_reason(e)}", SkippedImageWarning,
+                                      stacklevel=2)
                         continue
                 samples.append((path, label))
         if not samples:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .data import EvalImages, ImageFolder, collate_skipping, normalize
 
-__all__ = ["evaluate_model", "evaluate", "batches", "eval_loader", "class_report", "plot_confusion"]
+__all__ = ["evaluate_model", "evaluate", "predict", "batches", "eval_loader", "class_report", "plot_confusion"]
 
 
 def eval_loader(folder: ImageFolder, image_size: int, batch_size: int, indices: Optional[Sequence[int]] = None,
@@ -159,14 +159,17 @@ def evaluate_model(model: torch.nn.Module, folder: ImageFolder, image_size: int,
 
 def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = None, network: bool = False,
              engine: Optional[str] = None, fp16: bool = True, batch_size: int = 32, workers: int = 0,
-             confusion_png: Optional[str] = None) -> Dict[str, Any]:
+             confusion_png: Optional[str] = None, per_image: bool = False) -> Dict[str, Any]:
     """Accuracy of the reference and, with ``network`` or ``engine``, of the network/engine,
     with their agreement. Fractions in 0..1. ``per_class`` and ``confusion`` (rows: true
     classes in label order) are those of the model measured (the network or engine when
-    given, else the reference); ``confusion_png`` also draws the matrix there."""
+    given, else the reference); ``confusion_png`` also draws the matrix there.
+    ``per_image`` adds ``predictions``: per decoded image, in folder order, ``{"image",
+    "label", "predicted", "probability"}`` of the model measured (what :func:`predict`
+    gives as its first class)."""
     from .model import create_model
     from .network import image_hw
-    from .weights import class_names, load_quantization, read_metadata
+    from .weights import class_names, load_quantization, resolve_image_size
 
     if network and engine:
         raise ValueError("choose --network or --engine, not both")
@@ -178,9 +181,7 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
         from .weights import check_output_path
 
         check_output_path(confusion_png)
-    meta = read_metadata(weights)
-    if image_size is None:
-        image_size = int(meta.get("image_size", 224))
+    image_size, size_line = resolve_image_size(weights, image_size)
     image_hw(image_size, "--image-size")
     model = _unquantized_reference(variant, weights)
     folder = ImageFolder.read(data)
@@ -190,25 +191,7 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
     if names is not None and names != folder.classes:
         raise ValueError(f"the classes of {data} ({', '.join(folder.classes)}) are not those {weights} was "
                          f"trained on ({', '.join(names)})")
-    runner: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    label = "reference (PyTorch fp32)"
-    if network:
-        from .interpreter import interpret
-        from .network import build_network
-
-        built = build_network(variant, weights, fp16=fp16, max_batch=batch_size, image_size=image_size)
-        runner = lambda x: interpret(built, x)  # noqa: E731
-        label = f"network ({'fp16' if fp16 else 'fp32'}, CPU interpreter)"
-    elif engine:
-        from .runtime import EngineRunner
-
-        eng = EngineRunner(engine)
-        if eng.image_shape[-1] != image_size:
-            raise ValueError(f"engine {engine} takes {eng.image_shape[-1]}x{eng.image_shape[-1]} images, not "
-                             f"{image_size}")
-        batch_size = min(batch_size, eng.batch_range[1])
-        runner = lambda x: eng(x)  # noqa: E731  (CPU tensors in and out; copied through pinned buffers)
-        label = f"engine {engine}"
+    runner, label, batch_size = _runner(variant, weights, network, engine, fp16, batch_size, image_size)
     # A quantized file's network is also compared with the fake-quantized reference (the
     # reference ``model`` above is the unquantized fp32 one).
     quant = load_quantization(weights, variant) if runner is not None else None
@@ -218,9 +201,13 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
     max_diff, seconds = 0.0, 0.0  # seconds: of the model measured (the runner, else the reference)
     counts = _Counts(len(folder.classes))  # of the model measured
     skipped: List[str] = []
+    predictions: List[Dict[str, Any]] = []
+    position = 0  # the loader goes through the folder's samples in order
     with torch.no_grad():
         for images, labels, bad in eval_loader(folder, image_size, batch_size, workers=workers):
             skipped += bad
+            chunk = folder.samples[position:position + len(labels) + len(bad)]
+            position += len(chunk)
             if not len(labels):
                 continue
             images = normalize(images)
@@ -232,12 +219,17 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
             totals["images"] += len(labels)
             totals["ref_top1"] += _accuracy(ref, labels, 1)
             totals["ref_top5"] += _accuracy(ref, labels, 5)
+            paths = [path for path, _ in chunk if path not in bad]
             if runner is None:
+                if per_image:
+                    predictions += _image_rows(paths, labels, ref, folder.classes)
                 continue
             start = time.perf_counter()
             out = runner(images)
             seconds += time.perf_counter() - start
             counts.update(out, labels)
+            if per_image:
+                predictions += _image_rows(paths, labels, out, folder.classes)
             totals["top1"] += _accuracy(out, labels, 1)
             totals["top5"] += _accuracy(out, labels, 5)
             totals["agree"] += int((out.argmax(1) == ref.argmax(1)).sum())
@@ -258,9 +250,12 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
     measured = counts.compute()
     result["top1"] = measured["top1"]  # the confusion matrix's diagonal over the count
     result.update(images=n, images_per_second=n / seconds if seconds > 0 else math.inf, variant=variant,
-                  weights=weights, data=data, image_size=image_size, classes=len(folder.classes),
+                  weights=weights, data=data, image_size=image_size, image_size_source=size_line,
+                  classes=len(folder.classes),
                   per_class=class_report(measured["confusion"], folder.classes),
                   confusion=measured["confusion"].tolist(), skipped=skipped)
+    if per_image:
+        result["predictions"] = predictions
     if fake is not None:  # a quantized weights file: the fake-quantized reference too
         result.update(quantized_reference_top1=totals["fake_top1"] / n,
                       quantized_reference_agreement=totals["fake_agree"] / n, quantization=quant.metadata())
@@ -273,12 +268,107 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
 
 
 
-def _unquantized_reference(variant: str, weights: str) -> torch.nn.Module:
+def _image_rows(paths: Sequence[str], labels: torch.Tensor, logits: torch.Tensor,
+                classes: Sequence[str]) -> List[Dict[str, Any]]:
+    probability, predicted = logits.float().softmax(dim=1).max(dim=1)
+    return [{"image": path, "label": classes[t], "predicted": classes[c], "probability": q}
+            for path, t, c, q in zip(paths, labels.tolist(), predicted.tolist(), probability.tolist())]
+
+
+def _runner(variant: str, weights: str, network: bool, engine: Optional[str], fp16: bool, batch_size: int,
+            image_size: int) -> Tuple[Optional[Callable[[torch.Tensor], torch.Tensor]], str, int]:
+    """What runs besides the reference: the network built from ``weights`` on the CPU
+    interpreter, an engine on the GPU, or nothing. Returns it, its label and the batch
+    size it takes."""
+    if network and engine:
+        raise ValueError("choose --network or --engine, not both")
+    if network:
+        from .interpreter import interpret
+        from .network import build_network
+
+        built = build_network(variant, weights, fp16=fp16, max_batch=batch_size, image_size=image_size)
+        return (lambda x: interpret(built, x)), f"network ({'fp16' if fp16 else 'fp32'}, CPU interpreter)", batch_size
+    if engine:
+        from .runtime import EngineRunner
+
+        eng = EngineRunner(engine)
+        if tuple(eng.image_shape[-2:]) != (image_size, image_size):
+            raise ValueError(f"engine {engine} takes {'x'.join(map(str, eng.image_shape[-2:]))} images, not "
+                             f"{image_size}x{image_size}")
+        # CPU tensors in and out; copied through pinned buffers
+        return (lambda x: eng(x)), f"engine {engine}", min(batch_size, eng.batch_range[1])
+    return None, "reference (PyTorch fp32)", batch_size
+
+
+def predict(weights: str, images: Sequence[str], network: bool = False, engine: Optional[str] = None,
+            fp16: bool = True, top: Optional[int] = None, image_size: Optional[int] = None,
+            batch_size: int = 32) -> Dict[str, Any]:
+    """The ``top`` classes (5, or all when there are fewer) of each image file with their probabilities (softmax of the
+    logits), by the reference model of ``weights`` or, with ``network`` / ``engine``, by the
+    TensorRT network on the CPU interpreter / an engine on the GPU. Every image goes
+    through the one preprocessing definition (:func:`trtvit_native.data.eval_transform`)
+    at the size the weights were trained at unless ``image_size`` says otherwise.
+
+    Returns ``{"model", "variant", "image_size", "image_size_source", "predictions"}``, with
+    ``predictions`` one ``{"image", "top": [{"label", "index", "probability"}, ...]}`` per
+    file, in the order given."""
+    import os
+
+    from .data import DataError, eval_transform, load_rgb
+    from .model import create_model
+    from .network import image_hw
+    from .weights import resolve_image_size
+
+    if not images:
+        raise ValueError("give at least one image file")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    for path in images:
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory: give image files (trtvit eval takes a folder)")
+        if not os.path.isfile(path):
+            raise ValueError(f"image file {path} does not exist")
+    image_size, size_line = resolve_image_size(weights, image_size)
+    image_hw(image_size, "--image-size")
+    model = _unquantized_reference(None, weights) if network or engine else create_model(weights=weights)
+    variant = model.config.name
+    labels = model.labels or [str(i) for i in range(model.num_classes)]
+    top = min(5, model.num_classes) if top is None else top
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= model.num_classes:
+        raise ValueError(f"--top must be in 1..{model.num_classes} (the classes of {weights}), got {top!r}")
+    inputs = []
+    for path in images:  # every file decoded before any is classified: a bad one is named, nothing printed
+        try:
+            inputs.append(eval_transform(load_rgb(path), image_size))
+        except DataError as e:
+            raise ValueError(str(e)) from None
+    runner, label, batch_size = _runner(variant, weights, network, engine, fp16, batch_size, image_size)
+    run = runner or model
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            logits = run(torch.stack(inputs[start:start + batch_size])).float()
+            probabilities = logits.softmax(dim=1)
+            values, indices = probabilities.topk(top, dim=1)
+            for i, (p, k) in enumerate(zip(values.tolist(), indices.tolist())):
+                predictions.append({"image": images[start + i], "top": [
+                    {"label": labels[c], "index": c, "probability": q} for q, c in zip(p, k)]})
+    return {"model": label if runner is not None else "reference (PyTorch fp32)", "variant": variant,
+            "weights": weights, "image_size": image_size, "image_size_source": size_line,
+            "predictions": predictions}
+
+
+def _unquantized_reference(variant: Optional[str], weights: str) -> torch.nn.Module:
     """The fp32 reference with the file's weights; for a quantized file, without its quantizers."""
     from .model import create_model
     from .weights import is_quantized, load_weights
 
     if is_quantized(weights):
-        return create_model(variant, weights={k: v.float() for k, v in load_weights(weights, variant).items()})
+        from .weights import class_names, read_metadata, trained_image_size
+
+        variant = variant or read_metadata(weights).get("arch")
+        model = create_model(variant, weights={k: v.float() for k, v in load_weights(weights, variant).items()})
+        model.labels, model.image_size = class_names(weights), trained_image_size(weights)
+        return model
     return create_model(variant, weights=weights)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,10 @@ class TRTViT(nn.Module):
         self.head = None if self.features_only else nn.Linear(config.num_features, self.num_classes)
         self.feature_info = [{"num_chs": config.widths[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"}
                              for i in self.out_indices]
+        # What a weights file records (create_model(weights=FILE) sets them): class names in
+        # output order, and the image size the weights were trained at.
+        self.labels: Optional[List[str]] = None
+        self.image_size: Optional[int] = None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -273,7 +277,7 @@ def _seeded_init(model: TRTViT, seed: int, calibration_batch: int = 8, image_siz
 
 
 def create_model(
-    name: Union[str, VariantConfig],
+    name: Union[None, str, VariantConfig] = None,
     num_classes: int = 1000,
     weights: Union[None, str, "os.PathLike[str]", Dict[str, torch.Tensor]] = None,
     seed: int = 0,
@@ -294,7 +298,20 @@ def create_model(
     (timm's convention; ``model.feature_info`` lists channels, strides and modules). A
     classification weights file loads into it: the head, and stages after the last
     selected one, are ignored; anything else missing is an error.
+
+    ``name`` may be left out when ``weights`` is a file: its ``arch`` metadata says which
+    variant it holds. A model from a file carries what the file records: ``labels`` (the
+    class names, in output order) and ``image_size`` (the size it was trained at), each
+    None when not recorded.
     """
+    if name is None:
+        from .weights import WeightsError, read_metadata
+
+        if not isinstance(weights, (str, os.PathLike)):
+            raise ValueError("create_model needs a variant name, or weights= a weights file whose metadata names it")
+        name = read_metadata(weights).get("arch")
+        if name is None:
+            raise WeightsError(f"{weights}: no 'arch' in the file's metadata; give the variant name")
     config = get_config(name)
     if weights is not None:
         from .weights import WeightsError, load_weights, validate_state_dict  # weights imports nothing from here
@@ -311,7 +328,9 @@ def create_model(
         wanted = model.state_dict()
         model.load_state_dict({k: v.float() for k, v in state.items() if k in wanted}, strict=False)
         if not isinstance(weights, dict):
-            from .weights import is_quantized, load_quantization
+            from .weights import class_names, is_quantized, load_quantization, trained_image_size
+
+            model.labels, model.image_size = class_names(weights), trained_image_size(weights)
 
             if is_quantized(weights):  # the fake-quantized reference: ModelOpt quantizers with the file's amax
                 if features_only:
@@ -332,9 +351,9 @@ def create_model(
 def count_parameters(model_or_name: Union[nn.Module, str, VariantConfig], include_head: bool = True,
                      num_classes: int = 1000) -> int:
     """Trainable parameters (BatchNorm running statistics are buffers, not counted)."""
-    if isinstance(model_or_name, nn.Module):
-        model = model_or_name
-    else:
-        with torch.device("meta"):
-            model = TRTViT(get_config(model_or_name), num_classes)
+    if not isinstance(model_or_name, nn.Module):  # counted from the config (tests check it against a model)
+        from .variants import count_config_parameters
+
+        return count_config_parameters(model_or_name, include_head, num_classes)
+    model = model_or_name
     return sum(p.numel() for n, p in model.named_parameters() if include_head or not n.startswith("head."))

@@ -28,7 +28,8 @@ import numpy as np
 
 from .backend import Backend, BackendError, CollectingLogger, get_backend
 from .variants import BN_EPS, LN_EPS, PREPROCESSING, VariantConfig, get_config
-from .weights import Quantization, WeightsError, is_quantized, load_arrays, load_quantization, validate_arrays
+from .weights import (Quantization, WeightsError, is_quantized, load_arrays, load_quantization, trained_image_size,
+                      validate_arrays)
 
 __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT_NAME", "OUTPUT_NAME",
            "STAGE_OUTPUTS", "OUTPUT_NAMES", "MAX_BATCH_LIMIT", "image_hw", "resolve_outputs"]
@@ -85,6 +86,7 @@ class BuiltNetwork:
     max_image_size: Optional[Tuple[int, int]] = None
     outputs: Tuple[str, ...] = (OUTPUT_NAME,)
     quantization: Optional[Quantization] = None  # int8/fp8 Q/DQ where the reference quantizes
+    trained_image_size: Optional[int] = None  # what the weights file records, when it does
     _keepalive: List[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +162,7 @@ class BuiltNetwork:
             "batch": {"min": 1, "opt": self.max_batch, "max": self.max_batch},
             "image_size": {"min": list(self.min_image_size), "opt": list(self.image_size),
                            "max": list(self.max_image_size)},
+            "trained_image_size": self.trained_image_size,
             "plugins": self.plugins,
             "loads_in": (["Python processes that import trtvit_native (the trtvit plugin creators are Python)"]
                          if self.plugins else ["any process with the same TensorRT version (C++ or Python)"]),
@@ -670,7 +673,7 @@ def resolve_plugins(backend: Backend, plugins: Union[str, bool]) -> bool:
 
 
 def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
-                  max_batch: int = 32, image_size: SizeArg = 224, plugins: Union[str, bool] = "auto",
+                  max_batch: int = 32, image_size: Optional[SizeArg] = None, plugins: Union[str, bool] = "auto",
                   seed: int = 0, backend: Optional[str] = None, attention: str = "matmul",
                   outputs: Any = "logits", min_image_size: Optional[SizeArg] = None,
                   max_image_size: Optional[SizeArg] = None,
@@ -681,8 +684,9 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     weights of :func:`trtvit_native.create_model`. The batch dimension is dynamic
     (optimization profile 1 / max_batch / max_batch). ``image_size`` (an int or (H, W),
     multiples of 32) is the spatial size, fixed unless ``min_image_size`` /
-    ``max_image_size`` make H and W dynamic, with ``image_size`` the optimization shape.
-    ``outputs``: ``"logits"``, ``"features"`` (stage1..stage4, strides 4..32) or a tuple of
+    ``max_image_size`` make H and W dynamic, with ``image_size`` the optimization shape;
+    by default the size a weights file was trained at (its ``image_size`` metadata), else
+    224. ``outputs``: ``"logits"``, ``"features"`` (stage1..stage4, strides 4..32) or a tuple of
     names from ``stage1``..``stage4``, ``logits``. ``attention`` chooses the native attention
     where the plugins are not used: ``"matmul"`` (MatMul-SoftMax-MatMul, softmax in fp32) or
     ``"fused"`` (the backend's IAttention layer, where it has one).
@@ -694,6 +698,9 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     """
     config = get_config(name_or_config)
     _check_arguments(fp16, max_batch, plugins, attention)
+    trained = trained_image_size(weights) if isinstance(weights, (str, os.PathLike)) else None
+    if image_size is None:
+        image_size = trained or 224
     low, opt, high = _profile_sizes(image_size, min_image_size, max_image_size)
     wanted = resolve_outputs(outputs)
     dynamic = low != high
@@ -749,12 +756,12 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         weight_bytes=net.weight_bytes,
         weights_source=source, definition_seconds=time.perf_counter() - start,
         min_image_size=low, max_image_size=high, outputs=wanted, quantization=quant,
-        _keepalive=net.keep,
+        trained_image_size=trained, _keepalive=net.keep,
     )
 
 
 def build_engine(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
-                 max_batch: int = 32, image_size: SizeArg = 224, plugins: Union[str, bool] = "auto",
+                 max_batch: int = 32, image_size: Optional[SizeArg] = None, plugins: Union[str, bool] = "auto",
                  seed: int = 0, backend: Optional[str] = None, attention: str = "matmul",
                  outputs: Any = "logits", min_image_size: Optional[SizeArg] = None,
                  max_image_size: Optional[SizeArg] = None, quantization: Optional[Quantization] = None) -> bytes:

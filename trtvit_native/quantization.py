@@ -30,7 +30,7 @@ import json
 import os
 import random
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -250,8 +250,19 @@ def calibration_files(calib: PathLike, images: int, batch_size: int, seed: int =
     return files[:images]
 
 
-def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: bool) -> Iterable[torch.Tensor]:
-    from .data import eval_transform, load_rgb
+def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: bool,
+             skipped: Optional[List[str]] = None) -> Iterable[torch.Tensor]:
+    """Preprocessed batches of ``files``; an image that cannot be decoded (a truncated file)
+    is left out of its batch and appended to ``skipped``, as training and evaluation do."""
+    from .data import DataError, eval_transform, load_rgb
+
+    def load(path: str) -> Optional[torch.Tensor]:
+        try:
+            return eval_transform(load_rgb(path), image_size)
+        except DataError:
+            if skipped is not None:
+                skipped.append(path)
+            return None
 
     bar = None
     if progress:
@@ -261,7 +272,9 @@ def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: b
     try:
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
-            yield torch.stack([eval_transform(load_rgb(f), image_size) for f in chunk])
+            images = [x for x in map(load, chunk) if x is not None]
+            if images:
+                yield torch.stack(images)
             if bar is not None:
                 bar.update(len(chunk))
     finally:
@@ -269,25 +282,29 @@ def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: b
             bar.close()
 
 
-def _image_size(weights: PathLike, image_size: Any) -> Any:
+def _image_size(weights: PathLike, image_size: Any) -> Tuple[Any, str]:
+    """The calibration size (by default the size the weights were trained at) and where it came from."""
     from .network import image_hw
+    from .weights import resolve_image_size
 
-    if image_size is None:
-        image_size = int(read_metadata(weights).get("image_size", 224))
+    image_size, line = resolve_image_size(weights, image_size)
     image_hw(image_size, "--image-size")
-    return image_size
+    return image_size, line
 
 
 def quantize(variant: str, weights: PathLike, calib: PathLike, output: PathLike, precision: str = "int8",
              method: str = "max", images: int = 512, batch_size: int = 32, image_size: Any = None,
-             keep: Union[str, Sequence[str]] = (), progress: bool = True, seed: int = 0) -> Quantization:
+             keep: Union[str, Sequence[str]] = (), progress: bool = True, seed: int = 0,
+             say: Optional[Callable[[str], None]] = None) -> Quantization:
     """Calibrate ``variant`` with ``weights`` on images of the folder ``calib`` and write the
     quantized weights file ``output``. Returns what was written (read back and validated).
 
     ``images``: how many images (a seeded sample of the folder; all of them when it holds
     fewer); ``image_size``: S or (H, W), by default the size the weights were trained at;
     ``keep``: module prefixes (a comma list or a sequence) left unquantized, e.g.
-    ``"head,stages.3.1.transformer"``.
+    ``"head,stages.3.1.transformer"``. Images that cannot be decoded are skipped and
+    counted; ``say`` receives one line each for the image size (and where it came from)
+    and, when there are any, the skipped images.
     """
     from .model import create_model
     from .weights import load_arrays
@@ -300,13 +317,22 @@ def quantize(variant: str, weights: PathLike, calib: PathLike, output: PathLike,
     if read_metadata(weights).get(_QUANT_KEY) is not None:
         raise QuantizeError(f"{weights} is already quantized; quantize the unquantized weights")
     load_arrays(weights, variant)  # every weights problem named before any work
-    image_size = _image_size(weights, image_size)
+    say = say or (lambda line: None)
+    image_size, size_line = _image_size(weights, image_size)
+    say(f"image size {size_line}")
     files = calibration_files(calib, images, batch_size, seed)
     _mtq()
     model = create_model(variant, weights=weights)
-    calibrate_model(model, _batches(files, image_size, batch_size, progress), precision, method, keep)
+    skipped: List[str] = []
+    calibrate_model(model, _batches(files, image_size, batch_size, progress, skipped), precision, method, keep)
+    if len(skipped) == len(files):
+        raise QuantizeError(f"none of the {len(files)} calibration images of {calib} could be decoded "
+                            f"(first: {skipped[0]})")
+    if skipped:
+        say(f"skipped {len(skipped)} unreadable image(s), calibrated on {len(files) - len(skipped)}: "
+            f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     meta = {k: v for k, v in read_metadata(weights).items() if k not in ("arch", "format", "num_classes")}
-    save_quantized(model, output, precision, method, len(files), keep, meta)
+    save_quantized(model, output, precision, method, len(files) - len(skipped), keep, meta)
     return load_quantization(output, variant)
 
 

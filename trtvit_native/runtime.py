@@ -221,6 +221,11 @@ def _read_plan(engine: Union[bytes, bytearray, memoryview, str, Path]) -> bytes:
             raise EngineError(f"{path} is a directory, not an engine file")
         if not path.is_file():
             raise EngineError(f"engine file {path} does not exist")
+        from .weights import not_an_engine
+
+        other = not_an_engine(path)
+        if other is not None:
+            raise EngineError(other)
         plan = path.read_bytes()
     elif isinstance(engine, (bytes, bytearray, memoryview)):
         plan = bytes(engine)

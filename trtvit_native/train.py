@@ -84,12 +84,12 @@ class TrainConfig:
     data: str
     output: str
     val: Optional[str] = None
-    epochs: int = 30
+    epochs: Optional[int] = None  # 30
     batch_size: int = 64
     lr: Optional[float] = None
     weight_decay: float = 0.05
     warmup_epochs: Optional[float] = None
-    image_size: int = 224
+    image_size: Optional[int] = None  # the size of the ``init`` weights, else 224
     label_smoothing: float = 0.1
     init: Optional[str] = None
     freeze: Tuple[str, ...] = ()
@@ -110,6 +110,17 @@ class TrainConfig:
     accum_steps: int = 1
 
     def __post_init__(self) -> None:
+        # Which settings were given (not defaulted): a resumed run takes only --epochs from
+        # the command line; the start line says where the image size came from.
+        self._epochs_given = self.epochs is not None
+        if self.epochs is None:
+            self.epochs = 30
+        from .weights import WeightsError, resolve_image_size
+
+        try:
+            self.image_size, self._image_size_source = resolve_image_size(self.init, self.image_size)
+        except WeightsError as e:
+            raise TrainError(f"--init: {e}") from None
         self.freeze = tuple(self.freeze)
         if self.randaug is not None:
             self.randaug = tuple(self.randaug)
@@ -458,6 +469,13 @@ def _load_state(run_dir: str, state: Dict[str, Any], model: torch.nn.Module, ema
             per_param.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
+    # The schedule's lambda is this run's (recomputed when --epochs extends the run): the
+    # rate of the next step is the new schedule's, not the one the saved state holds.
+    rates = [base * lr_lambda(scheduler.last_epoch) for base, lr_lambda in zip(scheduler.base_lrs,
+                                                                              scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(tensors["rng.torch"])
@@ -481,7 +499,18 @@ def _check_resume(resume: str, state: Dict[str, Any], config: TrainConfig, world
         raise TrainError(f"--resume {resume}: the run was started with {started} process(es), this is {world}; "
                          f"the global batch, the steps per epoch and the data shards would change (resume it with "
                          f"{started})")
-    return TrainConfig(**{**saved, "workers": config.workers, "run_dir": resume})
+    done, end = int(state["epochs_done"]), int(saved["epochs"])
+    epochs = config.epochs if getattr(config, "_epochs_given", False) else end
+    if epochs < end:
+        raise TrainError(f"--resume {resume}: --epochs {epochs} is fewer than the run's {end} (a run can be "
+                         f"extended, not shortened: give --epochs {end} or more, or leave it out)")
+    if epochs == done:
+        raise TrainError(f"--resume {resume}: nothing to do: the run finished all its {done} epochs (give a "
+                         f"larger --epochs to extend it)")
+    resumed = TrainConfig(**{**saved, "epochs": epochs, "workers": config.workers, "run_dir": resume})
+    resumed._image_size_source = f"{resumed.image_size}x{resumed.image_size} (the run's)"
+    resumed._extended_from = end if epochs > end else None
+    return resumed
 
 
 # --------------------------------------------------------------------------------------
@@ -497,6 +526,19 @@ def _save_weights(model: torch.nn.Module, path: str, config: TrainConfig, folder
         "classes": json.dumps(folder.classes), "image_size": str(config.image_size), "source": "trained",
         "data": folder.fingerprint_json(), "epochs": str(epochs_done),
         "val_top1": "" if val_top1 is None else f"{val_top1:.6f}"})
+
+
+def _link_atomically(source: str, target: str) -> None:
+    """``target`` becomes a hard link to ``source`` (a copy where the file system has no
+    hard links). ``source`` is later replaced by a rename, which leaves ``target`` intact."""
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        os.link(source, tmp)
+    except OSError:
+        with open(source, "rb") as f:
+            write_atomically(target, f.read())
+        return
+    os.replace(tmp, target)
 
 
 def _plot(metrics: List[dict], path: str) -> None:
@@ -633,7 +675,10 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
         _load_state(config.run_dir, state, model, ema, optimizer, scheduler, scaler)
         metrics, start_epoch = state["metrics"], state["epochs_done"]
         best = state.get("best_score", state.get("best_val_top1"))  # the latter: runs of earlier versions
-        say(f"resuming {config.run_dir} after epoch {start_epoch} of {config.epochs}")
+        extended = getattr(config, "_extended_from", None)
+        say(f"resuming {config.run_dir} after epoch {start_epoch} of {config.epochs}"
+            + (f": extended from {extended} epochs, the learning-rate schedule recomputed for the new end"
+               if extended else ""))
     if dist_.main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         extras = [f"EMA {config.ema}" if ema is not None else "",
@@ -644,6 +689,7 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
             f"{f' ({len(frozen)} tensors frozen)' if frozen else ''}; {dist_.world} process(es) on {device}, "
             f"{'fp32' if amp == 'off' else amp}; batch {micro * config.accum_steps * dist_.world}, {steps} steps per "
             f"epoch{''.join(f'; {e}' for e in extras if e)}")
+        say(f"image size {config._image_size_source}")
     skipped = set(folder.skipped) | set(val.skipped if val is not None else ())
 
     for epoch in range(start_epoch, config.epochs):
@@ -656,6 +702,7 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n: one sync per epoch
         first_loss = None
         lr_used = scheduler.get_last_lr()[0]
+        lr_first: Optional[float] = None
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                    disable=not (progress and dist_.main), file=sys.stderr)
         optimizer.zero_grad(set_to_none=True)
@@ -686,7 +733,8 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
                 if epoch == 0 and i == 0:
                     first_loss = float(loss.detach())
             if last_micro:
-                lr_used = scheduler.get_last_lr()[0]  # the rate this step uses (before scheduler.step)
+                lr_used = optimizer.param_groups[0]["lr"]  # the rate this step uses (before scheduler.step)
+                lr_first = lr_used if lr_first is None else lr_first
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
                 scaler.step(optimizer)
@@ -702,7 +750,7 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
         bar.close()
         loss_sum, correct, seen = _all_sum(sums.tolist(), dist_)
         train_seconds = time.perf_counter() - t0
-        line: Dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": lr_used,
+        line: Dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": lr_used, "lr_first": lr_first,
                                 "train_top1": correct / seen, "images_per_second": seen / train_seconds}
         if first_loss is not None:
             line["first_step_loss"] = first_loss
@@ -723,9 +771,10 @@ def train(config: TrainConfig, resume: Optional[str] = None, stop_after: Optiona
         if improved:
             best = score
         if dist_.main:
-            for name in ("last", "best") if improved else ("last",):
-                _save_weights(eval_model, os.path.join(config.run_dir, f"{name}.safetensors"), config, folder,
-                              epoch + 1, line.get("val_top1"))
+            last = os.path.join(config.run_dir, "last.safetensors")
+            _save_weights(eval_model, last, config, folder, epoch + 1, line.get("val_top1"))
+            if improved:  # the same bytes: one more name for them, not one more copy
+                _link_atomically(last, os.path.join(config.run_dir, "best.safetensors"))
             if improved and v is not None:
                 write_atomically(os.path.join(config.run_dir, "confusion.png"), plot_confusion(
                     v["confusion"], val.classes, f"epoch {epoch + 1}: val top-1 {100 * v['top1']:.2f} %"))
@@ -777,7 +826,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     else:  # given ones are checked against the run's; missing ones are the run's
         saved = read_run(args.resume).get("config", {})
         data, output = data or saved.get("data", ""), output or saved.get("output", "")
-    return TrainConfig(
+    config = TrainConfig(
         variant=args.variant, data=data, output=output, val=args.val, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         image_size=args.image_size, label_smoothing=args.label_smoothing, init=args.init,
@@ -785,6 +834,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         run_dir=args.resume or args.run_dir, clip_grad=args.clip_grad, min_crop_scale=args.min_crop_scale,
         hflip=args.hflip, amp=args.amp, ema=args.ema, randaug=args.randaug, trivialaug=args.trivialaug,
         random_erasing=args.random_erasing, mixup=args.mixup, cutmix=args.cutmix, accum_steps=args.accum_steps)
+    return config
 
 
 def run_from_args(args: argparse.Namespace) -> int:

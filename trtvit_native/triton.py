@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from .weights import current_umask, read_engine_json
+from .weights import current_umask, not_an_engine, read_engine_json
 
 __all__ = ["TritonExportError", "export_triton", "read_engine_metadata"]
 
@@ -47,6 +47,9 @@ def read_engine_metadata(engine: str) -> Dict[str, Any]:
         raise TritonExportError(f"{engine} is a directory, not an engine file")
     if not os.path.isfile(engine):
         raise TritonExportError(f"engine file {engine} does not exist")
+    other = not_an_engine(engine)
+    if other is not None:
+        raise TritonExportError(other)
     sidecar = engine + ".json"
     if not os.path.isfile(sidecar):
         raise TritonExportError(f"{sidecar} does not exist: export-triton needs the metadata trtvit build writes "

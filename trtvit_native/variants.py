@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple, Union
 
 __all__ = ["VariantConfig", "VARIANTS", "register_variant", "get_config", "list_variants", "count_macs",
+           "count_config_parameters",
            "expected_shapes", "BN_EPS", "LN_EPS"]
 
 BN_EPS = 1e-5
@@ -184,6 +185,21 @@ def count_macs(name: Union[str, VariantConfig], image_size: int = 224, num_class
                 macs += 2 * n * n * d
             macs += conv(d, m, 1, hw) + conv(m, m, 3, hw) + conv(m, cout - d, 1, hw)
     return macs + config.num_features * num_classes
+
+
+def count_config_parameters(name: Union[str, VariantConfig], include_head: bool = True,
+                            num_classes: int = 1000) -> int:
+    """Trainable parameters of a variant from its config alone (no torch): every entry of
+    :func:`expected_shapes` but the BatchNorm running statistics, which are buffers."""
+    total = 0
+    for key, shape in expected_shapes(name, num_classes).items():
+        if key.endswith((".running_mean", ".running_var")) or (not include_head and key.startswith("head.")):
+            continue
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count
+    return total
 
 
 def expected_shapes(name: Union[str, VariantConfig], num_classes: int = 1000) -> Dict[str, Tuple[int, ...]]:

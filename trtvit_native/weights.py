@@ -20,7 +20,8 @@ from .variants import VARIANTS, VariantConfig, expected_shapes, get_config
 if TYPE_CHECKING:  # torch is needed only by the functions that return torch tensors
     import torch
 
-__all__ = ["WeightsError", "FORMAT_VERSION", "read_metadata", "class_names", "write_atomically", "check_output_path", "expected_shapes", "save_weights", "load_weights", "load_arrays",
+__all__ = ["WeightsError", "FORMAT_VERSION", "read_metadata", "class_names", "trained_image_size",
+           "resolve_image_size", "looks_like_engine", "not_an_engine", "write_atomically", "check_output_path", "expected_shapes", "save_weights", "load_weights", "load_arrays",
            "validate_arrays", "validate_state_dict", "Quantization", "QUANT_PRECISIONS", "QUANT_METHODS",
            "quantizer_sites", "load_quantization", "is_quantized"]
 
@@ -230,12 +231,61 @@ def save_weights(model_or_state_dict: Union["torch.nn.Module", Mapping[str, "tor
             os.unlink(tmp)
 
 
+def looks_like_engine(prefix: bytes) -> bool:
+    """Whether a file's first bytes are a serialized TensorRT engine's: full TensorRT's and
+    TensorRT-RTX's plans begin with a four-byte tag ending in ``trt`` (``ftrt``, ``vtrt``)."""
+    return len(prefix) >= 4 and prefix[1:4] == b"trt" and prefix[:1].isalpha()
+
+
+def _not_weights(path: str, prefix: bytes) -> Optional[str]:
+    """What a file that is not safetensors is, when its first bytes tell, as a message."""
+    if looks_like_engine(prefix):
+        sidecar = f"; {path}.json names the weights it was built from (weights_file)" \
+            if os.path.isfile(path + ".json") else ""
+        return (f"{path} is a TensorRT engine (a serialized plan), not a safetensors weights file: give the "
+                f"weights file{sidecar}")
+    if prefix.lstrip()[:1] in (b"{", b"["):
+        return f"{path} is a JSON file, not a safetensors weights file"
+    return None
+
+
+def not_an_engine(path: PathLike) -> Optional[str]:
+    """Why the file ``path`` is not a TensorRT engine, when its first bytes tell (a weights
+    file, a JSON file), as a message; None otherwise."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(9)
+    except OSError:
+        return None
+    if looks_like_engine(prefix):
+        return None
+    if len(prefix) == 9 and prefix[8:9] == b"{":
+        arch = read_metadata(path).get("arch") if _is_safetensors(path) else None
+        build = f"trtvit build {arch or 'VARIANT'} --weights {path} -o ENGINE"
+        return f"{path} is a safetensors weights file, not a TensorRT engine: build the engine from it ({build})"
+    if prefix.lstrip()[:1] in (b"{", b"["):
+        return f"{path} is a JSON file, not a TensorRT engine (an engine's metadata is ENGINE.json beside it)"
+    return None
+
+
+def _is_safetensors(path: str) -> bool:
+    try:
+        _read_header(path)
+    except WeightsError:
+        return False
+    return True
+
+
 def _read_header(path: str) -> Tuple[dict, int]:
     """Parse the safetensors header ourselves, so a bad file gets a precise message."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             prefix = f.read(8)
+            other = _not_weights(path, prefix)
+            if other is not None:
+                raise WeightsError(other)
             if len(prefix) < 8:
                 raise WeightsError(f"{path}: not a safetensors file (only {size} bytes)")
             n = int.from_bytes(prefix, "little")
@@ -313,6 +363,45 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
     header, _ = _read_header(os.fspath(path))
     meta = header.get("__metadata__") or {}
     return dict(meta) if isinstance(meta, dict) else {}
+
+
+def trained_image_size(path: PathLike) -> Optional[int]:
+    """The image size a weights file was trained (or calibrated) at, from its ``image_size``
+    metadata; None when it records none (seeded or converted weights)."""
+    raw = read_metadata(path).get("image_size")
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise WeightsError(f"{path}: metadata 'image_size' is {raw!r}, not a whole number of pixels") from None
+
+
+def _size_text(size: Any) -> str:
+    return f"{size[0]}x{size[1]}" if isinstance(size, (tuple, list)) else f"{size}x{size}"
+
+
+def resolve_image_size(weights: Optional[PathLike], given: Any, flag: str = "--image-size",
+                       default: int = 224) -> Tuple[Any, str]:
+    """The image size a command uses, and one line saying where it came from.
+
+    ``given`` (an int or (H, W), from ``flag``) wins; else the size ``weights`` records
+    (:func:`trained_image_size`); else ``default``. A given size that differs from the
+    trained one is honoured, and the line says so."""
+    if given is not None:
+        try:  # only for the note: a file that cannot be read is the caller's to report
+            trained = trained_image_size(weights) if weights is not None else None
+        except WeightsError:
+            trained = None
+        note = ""
+        if trained is not None and _size_text(given) != _size_text(trained):
+            note = f"; the weights were trained at {_size_text(trained)}"
+        return given, f"{_size_text(given)} ({flag}{note})"
+    trained = trained_image_size(weights) if weights is not None else None
+    if trained is not None:
+        return trained, f"{_size_text(trained)} (the size {os.path.basename(os.fspath(weights))} was trained at)"
+    why = "; the weights record no training size" if weights is not None else ""
+    return default, f"{_size_text(default)} (default{why})"
 
 
 def class_names(path: PathLike) -> Optional[List[str]]:
