@@ -378,6 +378,32 @@ def test_cli_quantize_bad_input_is_one_line_and_writes_nothing(work, capsys, tmp
     assert not out.exists()
 
 
+def test_calibration_skips_and_counts_an_image_it_cannot_decode(work, capsys, tmp_path):
+    import shutil
+
+    calib = tmp_path / "calib"
+    shutil.copytree(work / "data", calib)
+    source = next((calib / "c3").iterdir())
+    truncated = calib / "c3" / "truncated.png"
+    truncated.write_bytes(source.read_bytes()[:len(source.read_bytes()) // 2])  # the header intact
+    out = tmp_path / "q.safetensors"
+    code = main(["quantize", "trt-vit-a", "--weights", str(work / "a.safetensors"), "--calib", str(calib),
+                 "--images", "21", "--batch-size", "7", "--quiet", "-o", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert lines[0] == "image size 32x32 (the size a.safetensors was trained at)"
+    assert lines[1] == f"skipped 1 unreadable image(s), calibrated on 20: {truncated}"
+    assert W.load_quantization(out, "trt-vit-a").images == 20
+    for path in calib.rglob("*.png"):  # nothing decodable: an error naming the folder, nothing written
+        path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code = main(["quantize", "trt-vit-a", "--weights", str(work / "a.safetensors"), "--calib", str(calib),
+                 "--images", "21", "--batch-size", "7", "--quiet", "-o", str(tmp_path / "none.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"none of the 21 calibration images of {calib} could be decoded" in err
+    assert not (tmp_path / "none.safetensors").exists()
+
+
 def test_missing_modelopt_names_the_extra(work, capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "modelopt.torch.quantization", None)
     code, _, err = _run(capsys, "quantize", "trt-vit-a", "--weights", work / "a.safetensors", "--calib",

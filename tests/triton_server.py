@@ -62,26 +62,14 @@ def prepare(home: Path = HOME) -> Path:
     target = server / "backends" / "python" / "triton_python_backend_stub"
     if not target.is_file():
         shutil.copy2(stub, target)
-    env = home / "stub-env"
-    site = env / "lib" / f"python{PY}" / "site-packages"
-    if not (site / "numpy").is_dir():
-        shutil.rmtree(env, ignore_errors=True)
-        _run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(env)],
-             "creating the Python backend's environment")
-        _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), "numpy<2"],
-             "installing numpy<2 into the Python backend's environment")
-    # The checkout first, then this interpreter's own site-packages: where it runs in a venv,
-    # --system-site-packages reaches only the base installation's, not the venv's (torch, Pillow).
-    paths = [str(ROOT)] + [p for p in sysconfig_site_packages() if p != str(site)]
-    (site / "trtvit-serving.pth").write_text("\n".join(paths) + "\nimport sys; sys.dont_write_bytecode = True\n")
+    # The stub's environment as the README makes it (`trtvit triton-env`), with this checkout first.
+    from trtvit_native.triton import make_stub_environment
+
+    try:
+        make_stub_environment(str(home / "stub-env"), extra_paths=[str(ROOT)])
+    except ValueError as e:
+        raise Unavailable(str(e)) from None
     return home
-
-
-def sysconfig_site_packages() -> list:
-    """This interpreter's site-packages directories (purelib and platlib)."""
-    import sysconfig
-
-    return list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
 
 
 def free_port() -> int:

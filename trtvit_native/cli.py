@@ -179,6 +179,9 @@ def _parser() -> _Parser:
                     help="serve the engine with Triton's TensorRT backend (full-TensorRT engines; default) or with "
                          "a Python-backend model running trtvit_native.EngineRunner (either TensorRT)")
     tx.add_argument("--force", action="store_true", help="replace existing model folders")
+    env = sub.add_parser("triton-env", help="make the environment Triton's Python backend runs the exported models "
+                                             "in (numpy < 2, then this Python's packages)")
+    env.add_argument("path", metavar="DIR", help="the venv to make (its bin/ goes first on tritonserver's PATH)")
     ev = sub.add_parser("eval", help="top-1/top-5 of the reference, the network (CPU) or an engine (GPU) on a folder")
     ev.add_argument("variant", help="variant name")
     ev.add_argument("--weights", required=True, metavar="FILE", help="safetensors weights (from trtvit train)")
@@ -523,6 +526,16 @@ def _cmd_export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_triton_env(args: argparse.Namespace) -> int:
+    from .triton import make_stub_environment
+
+    made = make_stub_environment(args.path)
+    print(f"environment {made['path']}: Python {made['python_version']}, numpy < 2 first, then "
+          f"{len(made['added'])} site-packages folder(s) of {sys.executable}")
+    print(f"serve       PATH={os.path.join(made['path'], 'bin')}:$PATH tritonserver ...")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
@@ -610,11 +623,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise _UsageError("a command is required: build, run, info, parity, train, quantize, eval, predict or "
-                              "export-triton "
-                              "(see trtvit --help)")
+            raise _UsageError("a command is required: build, run, info, parity, train, quantize, eval, predict, "
+                              "export-triton or triton-env (see trtvit --help)")
         commands = {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity,
-                    "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict,
+                    "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "triton-env": _cmd_triton_env,
                     "export-triton": _cmd_export_triton, "quantize": _cmd_quantize}
         return commands[args.command](args)
     except _UsageError as e:

@@ -251,7 +251,7 @@ def calibration_files(calib: PathLike, images: int, batch_size: int, seed: int =
 
 
 def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: bool,
-             skipped: Optional[List[str]] = None) -> Iterable[torch.Tensor]:
+             skipped: Optional[List[str]] = None, source: str = "") -> Iterable[torch.Tensor]:
     """Preprocessed batches of ``files``; an image that cannot be decoded (a truncated file)
     is left out of its batch and appended to ``skipped``, as training and evaluation do."""
     from .data import DataError, eval_transform, load_rgb
@@ -264,7 +264,7 @@ def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: b
                 skipped.append(path)
             return None
 
-    bar = None
+    bar, decoded = None, False
     if progress:
         from tqdm import tqdm
 
@@ -274,9 +274,13 @@ def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: b
             chunk = files[start:start + batch_size]
             images = [x for x in map(load, chunk) if x is not None]
             if images:
+                decoded = True
                 yield torch.stack(images)
             if bar is not None:
                 bar.update(len(chunk))
+        if files and not decoded:  # before the calibrators are asked for ranges they never saw
+            raise QuantizeError(f"none of the {len(files)} calibration images{source} could be decoded (first: "
+                                f"{files[0]})")
     finally:
         if bar is not None:
             bar.close()
@@ -324,10 +328,8 @@ def quantize(variant: str, weights: PathLike, calib: PathLike, output: PathLike,
     _mtq()
     model = create_model(variant, weights=weights)
     skipped: List[str] = []
-    calibrate_model(model, _batches(files, image_size, batch_size, progress, skipped), precision, method, keep)
-    if len(skipped) == len(files):
-        raise QuantizeError(f"none of the {len(files)} calibration images of {calib} could be decoded "
-                            f"(first: {skipped[0]})")
+    calibrate_model(model, _batches(files, image_size, batch_size, progress, skipped, f" of {calib}"), precision,
+                    method, keep)
     if skipped:
         say(f"skipped {len(skipped)} unreadable image(s), calibrated on {len(files) - len(skipped)}: "
             f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")

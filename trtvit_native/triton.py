@@ -30,11 +30,11 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .weights import current_umask, not_an_engine, read_engine_json
 
-__all__ = ["TritonExportError", "export_triton", "read_engine_metadata"]
+__all__ = ["TritonExportError", "export_triton", "read_engine_metadata", "make_stub_environment"]
 
 
 class TritonExportError(ValueError):
@@ -433,3 +433,59 @@ def export_triton(engine: str, repository: str, name: Optional[str] = None, vers
             pipeline["labels.txt"] = engine_files["labels.txt"]
         written.append(_write_model(repository, f"{name}_pipeline", pipeline, force))
     return written
+
+
+def _site_directories() -> List[str]:
+    """Every site-packages directory this interpreter imports from: a venv's own, the base
+    installation's where the venv sees it, the user's."""
+    import site
+    import sys
+    import sysconfig
+
+    found = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    found += [p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages")]
+    user = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    found += [user] if user else []
+    return [p for p in dict.fromkeys(os.path.abspath(p) for p in found) if os.path.isdir(p)]
+
+
+def make_stub_environment(path: str, extra_paths: Sequence[str] = ()) -> Dict[str, Any]:
+    """The environment Triton's Python backend runs the models of ``export-triton`` in: a venv
+    at ``path`` (its ``bin`` goes first on tritonserver's ``PATH``: the stub runs the first
+    ``python3`` there) that imports numpy < 2 first, then every package of *this*
+    interpreter (torch, Pillow, this package; from a venv too), then ``extra_paths``.
+
+    Why: the Python backend of Triton 2.51 is built against numpy 1 (numpy 2 kills the stub
+    at the first request); ``python -m venv --system-site-packages`` run inside a venv
+    reaches only the base installation, not the venv's packages; the stub ignores
+    ``PYTHONPATH`` and ``PYTHONDONTWRITEBYTECODE`` (the ``.pth`` sets
+    ``sys.dont_write_bytecode``, so nothing writes ``__pycache__`` into the model
+    repository). The site directories are added with ``site.addsitedir``, which also runs
+    their ``.pth`` files: editable installs work. Returns what was made."""
+    import subprocess
+    import sys
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TritonExportError(f"stub environment {path} is a file, not a directory")
+    site_dir = os.path.join(path, "lib", f"python{version}", "site-packages")
+
+    def run(cmd: List[str], what: str) -> None:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if not ln.startswith("WARNING")]
+            raise TritonExportError(f"{what} failed ({' '.join(cmd)}): {' '.join(lines[-2:])}")
+
+    if not os.path.isfile(os.path.join(path, "bin", "python3")):
+        run([sys.executable, "-m", "venv", "--without-pip", path], f"creating the venv {path}")
+    if not os.path.isdir(os.path.join(site_dir, "numpy")):
+        run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site_dir, "numpy<2"],
+            f"installing numpy<2 into {site_dir}")
+    paths = [os.path.abspath(p) for p in extra_paths] + [p for p in _site_directories() if p != site_dir]
+    lines = ["import sys; sys.dont_write_bytecode = True"]
+    lines += [f"import site; site.addsitedir({p!r})" for p in paths]
+    with open(os.path.join(site_dir, "trtvit-serving.pth"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"path": path, "python": os.path.join(path, "bin", "python3"), "site_packages": site_dir,
+            "added": paths, "python_version": version}
