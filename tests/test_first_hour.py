@@ -244,3 +244,24 @@ def test_info_lists_variants_without_torch(tmp_path):
         backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
         full = sum(p.numel() for p in model.parameters())
         assert row[-3:] == [f"{backbone:,d}", f"{full:,d}", f"{tv.count_macs(name) / 1e9:.2f}"]
+
+
+def test_a_safetensors_file_whose_header_length_reads_as_text_still_loads(tiny, tmp_path):
+    """Safetensors pads its header with spaces to a multiple of 8: a header of 0x5B20 bytes
+    begins with b" [" and one of 0x7B20 with b" {". Neither is a JSON file."""
+    from safetensors.numpy import load_file, save
+
+    from trtvit_native.weights import load_arrays
+
+    _, _, weights, _ = tiny
+    tensors, meta = load_file(str(weights)), read_metadata(weights)
+    for target in (0x5B20, 0x7B20):
+        for pad in range(0, 40000, 8):
+            data = save(tensors, metadata={**meta, "pad": "x" * pad})
+            if int.from_bytes(data[:8], "little") >= target:
+                break
+        data = save(tensors, metadata={**meta, "pad": "x" * (pad - (int.from_bytes(data[:8], "little") - target))})
+        assert int.from_bytes(data[:8], "little") == target and data[:2] in (b" [", b" {")
+        path = tmp_path / f"padded-{target:x}.safetensors"
+        path.write_bytes(data)
+        assert read_metadata(path)["image_size"] == "32" and len(load_arrays(path)) == len(tensors)

@@ -244,7 +244,7 @@ def _not_weights(path: str, prefix: bytes) -> Optional[str]:
             if os.path.isfile(path + ".json") else ""
         return (f"{path} is a TensorRT engine (a serialized plan), not a safetensors weights file: give the "
                 f"weights file{sidecar}")
-    if prefix.lstrip()[:1] in (b"{", b"["):
+    if prefix[:1] in (b"{", b"["):
         return f"{path} is a JSON file, not a safetensors weights file"
     return None
 
@@ -264,7 +264,7 @@ def not_an_engine(path: PathLike) -> Optional[str]:
         arch = read_metadata(path).get("arch") if _is_safetensors(path) else None
         build = f"trtvit build {arch or 'VARIANT'} --weights {path} -o ENGINE"
         return f"{path} is a safetensors weights file, not a TensorRT engine: build the engine from it ({build})"
-    if prefix.lstrip()[:1] in (b"{", b"["):
+    if prefix[:1] in (b"{", b"["):
         return f"{path} is a JSON file, not a TensorRT engine (an engine's metadata is ENGINE.json beside it)"
     return None
 
@@ -282,13 +282,16 @@ def _read_header(path: str) -> Tuple[dict, int]:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            other = _not_weights(path, prefix)
-            if other is not None:
-                raise WeightsError(other)
+            prefix = f.read(9)
+            n = int.from_bytes(prefix[:8], "little")
+            if len(prefix) < 9 or n <= 0 or n > size - 8 or n > 100 * 2**20 or prefix[8:9] != b"{":
+                # not the header length and JSON object of a safetensors file: say what it is, when known
+                other = _not_weights(path, prefix)
+                if other is not None:
+                    raise WeightsError(other)
+            f.seek(8)
             if len(prefix) < 8:
                 raise WeightsError(f"{path}: not a safetensors file (only {size} bytes)")
-            n = int.from_bytes(prefix, "little")
             if n <= 0 or n > size - 8 or n > 100 * 2**20:
                 raise WeightsError(f"{path}: not a safetensors file or truncated "
                                    f"(header length {n} does not fit in a {size}-byte file)")
