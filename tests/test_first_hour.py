@@ -100,10 +100,12 @@ def test_fine_tuning_with_init_keeps_the_size_of_the_init_weights(tiny, tmp_path
 
 
 def test_resume_with_more_epochs_extends_the_run(tiny, tmp_path, capsys):
-    data, held, weights, run_dir = tiny
-    extended = tmp_path / "w.run"
-    shutil.copytree(run_dir, extended)
-    first = _metrics(run_dir)
+    data, held, _, _ = tiny
+    weights, extended = tmp_path / "w.safetensors", tmp_path / "w.run"
+    code, _, err = run(capsys, "train", SMALL.name, "--data", data, "--val", held, "--epochs", "1", "--image-size",
+                       "32", *RECIPE, "-o", weights)
+    assert code == 0, err
+    first = _metrics(extended)
     # a finished run and no new end: nothing to do, said, and not a success
     code, _, err = run(capsys, "train", SMALL.name, "--resume", extended, "--quiet")
     assert code == 1 and "nothing to do: the run finished all its 1 epochs" in _one_error_line(err)
@@ -117,6 +119,10 @@ def test_resume_with_more_epochs_extends_the_run(tiny, tmp_path, capsys):
     code, _, err = run(capsys, "train", SMALL.name, "--resume", extended, "--epochs", "2", "--workers", "0", "--quiet",
                        "-o", tmp_path / "w2.safetensors")
     assert code == 1 and "is not the run's -o" in _one_error_line(err)  # the run keeps its own output
+    for flag, value, kept in (("--image-size", "64", "32"), ("--lr", "0.1", "0.003"), ("--batch-size", "16", "8")):
+        code, _, err = run(capsys, "train", SMALL.name, "--resume", extended, "--epochs", "2", flag, value, "--quiet")
+        assert code == 1 and f"{flag} {float(value) if flag == '--lr' else value} is not the run's {flag} {kept}" \
+            in _one_error_line(err), err
     code, _, err = run(capsys, "train", SMALL.name, "--resume", extended, "--epochs", "2", "--workers", "0", "--quiet")
     assert code == 0, err
     assert "resuming" in err and "after epoch 1 of 2: extended from 1 epochs, the learning-rate schedule recomputed" \
@@ -133,7 +139,10 @@ def test_resume_with_more_epochs_extends_the_run(tiny, tmp_path, capsys):
     for key in ("lr_first", "lr"):  # the rates of the epoch's first and last steps
         assert metrics[1][key] == pytest.approx(two[1][key], rel=1e-12), key
     assert metrics[1]["lr"] != pytest.approx(first[0]["lr"], rel=1e-3)
-    assert read_metadata(weights)["epochs"] == "1"  # the original run's output is left alone
+    # the output is written again at the new end: the best of the two epochs (by val top-1)
+    assert weights.read_bytes() == (extended / "best.safetensors").read_bytes()
+    best = max(metrics, key=lambda m: m["val_top1"])["epoch"]  # the first of equals: a later one must beat it
+    assert read_metadata(weights)["epochs"] == str(best)
 
 
 def test_run_directory_keeps_one_optimizer_state_and_links_best_to_last(tiny):
@@ -192,7 +201,9 @@ def test_predict_and_eval_name_bad_input(tiny, tmp_path, capsys):
              f"{image} is a file, not a data folder (an ImageFolder tree, one sub-folder per class); to classify "
              f"image files: trtvit predict WEIGHTS {image}")):
         code, out, err = run(capsys, *argv)
-        assert code in (1, 2) and message in _one_error_line(err) and out == "", (argv, err)
+        # nothing printed but, for eval, its first line (the size) before the data is read
+        assert code in (1, 2) and message in _one_error_line(err), (argv, err)
+        assert out == ("" if argv[0] == "predict" else "image      32x32 (the size w.safetensors was trained at)\n")
 
 
 def test_usage_errors_exit_2_and_file_types_are_named(tiny, tmp_path, capsys):
@@ -225,6 +236,11 @@ def test_usage_errors_exit_2_and_file_types_are_named(tiny, tmp_path, capsys):
             (["run", weights], f"{weights} is a safetensors weights file, not a TensorRT engine")):
         code, _, err = run(capsys, *argv)
         assert code == 1 and message in _one_error_line(err), (argv, err)
+    # a size from the weights outside the dynamic range asked for is named, with the way out
+    code, _, err = run(capsys, "build", SMALL.name, "--weights", weights, "--min-image-size", "64",
+                       "--max-image-size", "128", "-o", tmp_path / "d.engine")
+    assert code == 1 and ("image size 32x32 (the size w.safetensors was trained at) lies outside the profile "
+                          "64x64..128x128: give --image-size inside it") in _one_error_line(err)
 
 
 def test_info_lists_variants_without_torch(tmp_path):

@@ -404,6 +404,19 @@ def test_calibration_skips_and_counts_an_image_it_cannot_decode(work, capsys, tm
     assert not (tmp_path / "none.safetensors").exists()
 
 
+def test_predict_on_a_quantized_file_agrees_with_eval(work, quantized, capsys):
+    """The reference of both is the unquantized one; the network of both is the int8 one."""
+    picks = sorted(str(p) for p in (work / "data").rglob("*.png"))[:2]
+    for extra in ([], ["--network", "--fp32"]):
+        assert main(["eval", "trt-vit-a", "--weights", str(quantized["int8"]), "--data", str(work / "data"),
+                     "--per-image", "--json", *extra]) == 0
+        by_image = {p["image"]: p for p in json.loads(capsys.readouterr().out)["predictions"]}
+        assert main(["predict", str(quantized["int8"]), *picks, "--top", "1", "--json", *extra]) == 0
+        for p in json.loads(capsys.readouterr().out)["predictions"]:
+            assert p["top"][0]["label"] == by_image[p["image"]]["predicted"]
+            assert p["top"][0]["probability"] == pytest.approx(by_image[p["image"]]["probability"], abs=1e-5)
+
+
 def test_missing_modelopt_names_the_extra(work, capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "modelopt.torch.quantization", None)
     code, _, err = _run(capsys, "quantize", "trt-vit-a", "--weights", work / "a.safetensors", "--calib",

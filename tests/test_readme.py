@@ -111,3 +111,27 @@ def test_the_triton_recipe_serves_a_preprocessing_request_on_a_cpu(server_home, 
                 proc.wait()
         log.close()
     assert "__pycache__" not in {p.name for p in (tmp_path / "models").rglob("*")}
+
+
+def test_triton_env_run_from_a_venv_sees_the_venvs_packages(tmp_path):
+    """The stub environment made from inside a venv imports what that venv has (here a module
+    only it holds) behind numpy < 2; ``python -m venv --system-site-packages`` run from the
+    same venv, the recipe before, sees only the base installation."""
+    venv = tmp_path / "user-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "only_in_the_venv.py").write_text("WHERE = 'the venv'\n")
+    python = venv / "bin" / "python"
+    made = subprocess.run([str(python), "-m", "trtvit_native", "triton-env", str(tmp_path / "stub-env")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    check = "import numpy, only_in_the_venv, trtvit_native; print(numpy.__version__, only_in_the_venv.WHERE)"
+    seen = subprocess.run([str(tmp_path / "stub-env" / "bin" / "python3"), "-c", check], capture_output=True,
+                          text=True)
+    assert seen.returncode == 0, seen.stderr
+    assert seen.stdout.split()[0].startswith("1.") and seen.stdout.strip().endswith("the venv")
+    subprocess.run([str(python), "-m", "venv", "--without-pip", "--system-site-packages", str(tmp_path / "before")],
+                   check=True)
+    before = subprocess.run([str(tmp_path / "before" / "bin" / "python3"), "-c", "import only_in_the_venv"],
+                            capture_output=True, text=True)
+    assert before.returncode != 0 and "No module named 'only_in_the_venv'" in before.stderr

@@ -65,10 +65,7 @@ def prepare(home: Path = HOME) -> Path:
     # The stub's environment as the README makes it (`trtvit triton-env`), with this checkout first.
     from trtvit_native.triton import make_stub_environment
 
-    try:
-        make_stub_environment(str(home / "stub-env"), extra_paths=[str(ROOT)])
-    except ValueError as e:
-        raise Unavailable(str(e)) from None
+    make_stub_environment(str(home / "stub-env"), extra_paths=[str(ROOT)])  # a failure is a failure, not a skip
     return home
 
 

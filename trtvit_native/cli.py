@@ -118,6 +118,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="OUT.safetensors", help="trained weights file; required unless --resume")
 
 
+def train_defaults() -> dict:
+    """``trtvit train``'s option defaults, by destination (a resume compares what is given with them)."""
+    p = argparse.ArgumentParser()
+    _add_train_arguments(p)
+    return {a.dest: a.default for a in p._actions if a.dest not in ("help", "variant")}
+
+
 def _randaug(text: str):
     parts = text.split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
@@ -243,6 +250,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _network_image_size(args: argparse.Namespace):
+    """``build``'s and ``parity``'s image size (the optimization shape) and where it came from;
+    a size from the weights outside a given --min/--max-image-size range is named."""
+    from .network import image_hw
+    from .weights import resolve_image_size
+
+    size, line = resolve_image_size(args.weights, args.image_size)
+    if args.image_size is None and (args.min_image_size is not None or args.max_image_size is not None):
+        opt = image_hw(size)
+        low = image_hw(args.min_image_size, "--min-image-size") if args.min_image_size is not None else opt
+        high = image_hw(args.max_image_size, "--max-image-size") if args.max_image_size is not None else opt
+        if not (low[0] <= opt[0] <= high[0] and low[1] <= opt[1] <= high[1]):
+            raise ValueError(f"image size {line} lies outside the profile {low[0]}x{low[1]}..{high[0]}x{high[1]}: "
+                             f"give --image-size inside it (the optimization shape)")
+    return size, line
+
+
 def _plugins_arg(value: str):
     return {"auto": "auto", "on": True, "off": False}[value]
 
@@ -251,12 +275,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .variants import get_config
     from .network import build_network
 
-    from .weights import resolve_image_size
-
     get_config(args.variant)  # fail fast on an unknown name
     _check_engine_output(args.output)
     check_output_path(args.output)
-    args.image_size, size_line = resolve_image_size(args.weights, args.image_size)
+    args.image_size, size_line = _network_image_size(args)
     print(f"image      {size_line}", flush=True)
     t0 = time.perf_counter()
     if args.no_parity and args.weights:
@@ -445,9 +467,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 
     if not 1 <= args.batch <= MAX_BATCH_LIMIT:
         raise ValueError(f"--batch must be in 1..{MAX_BATCH_LIMIT}, got {args.batch}")
-    from .weights import resolve_image_size
-
-    args.image_size, size_line = resolve_image_size(args.weights, args.image_size)
+    args.image_size, size_line = _network_image_size(args)
     print(f"image size {size_line}", flush=True)
     model, state = _reference_and_weights(args.variant, args.weights)
     built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.batch, image_size=args.image_size,
@@ -488,7 +508,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         size, _ = _image_size(args.weights, args.image_size)
         images = torch.cat(list(_batches(files, size, len(files), progress=False)))
         print(f"sensitivity: the logits when only one layer is quantized, against the unquantized model, on "
-              f"{len(files)} calibration images (largest error first)")
+              f"{images.shape[0]} calibration images (largest error first)")
         print(f"{'layer':44s} {'RMS logit error':>16s} {'top-1 agreement':>16s}")
         for module, rms, agree in sensitivity(args.variant, args.output, images):
             print(f"{module:44s} {rms:16.4g} {100 * agree:15.1f}%")
@@ -509,17 +529,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export_triton(args: argparse.Namespace) -> int:
     from .triton import export_triton, read_engine_metadata
 
+    written = export_triton(args.engine, args.repository, name=args.name, version=args.version,
+                            instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
+                            preprocess=args.preprocess, force=args.force, runner=args.runner)
     meta = read_engine_metadata(args.engine)
     sizes = meta.get("image_size") or {}
     opt, trained = sizes.get("opt") or meta["input"]["shape"][2:], meta.get("trained_image_size")
     dynamic = sizes.get("min") != sizes.get("max")
     note = f"; the weights were trained at {trained}x{trained}" if trained else ""
     print(f"image      {opt[0]}x{opt[1]} (the engine's {'optimization shape' if dynamic else 'input'}, "
-          f"ENGINE.json{note})", flush=True)
-
-    written = export_triton(args.engine, args.repository, name=args.name, version=args.version,
-                            instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
-                            preprocess=args.preprocess, force=args.force, runner=args.runner)
+          f"ENGINE.json{note})")
     for folder in written:
         print(f"model      {folder}")
     print(f"serve      tritonserver --model-repository {os.path.abspath(args.repository)}")
@@ -538,6 +557,10 @@ def _cmd_triton_env(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
+    from .weights import resolve_image_size
+
+    if not args.json:  # first, before the evaluation runs
+        print(f"image      {resolve_image_size(args.weights, args.image_size)[1]}", flush=True)
 
     r = evaluate(args.variant, args.weights, args.data, image_size=args.image_size, network=args.network,
                  engine=args.engine, fp16=args.fp16, batch_size=args.batch_size, workers=args.workers,
@@ -545,7 +568,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"image      {r['image_size_source']}")
     print(f"data       {args.data}: {r['images']} images, {r['classes']} classes")
     print(f"model      {r['model']}: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} %, "
           f"{r['images_per_second']:.1f} images/s")
@@ -563,7 +585,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         recall, precision = ("-" if c[k] is None else f"{100 * c[k]:.2f} %" for k in ("recall", "precision"))
         print(f"class      {c['label']:<{width}}  {c['images']:6d} images, recall {recall}, precision {precision}")
     if r["skipped"]:
-        print(f"skipped    {len(r['skipped'])} undecodable image(s): {', '.join(r['skipped'][:5])}")
+        print(f"skipped    {len(r['skipped'])} undecodable image(s): {', '.join(r['skipped'][:5])}"
+              f"{' ... (--json lists them all)' if len(r['skipped']) > 5 else ''}")
     if args.confusion:
         print(f"confusion  {args.confusion}")
     _print_quantized_eval(r)

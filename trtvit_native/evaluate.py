@@ -292,9 +292,10 @@ def _runner(variant: str, weights: str, network: bool, engine: Optional[str], fp
         from .runtime import EngineRunner
 
         eng = EngineRunner(engine)
-        if tuple(eng.image_shape[-2:]) != (image_size, image_size):
-            raise ValueError(f"engine {engine} takes {'x'.join(map(str, eng.image_shape[-2:]))} images, not "
-                             f"{image_size}x{image_size}")
+        low, high = tuple(eng.min_shape[-2:]), tuple(eng.max_shape[-2:])
+        if not (low[0] <= image_size <= high[0] and low[1] <= image_size <= high[1]):
+            takes = "x".join(map(str, low)) if low == high else f"{'x'.join(map(str, low))}..{'x'.join(map(str, high))}"
+            raise ValueError(f"engine {engine} takes {takes} images, not {image_size}x{image_size} (--image-size)")
         # CPU tensors in and out; copied through pinned buffers
         return (lambda x: eng(x)), f"engine {engine}", min(batch_size, eng.batch_range[1])
     return None, "reference (PyTorch fp32)", batch_size
@@ -315,7 +316,6 @@ def predict(weights: str, images: Sequence[str], network: bool = False, engine: 
     import os
 
     from .data import DataError, eval_transform, load_rgb
-    from .model import create_model
     from .network import image_hw
     from .weights import resolve_image_size
 
@@ -330,7 +330,9 @@ def predict(weights: str, images: Sequence[str], network: bool = False, engine: 
             raise ValueError(f"image file {path} does not exist")
     image_size, size_line = resolve_image_size(weights, image_size)
     image_hw(image_size, "--image-size")
-    model = _unquantized_reference(None, weights) if network or engine else create_model(weights=weights)
+    # the reference eval uses: for a quantized file, the unquantized one (the network or
+    # engine built from the file runs quantized)
+    model = _unquantized_reference(None, weights)
     variant = model.config.name
     labels = model.labels or [str(i) for i in range(model.num_classes)]
     top = min(5, model.num_classes) if top is None else top
@@ -348,6 +350,9 @@ def predict(weights: str, images: Sequence[str], network: bool = False, engine: 
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             logits = run(torch.stack(inputs[start:start + batch_size])).float()
+            if logits.shape[-1] != model.num_classes:
+                raise ValueError(f"{label} gives {logits.shape[-1]} classes, {weights} names {model.num_classes}: "
+                                 f"not the engine built from these weights")
             probabilities = logits.softmax(dim=1)
             values, indices = probabilities.topk(top, dim=1)
             for i, (p, k) in enumerate(zip(values.tolist(), indices.tolist())):

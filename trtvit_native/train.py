@@ -499,6 +499,13 @@ def _check_resume(resume: str, state: Dict[str, Any], config: TrainConfig, world
         raise TrainError(f"--resume {resume}: the run was started with {started} process(es), this is {world}; "
                          f"the global batch, the steps per epoch and the data shards would change (resume it with "
                          f"{started})")
+    for key, value in getattr(config, "_given", {}).items():  # settings given on the command line
+        kept = saved.get(key)
+        kept = tuple(kept) if isinstance(kept, list) else kept
+        if key not in ("data", "output", "epochs", "workers", "run_dir") and value != kept:
+            flag = "--" + key.replace("_", "-")
+            raise TrainError(f"--resume {resume}: {flag} {value} is not the run's {flag} {kept} (a resumed run keeps "
+                             f"its settings; --epochs can extend it: leave {flag} out or give the same)")
     done, end = int(state["epochs_done"]), int(saved["epochs"])
     epochs = config.epochs if getattr(config, "_epochs_given", False) else end
     if epochs < end:
@@ -834,6 +841,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         run_dir=args.resume or args.run_dir, clip_grad=args.clip_grad, min_crop_scale=args.min_crop_scale,
         hflip=args.hflip, amp=args.amp, ema=args.ema, randaug=args.randaug, trivialaug=args.trivialaug,
         random_erasing=args.random_erasing, mixup=args.mixup, cutmix=args.cutmix, accum_steps=args.accum_steps)
+    if args.resume is not None:  # what the command line gives beyond the defaults: checked against the run's
+        from .cli import train_defaults
+
+        config._given = {key: getattr(config, key) for key, default in train_defaults().items()
+                         if hasattr(config, key) and getattr(args, key, default) != default}
     return config
 
 

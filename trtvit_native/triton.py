@@ -452,8 +452,8 @@ def _site_directories() -> List[str]:
 def make_stub_environment(path: str, extra_paths: Sequence[str] = ()) -> Dict[str, Any]:
     """The environment Triton's Python backend runs the models of ``export-triton`` in: a venv
     at ``path`` (its ``bin`` goes first on tritonserver's ``PATH``: the stub runs the first
-    ``python3`` there) that imports numpy < 2 first, then every package of *this*
-    interpreter (torch, Pillow, this package; from a venv too), then ``extra_paths``.
+    ``python3`` there) that imports numpy < 2 first, then ``extra_paths``, then every
+    package of *this* interpreter (torch, Pillow, this package; from a venv too).
 
     Why: the Python backend of Triton 2.51 is built against numpy 1 (numpy 2 kills the stub
     at the first request); ``python -m venv --system-site-packages`` run inside a venv
@@ -479,6 +479,9 @@ def make_stub_environment(path: str, extra_paths: Sequence[str] = ()) -> Dict[st
 
     if not os.path.isfile(os.path.join(path, "bin", "python3")):
         run([sys.executable, "-m", "venv", "--without-pip", path], f"creating the venv {path}")
+    elif not os.path.isdir(os.path.dirname(site_dir)):
+        raise TritonExportError(f"{path} is an environment of another Python (no lib/python{version}): remove it, "
+                                f"or give another folder")
     if not os.path.isdir(os.path.join(site_dir, "numpy")):
         run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site_dir, "numpy<2"],
             f"installing numpy<2 into {site_dir}")
