@@ -406,7 +406,7 @@ def test_calibration_skips_and_counts_an_image_it_cannot_decode(work, capsys, tm
 
 def test_predict_on_a_quantized_file_agrees_with_eval(work, quantized, capsys):
     """The reference of both is the unquantized one; the network of both is the int8 one."""
-    picks = sorted(str(p) for p in (work / "data").rglob("*.png"))[:2]
+    picks = sorted(str(p) for p in (work / "data").rglob("*.png"))  # all: most probabilities saturate at 1
     for extra in ([], ["--network", "--fp32"]):
         assert main(["eval", "trt-vit-a", "--weights", str(quantized["int8"]), "--data", str(work / "data"),
                      "--per-image", "--json", *extra]) == 0
