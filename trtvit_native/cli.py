@@ -259,8 +259,8 @@ def _network_image_size(args: argparse.Namespace):
     size, line = resolve_image_size(args.weights, args.image_size)
     if args.image_size is None and (args.min_image_size is not None or args.max_image_size is not None):
         opt = image_hw(size)
-        low = image_hw(args.min_image_size, "--min-image-size") if args.min_image_size is not None else opt
-        high = image_hw(args.max_image_size, "--max-image-size") if args.max_image_size is not None else opt
+        low = image_hw(args.min_image_size, "min_image_size") if args.min_image_size is not None else opt
+        high = image_hw(args.max_image_size, "max_image_size") if args.max_image_size is not None else opt
         if not (low[0] <= opt[0] <= high[0] and low[1] <= opt[1] <= high[1]):
             raise ValueError(f"image size {line} lies outside the profile {low[0]}x{low[1]}..{high[0]}x{high[1]}: "
                              f"give --image-size inside it (the optimization shape)")
@@ -521,6 +521,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if missing:
             raise _UsageError(f"train: {' and '.join(missing)} required (a resumed run, --resume, keeps its own)")
     check_weights_output(args.output, "train")
+    args.given = [dest for dest, default in train_defaults().items() if getattr(args, dest) != default]
     from .train import run_from_args
 
     return run_from_args(args)

@@ -842,10 +842,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         hflip=args.hflip, amp=args.amp, ema=args.ema, randaug=args.randaug, trivialaug=args.trivialaug,
         random_erasing=args.random_erasing, mixup=args.mixup, cutmix=args.cutmix, accum_steps=args.accum_steps)
     if args.resume is not None:  # what the command line gives beyond the defaults: checked against the run's
-        from .cli import train_defaults
-
-        config._given = {key: getattr(config, key) for key, default in train_defaults().items()
-                         if hasattr(config, key) and getattr(args, key, default) != default}
+        config._given = {key: getattr(config, key) for key in getattr(args, "given", ()) if hasattr(config, key)}
     return config
 
 
