@@ -117,23 +117,32 @@ def test_ema_equals_a_hand_computed_average_of_weights_and_buffers():
     model(torch.rand(2, 3, 6, 6))
     decay = 0.9
     ema = make_ema(model, decay)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    hand = None
-    for step in range(3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hand, used = None, []
+    start = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    for step in range(25):
         loss = model(torch.rand(4, 3, 6, 6)).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema.update_parameters(model)
         now = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-        # the first update takes the weights as they are, then ema = decay * ema + (1 - decay) * w
-        hand = now if hand is None else {k: decay * hand[k] + (1 - decay) * now[k] for k in now}
+        # the first update takes the weights as they are, then ema = d * ema + (1 - d) * w with
+        # timm's warmup d = min(decay, 1 - (1 + k) ** -0.75) after k updates: 0.405, 0.561, ... 0.9
+        if hand is not None:
+            d = min(decay, 1 - (1 + step) ** -0.75)
+            used.append(d)
+            hand = {k: d * hand[k] + (1 - d) * now[k] for k in now}
+        else:
+            hand = now
     averaged = ema.module.state_dict()
+    assert used[0] == pytest.approx(1 - 2 ** -0.75) and used[-1] == decay and used.count(decay) == 4
     assert any("running_mean" in k for k in hand)
     for k, v in hand.items():
         if k.endswith("num_batches_tracked"):
             continue
-        assert not torch.allclose(v, model.state_dict()[k].float()), k  # an average, not the last weights
+        if not torch.allclose(start[k], model.state_dict()[k].float()):  # (the conv bias before BN has no gradient)
+            assert not torch.allclose(v, model.state_dict()[k].float()), k  # an average, not the last weights
         assert torch.allclose(averaged[k].float(), v, rtol=1e-6, atol=1e-7), k
 
 

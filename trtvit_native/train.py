@@ -59,7 +59,7 @@ from .data import ImageFolder, TrainImages, check_same_classes, collate_skipping
 from .variants import get_config
 from .weights import check_output_path, write_atomically
 
-__all__ = ["TrainConfig", "train", "TrainError", "pick_amp", "BatchAugment", "make_ema", "read_run"]
+__all__ = ["TrainConfig", "train", "TrainError", "pick_amp", "BatchAugment", "make_ema", "ema_decay", "read_run"]
 
 STATE_FORMAT = "trtvit-train-state/1"
 
@@ -338,13 +338,36 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
 # --------------------------------------------------------------------------------------
 
 
-def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """An exponential moving average of ``model``'s parameters and buffers: after each
-    ``update_parameters(model)``, ema = decay * ema + (1 - decay) * model (the first update
-    copies the model)."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+def ema_decay(decay: float, updates: int, warmup_power: Optional[float] = 0.75) -> float:
+    """The decay of the EMA's update after ``updates`` earlier ones: timm's warmup
+    (``ModelEmaV3``), ``min(decay, 1 - (1 + updates) ** -warmup_power)``, so that early
+    averages follow the model instead of staying the random initialization (with a fixed
+    0.999, 300 steps leave 0.999**300 = 74 % of it). Power 3/4 is timm's choice for short
+    schedules (the decay reaches 0.99 after 463 updates, 0.999 after 10,000); None: no
+    warmup."""
+    if warmup_power is None:
+        return decay
+    return min(decay, 1.0 - (1.0 + updates) ** -warmup_power)
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+def make_ema(model: torch.nn.Module, decay: float,
+             warmup_power: Optional[float] = 0.75) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s parameters and buffers: the first
+    ``update_parameters(model)`` copies the model, the k-th after it makes ema =
+    d * ema + (1 - d) * model with d = :func:`ema_decay` (decay, k) (the warmup is
+    counted by ``n_averaged``, which a resumed run restores)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    @torch.no_grad()
+    def update(ema_params: List[torch.Tensor], params: List[torch.Tensor], updates: torch.Tensor) -> None:
+        d = ema_decay(decay, int(updates), warmup_power)
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        else:  # integer buffers (BatchNorm's batch count)
+            for e, p in zip(ema_params, params):
+                e.copy_(e * d + p * (1 - d))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 class BatchAugment:
