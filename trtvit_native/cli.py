@@ -103,7 +103,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="mixed precision: auto (bf16 from compute capability 8.0, else fp16 on CUDA; off on CPU), "
                         "off, fp16 (CUDA), bf16")
     p.add_argument("--ema", type=float, metavar="DECAY",
-                   help="keep an EMA of weights and buffers (e.g. 0.999); validated, saved and resumed instead")
+                   help="keep an EMA of weights and buffers (e.g. 0.999, reached after a warmup as timm's: "
+                        "min(DECAY, 1 - (1 + k)^-3/4) after k steps); validated, saved and resumed instead")
     aug = p.add_mutually_exclusive_group()
     aug.add_argument("--randaug", type=_randaug, metavar="N,M", help="kornia RandAugment: N operations, magnitude M "
                                                                      "(0 < M < 30)")

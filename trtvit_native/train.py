@@ -13,8 +13,8 @@ random-resized crop of the whole decoded image (kornia, in the DataLoader's work
 goes to the device as uint8; there it is normalized and, as asked, gets RandAugment or
 TrivialAugment, random erasing, and MixUp or CutMix (soft targets, label smoothing
 applied on top). ``--ema DECAY`` keeps an exponential moving average of the weights and
-buffers (``torch.optim.swa_utils.AveragedModel``), which is then what is validated and
-saved. Evaluation is resize + center crop (:mod:`trtvit_native.data`); both normalize as
+buffers (``torch.optim.swa_utils.AveragedModel``, with timm's decay warmup:
+:func:`ema_decay`), which is then what is validated and saved. Evaluation is resize + center crop (:mod:`trtvit_native.data`); both normalize as
 ENGINE.json says. Mixed precision on CUDA (bf16 on compute capability 8.0 and newer,
 else fp16 with a gradient scaler), channels_last on CUDA; fp32 on a CPU unless
 ``--amp bf16`` (much slower on CPUs without bf16 units).
