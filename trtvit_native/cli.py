@@ -358,7 +358,7 @@ def _check_engine_output(path: str) -> None:
                           f"name it e.g. {os.path.splitext(path)[0]}.engine")
 
 
-def check_weights_output(path: Optional[str], command: str) -> None:
+def _check_weights_output(path: Optional[str], command: str) -> None:
     """Weights written under an engine's name would be mistaken for one."""
     if path and path.lower().endswith(_ENGINE_SUFFIXES):
         raise _UsageError(f"{command}: -o {path}: trtvit {command} writes a safetensors weights file, not an engine; "
@@ -489,7 +489,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quantization import QuantizeError, quantize, sensitivity
 
-    check_weights_output(args.output, "quantize")
+    _check_weights_output(args.output, "quantize")
     check_output_path(args.output)
     if args.images < 1:
         raise QuantizeError(f"--images must be at least 1, got {args.images}")
@@ -521,7 +521,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         missing = [flag for flag, value in (("--data", args.data), ("-o/--output", args.output)) if not value]
         if missing:
             raise _UsageError(f"train: {' and '.join(missing)} required (a resumed run, --resume, keeps its own)")
-    check_weights_output(args.output, "train")
+    _check_weights_output(args.output, "train")
     args.given = [dest for dest, default in train_defaults().items() if getattr(args, dest) != default]
     from .train import run_from_args
 

@@ -358,7 +358,7 @@ def predict(weights: str, images: Sequence[str], network: bool = False, engine: 
             for i, (p, k) in enumerate(zip(values.tolist(), indices.tolist())):
                 predictions.append({"image": images[start + i], "top": [
                     {"label": labels[c], "index": c, "probability": q} for q, c in zip(p, k)]})
-    return {"model": label if runner is not None else "reference (PyTorch fp32)", "variant": variant,
+    return {"model": label, "variant": variant,
             "weights": weights, "image_size": image_size, "image_size_source": size_line,
             "predictions": predictions}
 

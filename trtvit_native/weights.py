@@ -261,20 +261,15 @@ def not_an_engine(path: PathLike) -> Optional[str]:
     if looks_like_engine(prefix):
         return None
     if len(prefix) == 9 and prefix[8:9] == b"{":
-        arch = read_metadata(path).get("arch") if _is_safetensors(path) else None
+        try:  # a readable header names the variant for the command to suggest
+            arch = read_metadata(path).get("arch")
+        except WeightsError:
+            arch = None
         build = f"trtvit build {arch or 'VARIANT'} --weights {path} -o ENGINE"
         return f"{path} is a safetensors weights file, not a TensorRT engine: build the engine from it ({build})"
     if prefix[:1] in (b"{", b"["):
         return f"{path} is a JSON file, not a TensorRT engine (an engine's metadata is ENGINE.json beside it)"
     return None
-
-
-def _is_safetensors(path: str) -> bool:
-    try:
-        _read_header(path)
-    except WeightsError:
-        return False
-    return True
 
 
 def _read_header(path: str) -> Tuple[dict, int]:
