@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 
@@ -13,6 +14,10 @@ try:
 except ImportError:  # the kernel library's tests run without torch; the fixtures below need it
     torch = None
 
+# The runtime suite loads the CPU-backed CUDA driver, so it runs in a process of its own
+# (tests/test_cpu_driver.py starts it); everywhere else CUDA sees what the machine has.
+if not os.environ.get("TRTVIT_CPU_DRIVER"):
+    collect_ignore = ["driver"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,9 +38,10 @@ import contextlib
 import ctypes
 import functools
 import math
+import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -64,13 +65,20 @@ class CudaError(RuntimeError):
     """A CUDA call made through ``cuda.core`` failed (its ``CUDAError``, with the driver's words)."""
 
 
+def _is_cuda_error(e: BaseException) -> bool:
+    """Whether ``e`` is cuda.core's ``CUDAError`` (an ``Exception``, not a ``RuntimeError``)."""
+    return any(cls.__name__ == "CUDAError" for cls in type(e).__mro__)
+
+
 @contextlib.contextmanager
 def cuda_errors() -> Iterator[None]:
     """``cuda.core``'s CUDAError raised inside as :class:`CudaError`, which callers catch."""
     try:
         yield
-    except RuntimeError as e:
-        if type(e).__name__ != "CUDAError":
+    except CudaError:
+        raise
+    except Exception as e:
+        if not _is_cuda_error(e):
             raise
         raise CudaError(str(e)) from None
 
@@ -129,7 +137,7 @@ def _driver_version() -> int:
 
 def no_device_reason() -> Optional[str]:
     """None when CUDA sees a GPU, else why not: no driver, a driver too old for the
-    installed cuda-bindings (naming the extra that fits it), or no device."""
+    installed cuda-bindings (naming the extra that fits it), or no device visible."""
     cc = core()
     try:
         version = _driver_version()
@@ -142,33 +150,72 @@ def no_device_reason() -> Optional[str]:
     mismatch = driver_mismatch(version, getattr(cuda.bindings, "__version__", "13"))
     if mismatch is not None:
         return mismatch
-    count = device_count(cc)
+    try:
+        count = device_count(cc)
+    except CudaError as e:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = f"; CUDA_VISIBLE_DEVICES is {visible!r}" if visible is not None else ""
+        return f"the driver gives no device ({e}{hint})"
     return None if count else "the driver reports 0 devices"
 
 
+@_translating
 def device_count(cc: Any = None) -> int:
     return len((cc or core()).Device.get_all_devices())
 
 
+def device(ordinal: Optional[int] = None) -> Any:
+    """The ``cuda.core`` Device ``ordinal`` (None: the current context's, else device 0); an
+    ordinal CUDA does not have is a :class:`CudaError` naming the devices it has."""
+    cc = core()
+    if ordinal is None:
+        return cc.Device()
+    count = device_count(cc)
+    if not isinstance(ordinal, int) or isinstance(ordinal, bool) or not 0 <= ordinal < count:
+        raise CudaError(f"CUDA_ERROR_INVALID_DEVICE: device {ordinal!r} does not exist: CUDA sees {count} device(s)"
+                        + (f", cuda:0..cuda:{count - 1}" if count else ""))
+    return cc.Device(ordinal)
+
+
 @_translating
 def device_name(ordinal: int) -> str:
-    return f"{core().Device(ordinal).name} (cuda:{ordinal})"
+    return f"{device(ordinal).name} (cuda:{ordinal})"
+
+
+def _current_context() -> Any:
+    """The calling thread's current CUDA context (a CUcontext; 0 when it has none)."""
+    from cuda.bindings import driver
+
+    err, ctx = driver.cuCtxGetCurrent()
+    if int(err) != 0:
+        raise CudaError(f"cuCtxGetCurrent failed: {err}")
+    return ctx
+
+
+def _set_context(ctx: Any) -> None:
+    from cuda.bindings import driver
+
+    (err,) = driver.cuCtxSetCurrent(ctx)
+    if int(err) != 0:
+        raise CudaError(f"cuCtxSetCurrent failed: {err}")
 
 
 @contextlib.contextmanager
-def device_scope(ordinal: int) -> Iterator[Any]:
+def device_scope(ordinal: Optional[int]) -> Iterator[Any]:
     """Make device ``ordinal`` (None: the current one) current on this thread, initialized as
-    cuda.core needs it for streams, events and memory (yields its Device), and the previous
-    one current again afterwards."""
-    cc = core()
-    previous = cc.Device()
-    dev = cc.Device(ordinal)
-    dev.set_current()
+    cuda.core needs it for streams, events and memory (yields its Device), and the thread's
+    previous context current again afterwards: none, when it had none (a thread that never
+    used device 0 is not given a context on it)."""
+    with cuda_errors():
+        previous = _current_context()
+        dev = device(ordinal)
+        dev.set_current()
     try:
         yield dev
     finally:
-        if previous.device_id != dev.device_id:
-            previous.set_current()
+        with cuda_errors():
+            if int(_current_context()) != int(previous):
+                _set_context(previous)
 
 
 # --------------------------------------------------------------------------------------
@@ -232,12 +279,20 @@ def synchronize(s: Any) -> None:
 
 class DeviceArray:
     """Device memory from the device's stream-ordered pool (``cuda.core`` Buffer), with a
-    shape and dtype; returned to the pool, on the stream it was last used on, with the object.
+    shape and dtype.
 
     It exposes ``__cuda_array_interface__`` (version 3), so CuPy, numba and torch take it
     without a copy (``cupy.asarray(a)``, ``torch.as_tensor(a, device="cuda")``). Its
-    ``stream`` is the stream its pending writes are queued on (exported as the interface's
-    ``stream``, so a consumer orders itself after them), or None once they are complete.
+    ``stream`` is the stream its pending work is queued on (its allocation, or the writes of
+    the call that returned it), exported as the interface's ``stream`` so that a consumer
+    orders itself after that work; None once the work is complete.
+
+    Lifetime: the memory goes back to the pool when the object is collected, in order after
+    the work on ``stream`` and on every stream given to :meth:`record_stream`. A consumer
+    that queues reads of the array on a stream of its own and may drop its last reference
+    before they run must call ``a.record_stream(its_stream)`` first, as with torch's
+    ``Tensor.record_stream``; the runner and the kernel launchers do it for the arrays they
+    read.
     """
 
     @_translating
@@ -245,21 +300,24 @@ class DeviceArray:
         self.shape = tuple(int(v) for v in shape)
         self.dtype = np.dtype(dtype)
         self.nbytes = math.prod(self.shape) * self.dtype.itemsize
-        self._stream = as_stream(LEGACY_STREAM if stream is None else stream)
+        self._consumers: Dict[int, Any] = {}  # stream handle -> cuda.core Stream: reads queued there
         with device_scope(device) as dev:
             self.device = int(dev.device_id)
+            self._stream = as_stream(LEGACY_STREAM if stream is None else stream)
             self.buffer = dev.allocate(max(self.nbytes, 1), stream=self._stream)
         self.ptr = int(self.buffer.handle)
-        self.stream: Optional[int] = None if stream is None else stream_handle(stream)
+        # The allocation is ordered on its stream only: a consumer elsewhere waits for it.
+        self.stream: Optional[int] = stream_handle(self._stream)
 
     @classmethod
     @_translating
     def from_host(cls, array: np.ndarray, device: Optional[int] = None, stream: Any = None) -> "DeviceArray":
         """A device copy of ``array`` (complete when this returns)."""
         host = np.ascontiguousarray(array)
-        out = cls(host.shape, host.dtype, device, stream)
-        copy_async(out.ptr, host.ctypes.data, host.nbytes, out._stream, keep=host)
-        out._stream.sync()
+        with device_scope(device) as dev:
+            out = cls(host.shape, host.dtype, int(dev.device_id), stream)
+            copy_async(out.ptr, host.ctypes.data, host.nbytes, out._stream, keep=host)
+            out._stream.sync()
         out.written_on(None)
         return out
 
@@ -270,14 +328,24 @@ class DeviceArray:
         # (the writer's stream may be gone by then).
         self._stream = as_stream(LEGACY_STREAM if s is None else s)
 
+    def record_stream(self, s: Any) -> None:
+        """Note that work queued on ``s`` uses the array: its memory is not returned to the
+        pool before that work is complete (torch's ``Tensor.record_stream``)."""
+        handle = stream_handle(s)
+        if handle != stream_handle(self._stream):
+            self._consumers[handle] = as_stream(s)
+
     @_translating
     def copy_to_host(self, s: Any = None) -> np.ndarray:
         """A numpy copy, complete when this returns; queued on ``s`` (default: the stream of
-        the pending writes, else the legacy stream)."""
-        run = as_stream(s if s is not None else (self.stream or LEGACY_STREAM))
-        host = np.empty(self.shape, self.dtype)
-        copy_async(host.ctypes.data, self.ptr, self.nbytes, run, keep=host)
-        run.sync()
+        the pending work, else the legacy stream)."""
+        with device_scope(self.device):
+            run = as_stream(s if s is not None else (self.stream or LEGACY_STREAM))
+            if s is not None and self.stream is not None and stream_handle(s) != self.stream:
+                run.wait(as_stream(self.stream))
+            host = np.empty(self.shape, self.dtype)
+            copy_async(host.ctypes.data, self.ptr, self.nbytes, run, keep=host)
+            run.sync()
         return host
 
     @property
@@ -291,17 +359,28 @@ class DeviceArray:
     def __repr__(self) -> str:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype.name}, device=cuda:{self.device})"
 
-    def __del__(self) -> None:
+    def free(self) -> None:
+        """Return the memory to the pool now, in order after the work that uses it (also done
+        when the object is collected)."""
         buffer = getattr(self, "buffer", None)
-        if buffer is not None:
-            try:
+        if buffer is None:
+            return
+        self.buffer = None
+        try:
+            with device_scope(self.device):
+                for consumer in self._consumers.values():  # the free waits for every consumer's reads
+                    self._stream.wait(consumer)
                 buffer.close(self._stream)
-            except Exception:  # a stream closed since, or interpreter shutdown
-                try:
+        except Exception:  # a stream closed since, or interpreter shutdown: free once all is done
+            try:
+                with device_scope(self.device):
+                    core().Device(self.device).sync()
                     buffer.close()
-                except Exception:
-                    pass
-            self.buffer = None
+            except Exception:
+                pass
+        self._consumers = {}
+
+    __del__ = free
 
 
 def copy_async(dst: int, src: int, nbytes: int, s: Any, keep: Any = None) -> None:
@@ -331,15 +410,18 @@ class PinnedBuffer:
         raw = (ctypes.c_byte * max(count * dtype.itemsize, 1)).from_address(self.ptr)
         return np.frombuffer(raw, dtype=dtype, count=count).reshape(tuple(shape))
 
-    def close(self) -> None:
+    def close(self, stream: Any = None) -> None:
+        """Free the memory (``stream``: the stream whose work on it must be complete first;
+        the caller's device must be current)."""
         if getattr(self, "buffer", None) is not None:
             try:
-                self.buffer.close()
+                self.buffer.close(None if stream is None else as_stream(stream))
             except Exception:  # interpreter shutdown
                 pass
             self.buffer = None
 
-    __del__ = close
+    def __del__(self) -> None:
+        self.close()
 
 
 def empty_device(kind: str, shape: Sequence[int], dtype: np.dtype, ordinal: int, s: int) -> Tuple[Any, int]:
@@ -445,6 +527,30 @@ def _torch_dtype_to_numpy(name: str, dtype: Any) -> np.dtype:
                          f"what this takes)") from None
 
 
+def array_device(x: Any) -> Optional[int]:
+    """The CUDA device ordinal of an array in device memory, None for host memory or what
+    is not an array, learned without viewing it (a view is made in its device's context)."""
+    module = type(x).__module__.split(".")[0]
+    if isinstance(x, np.ndarray) or (module == "torch" and not getattr(x, "is_cuda", True)):
+        return None
+    if isinstance(x, DeviceArray):
+        return x.device
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        try:
+            kind, ordinal = x.__dlpack_device__()
+        except Exception:
+            return None
+        return int(ordinal) if int(kind) == 2 else None  # kDLCUDA
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if isinstance(cai, dict) and isinstance(cai.get("data"), (tuple, list)) and cai["data"] and cai["data"][0]:
+        from cuda.bindings import driver
+
+        err, ordinal = driver.cuPointerGetAttribute(driver.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                                    int(cai["data"][0]))
+        return int(ordinal) if int(err) == 0 else None
+    return None
+
+
 def view_array(x: Any, name: str, consumer_stream: Optional[int] = None) -> ArrayView:
     """An :class:`ArrayView` of ``x``, of any accepted kind; :class:`ArrayError` naming
     ``name`` for anything else, or for what the library refuses (a ``mask``, an interface
@@ -482,6 +588,8 @@ def view_array(x: Any, name: str, consumer_stream: Optional[int] = None) -> Arra
         dtype = view.dtype
     except Exception as e:  # BufferError, CUDAError, TypeError, NotImplementedError of the producer or the library
         raise ArrayError(f"{name} cannot be used as an array ({type(e).__name__}: {e})") from None
+    if isinstance(x, DeviceArray) and consumer_stream is not None:
+        x.record_stream(consumer_stream)  # its memory outlives the reads queued there
     shape = tuple(int(v) for v in view.shape)
     kind = module if module in ("torch", "cupy") else "cuda"
     return ArrayView(name, kind, True, shape, np.dtype(dtype), _c_contiguous(shape, view.strides), int(view.ptr),

@@ -263,10 +263,15 @@ def _views(what: str, stream: Optional[int], **named: Any) -> Tuple[Dict[str, "A
     ValueError naming the argument otherwise."""
     from .arrays import ArrayError, view_array
 
+    from .arrays import array_device, cuda_errors, device_scope
+
     named = {n: a for n, a in named.items() if a is not None}
     run = _run_stream(stream, next(iter(named.values())))
     try:
-        views = {n: view_array(a, n, run) for n, a in named.items()}
+        # Viewed in the first array's device context: a view orders the run stream after the
+        # array's producer with an event, which CUDA records only in its stream's context.
+        with cuda_errors(), device_scope(array_device(next(iter(named.values())))):
+            views = {n: view_array(a, n, run) for n, a in named.items()}
     except ArrayError as e:
         raise ValueError(f"{what}: {e}") from None
     first = next(iter(views.values()))
@@ -309,8 +314,8 @@ def _launch(what: str, views: Dict[str, "ArrayView"], out_shapes: Sequence[Tuple
             launch({n: v.ptr for n, v in views.items()}, [p for _, p in outs], run)
         return [o for o, _ in outs]
 
-    device = int(arrays.core().Device().device_id)
-    with arrays.device_scope(device):
+    with arrays.device_scope(None) as dev:
+        device = int(dev.device_id)
         inputs = {n: arrays.DeviceArray.from_host(v.host, device, run) for n, v in views.items()}
         outs = [arrays.DeviceArray(shape, dtype, device, run) for shape in out_shapes]
         launch({n: a.ptr for n, a in inputs.items()}, [o.ptr for o in outs], run)

@@ -286,6 +286,7 @@ class EngineRunner:
             raise EngineError(f"running an engine needs a CUDA GPU, and CUDA sees none ({reason}); engines can "
                               f"still be built without one")
         ordinal = _device_ordinal(device)
+        self._closed = False
         self._own_stream: Any = None
         self._staging: Dict[str, Any] = {}
         self._last: Any = None  # event after the last call's work, and its stream handle
@@ -297,7 +298,7 @@ class EngineRunner:
             if ordinal is not None and ordinal >= count:
                 raise EngineError(f"device cuda:{ordinal} does not exist: CUDA sees {count} device(s), "
                                   f"cuda:0..cuda:{count - 1}")
-            self.device: int = int(arrays.core().Device(ordinal).device_id)
+            self.device: int = int(arrays.device(ordinal).device_id)
             self.backend: Backend = get_backend(backend)
             trt = self.backend.trt
             self._logger = CollectingLogger(trt)
@@ -349,25 +350,27 @@ class EngineRunner:
 
     def close(self) -> None:
         """Release the runner's own stream and staging buffers (also done when it is collected,
-        and at the end of ``with EngineRunner(...) as runner:``); the runner cannot run after."""
+        and at the end of ``with EngineRunner(...) as runner:``); the runner cannot run after.
+        It works in the runner's device context, whatever the calling thread's is."""
+        if getattr(self, "_closed", True):
+            return
         self._closed = True
         try:
-            if getattr(self, "_last", None) is not None:
-                self._last.sync()  # nothing of this runner's is still queued when its memory goes
+            with arrays.device_scope(self.device):
+                if self._last is not None:
+                    self._last.sync()  # nothing of this runner's is still queued when its memory goes
+                self._last = None
+                for a in list(self._handed_over):
+                    a.written_on(None)  # complete, and the stream they named goes
+                for pinned, device in self._staging.values():
+                    pinned.close(self.stream)
+                    device.free()
+                self._staging.clear()
+                if self._own_stream is not None:
+                    arrays.destroy_stream(self._own_stream)
+                    self._own_stream = None
         except Exception:  # interpreter shutdown
             pass
-        self._last = None
-        for a in list(getattr(self, "_handed_over", ())):
-            a.written_on(None)  # complete, and the stream they named goes
-        for pinned, _ in getattr(self, "_staging", {}).values():
-            pinned.close()
-        getattr(self, "_staging", {}).clear()
-        if getattr(self, "_own_stream", None) is not None:
-            try:
-                arrays.destroy_stream(self._own_stream)
-            except Exception:  # interpreter shutdown
-                pass
-            self._own_stream = None
 
     def __enter__(self) -> "EngineRunner":
         return self
@@ -398,8 +401,11 @@ class EngineRunner:
             raise EngineError(f"TensorRT could not run the engine on a batch of {batch}: {self._errors()}")
 
     def _finish(self, stream: int) -> None:
-        """(Re-)record the runner's one event after this call's work."""
-        self._last, self._last_stream = arrays.as_stream(stream).record(self._last), stream
+        """(Re-)record the runner's one event after this call's work. It is a blocking-sync
+        event: a host that waits for it sleeps instead of spinning a core (which the CPU
+        preprocessing beside a server's runners needs)."""
+        options = None if self._last is not None else arrays.core().EventOptions(blocking_sync=True)
+        self._last, self._last_stream = arrays.as_stream(stream).record(self._last, options=options), stream
 
     def _hand_over(self, results: Any, stream: int) -> None:
         """Order the consumers of device results after the call's work. A DeviceArray names
@@ -426,16 +432,34 @@ class EngineRunner:
         memory for device images, a numpy array for host images; C-contiguous, of the
         output's shape and dtype. ``stream`` overrides the runner's stream for this call.
         """
-        if getattr(self, "_closed", False):
+        if getattr(self, "_closed", True):
             raise EngineError("the runner is closed")
         self._logger.messages.clear()
         with _cuda_errors(f"running the engine on {self.device_name}"):
             run_stream = self.stream if stream is None else arrays.stream_handle(stream)
-            view, out_view = self.io.check_call(images, out, run_stream)
+            for name, x in ((self.input_name, images), ("out", out)):
+                where = None if x is None else arrays.array_device(x)
+                if where is not None and where != self.device:
+                    raise EngineError(f"{name} is on cuda:{where}, the runner on cuda:{self.device}")
+            # Views are made in the runner's context: ordering the run stream after a producer
+            # records an event, which CUDA allows only in the stream's own context.
             with arrays.device_scope(self.device):
+                view, out_view = self.io.check_call(images, out, run_stream)
                 run = self._run_device if view.on_device else self._run_host
-                results = run(view, out_view, run_stream)
+                try:
+                    results = run(view, out_view, run_stream)
+                except BaseException:
+                    self._settle(run_stream)
+                    raise
         return results[self.output_name] if len(self.output_names) == 1 else results
+
+    def _settle(self, stream: int) -> None:
+        """After a call failed part-way: wait for what it queued (copies that still read the
+        staging buffers), so that the next call may rewrite them."""
+        try:
+            arrays.as_stream(stream).sync()
+        except Exception:  # the failure itself was CUDA's: nothing more to wait for
+            pass
 
     def _run_device(self, view: ArrayView, out_view: Optional[ArrayView], stream: int) -> Dict[str, Any]:
         if view.device != self.device:
@@ -471,6 +495,10 @@ class EngineRunner:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 self._staging[name] = (arrays.PinnedBuffer(nbytes), arrays.DeviceArray((nbytes,), np.uint8,
                                                                                        self.device, self.stream))
+            # The pool orders an allocation on its stream only; calls may come on other streams.
+            arrays.as_stream(self.stream).sync()
+            for _, device in self._staging.values():
+                device.written_on(None)
         return self._staging
 
     def _run_host(self, view: ArrayView, out_view: Optional[ArrayView], stream: int) -> Dict[str, Any]:
