@@ -186,6 +186,9 @@ def _current_context() -> Any:
     """The calling thread's current CUDA context (a CUcontext; 0 when it has none)."""
     from cuda.bindings import driver
 
+    (err,) = driver.cuInit(0)  # once initialized, a no-op; the driver answers nothing before it
+    if int(err) != 0:
+        raise CudaError(f"cuInit failed: {err}")
     err, ctx = driver.cuCtxGetCurrent()
     if int(err) != 0:
         raise CudaError(f"cuCtxGetCurrent failed: {err}")
