@@ -149,7 +149,7 @@ def test_a_callers_stream_is_not_waited_for_and_results_name_it(plans, classifie
 
 def test_one_context_on_two_streams_is_ordered(loaded, driver):
     runner, images, want = loaded
-    (a, ha), (b, hb) = _stream(), _stream()
+    (a, _), (b, _) = _stream(), _stream()
     x = arrays.DeviceArray.from_host(images.numpy())
     y = arrays.DeviceArray.from_host(images.numpy()[::-1].copy())
     out_a, out_b = runner(x, stream=a), runner(y, stream=b)  # b waits for the event after a's call
@@ -522,7 +522,7 @@ def test_launchers_order_every_input_after_its_producer_on_the_run_stream(driver
     lib = InterpretedKernels(driver)
     rng = np.random.default_rng(1)
     x, w, b = rng.standard_normal((4, 16), np.float32), rng.standard_normal(16, np.float32), np.zeros(16, np.float32)
-    (ps, p), (qs, q) = _stream(), _stream()
+    (_, p), (qs, q) = _stream(), _stream()
     dx, dw, db = _written_on(x, p), _written_on(w, q), arrays.DeviceArray.from_host(b)
     weight = ProducedDLPack(dw.buffer, dw.shape, stream=qs)  # DLPack: told the run stream, it orders itself
     out = kernels.layernorm(Produced(dx.ptr, dx.shape, stream=p), weight, db, library=lib)
