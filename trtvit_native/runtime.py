@@ -424,13 +424,27 @@ class EngineRunner:
                 elif consumer != stream:
                     arrays.as_stream(consumer).wait(self._last)
 
-    def __call__(self, images: Any, out: Any = None, stream: Any = None) -> Any:
+    def host_input(self, shape: Sequence[int]) -> np.ndarray:
+        """The runner's pinned input buffer as an array of ``shape`` (within the profile):
+        write a batch into it and pass it as ``images``, and the call makes no host copy
+        of it (it goes to the GPU from there). Valid until the next call."""
+        shape = tuple(int(v) for v in shape)
+        if getattr(self, "_closed", True):
+            raise EngineError("the runner is closed")
+        check_input_shape(shape, self.min_shape, self.max_shape, self.input_name)
+        with _cuda_errors(f"staging on {self.device_name}"), arrays.device_scope(self.device):
+            return self._staging_buffers()[self.input_name][0].view(shape, self.input_dtype)
+
+    def __call__(self, images: Any, out: Any = None, stream: Any = None, host_views: bool = False) -> Any:
         """Run the engine on ``images`` and return the output, or ``{name: array}`` for an
         engine with several outputs (e.g. stage1..stage4), of the kind ``images`` is.
 
         ``out`` (one-output engines) receives the result instead of a new array: device
         memory for device images, a numpy array for host images; C-contiguous, of the
         output's shape and dtype. ``stream`` overrides the runner's stream for this call.
+        ``host_views`` (host images): the results are numpy views of the runner's pinned
+        output buffers, valid until the next call, instead of copies (for a caller that
+        copies them on anyway, as a server's response does).
         """
         if getattr(self, "_closed", True):
             raise EngineError("the runner is closed")
@@ -447,7 +461,8 @@ class EngineRunner:
                 view, out_view = self.io.check_call(images, out, run_stream)
                 run = self._run_device if view.on_device else self._run_host
                 try:
-                    results = run(view, out_view, run_stream)
+                    results = run(view, out_view, run_stream, host_views) if not view.on_device else \
+                        run(view, out_view, run_stream)
                 except BaseException:
                     self._settle(run_stream)
                     raise
@@ -501,13 +516,17 @@ class EngineRunner:
                 device.written_on(None)
         return self._staging
 
-    def _run_host(self, view: ArrayView, out_view: Optional[ArrayView], stream: int) -> Dict[str, Any]:
+    def _run_host(self, view: ArrayView, out_view: Optional[ArrayView], stream: int,
+                  host_views: bool = False) -> Dict[str, Any]:
         staging = self._staging_buffers()
         shapes = self._set_shape(view.shape)
         if out_view is not None:
             self.io.check_out(view, out_view, shapes[self.output_name])
         pinned, device = staging[self.input_name]  # free: every host call waits for its copies
-        pinned.view(view.shape, self.input_dtype)[...] = view.host  # converts the dtype while copying
+        staged = pinned.view(view.shape, self.input_dtype)
+        if not (view.host.ctypes.data == pinned.ptr and view.host.dtype == self.input_dtype
+                and view.host.flags.c_contiguous):
+            staged[...] = view.host  # converts the dtype while copying; host_input() arrays are there already
         nbytes = int(np.prod(view.shape)) * self.input_dtype.itemsize
         s = arrays.as_stream(stream)
         self._order_after_last_call(stream)
@@ -528,5 +547,5 @@ class EngineRunner:
                 out_view.host[...] = host
                 results[n] = out_view.keep
             else:
-                results[n] = arrays.host_result(view.kind, host.copy())
+                results[n] = arrays.host_result(view.kind, host if host_views else host.copy())
         return results

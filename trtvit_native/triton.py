@@ -152,7 +152,20 @@ trtvit_native
 ENGINE_REQUIREMENTS = """# The Triton Python backend's environment (the first python3 on tritonserver's PATH)
 numpy<2      # Triton 2.51's Python backend fails on numpy 2: "Stub process ... is not healthy"
 trtvit_native[runtime-cu13]   # runtime-cu12 on a CUDA 12 driver (< 580)
+{tensorrt}   # the TensorRT that built model.plan: an engine runs only on the version that built it
 """
+
+_PIP_NAMES = {"tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt-rtx"}
+
+
+def engine_requirements(meta: Dict[str, Any], sidecar: str) -> str:
+    """requirements.txt of the ``--runner python`` model: numpy < 2, the runtime, and the
+    TensorRT module and version that built the engine (from ENGINE.json's ``backend``)."""
+    module = engine_backend(meta, sidecar)
+    label = str(meta.get("backend", ""))
+    words = label.split()
+    version = next((w for w in words if w[:1].isdigit()), None)
+    return ENGINE_REQUIREMENTS.format(tensorrt=_PIP_NAMES[module] + (f"=={version}" if version else ""))
 
 # Both Python models set sys.dont_write_bytecode before importing anything from the
 # repository. model.py itself is compiled by the stub before it runs: an environment that
@@ -283,6 +296,20 @@ class TritonPythonModel:
         except Exception as e:
             raise RuntimeError(f"{args['model_name']}: cannot run the engine on GPU {device}: "
                                f"{' '.join(str(e).split())}") from None
+        self.max_batch = self.runner.batch_range[1]
+
+    def _run(self, members, inputs):
+        """Outputs of the requests ``members`` (one image size), run as one batch: gathered
+        straight into the runner's pinned input buffer (the one host copy), the results
+        views of its pinned outputs, which the responses copy."""
+        rows = sum(len(inputs[i]) for i in members)
+        batch = self.runner.host_input((rows,) + inputs[members[0]].shape[1:])
+        start = 0
+        for i in members:
+            batch[start:start + len(inputs[i])] = inputs[i]
+            start += len(inputs[i])
+        out = self.runner(batch, host_views=True)
+        return out if isinstance(out, dict) else {SETTINGS["output_names"][0]: out}
 
     def execute(self, requests):
         inputs, errors = [], {}
@@ -291,30 +318,51 @@ class TritonPythonModel:
             if x.dtype != np.float32:
                 errors[i] = f"{SETTINGS['input_name']} must be FP32, got {x.dtype}"
             inputs.append(x)
-        groups = {}  # the requests of one image size run as one batch
+        groups = {}  # the requests of one image size run together, in batches the engine takes
         for i, x in enumerate(inputs):
             if i not in errors:
                 groups.setdefault(x.shape[1:], []).append(i)
-        results = {}
+        batches = []
         for members in groups.values():
-            try:
-                out = self.runner(np.ascontiguousarray(np.concatenate([inputs[i] for i in members])))
-            except Exception as e:
-                errors.update((i, " ".join(str(e).split())) for i in members)
-                continue
-            out = out if isinstance(out, dict) else {SETTINGS["output_names"][0]: out}
-            start = 0
+            batch, rows = [], 0
             for i in members:
-                results[i] = {k: v[start:start + len(inputs[i])] for k, v in out.items()}
-                start += len(inputs[i])
-        responses = []
-        for i in range(len(requests)):
-            if i in errors:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
-            else:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(k, np.ascontiguousarray(results[i][k])) for k in SETTINGS["output_names"]]))
+                if batch and rows + len(inputs[i]) > self.max_batch:
+                    batches.append(batch)
+                    batch, rows = [], 0
+                batch.append(i)
+                rows += len(inputs[i])
+            batches.append(batch)
+        responses = [None] * len(requests)
+        for i, message in errors.items():
+            responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+        for batch in batches:
+            try:
+                self._respond(batch, inputs, self._run(batch, inputs), responses)
+            except Exception as e:
+                if len(batch) == 1:
+                    responses[batch[0]] = pb_utils.InferenceResponse(error=pb_utils.TritonError(" ".join(str(e).split())))
+                    continue
+                for i in batch:  # one request's failure is its own: the others run alone
+                    try:
+                        self._respond([i], inputs, self._run([i], inputs), responses)
+                    except Exception as e:
+                        responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(" ".join(str(e).split())))
         return responses
+
+    def _respond(self, members, inputs, out, responses):
+        start = 0
+        for i in members:
+            stop = start + len(inputs[i])
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(k, out[k][start:stop]) for k in SETTINGS["output_names"]])
+            start = stop
+
+    def finalize(self):
+        """Triton unloads the model: the runner's stream, pinned and device buffers go now."""
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
+            self.runner = None
 '''
 
 
@@ -408,7 +456,7 @@ def export_triton(engine: str, repository: str, name: Optional[str] = None, vers
         settings = {"input_name": meta["input"]["name"], "output_names": [o["name"] for o in _outputs(meta)]}
         engine_files.update({f"{version}/model.py": ENGINE_MODEL.encode(),
                              f"{version}/settings.json": (json.dumps(settings, indent=1) + "\n").encode(),
-                             "requirements.txt": ENGINE_REQUIREMENTS.encode()})
+                             "requirements.txt": engine_requirements(meta, engine + ".json").encode()})
     if labels:
         engine_files["labels.txt"] = ("\n".join(labels) + "\n").encode()
     written = []
