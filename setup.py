@@ -107,7 +107,7 @@ setup(
         "train": TRAIN_REQUIRES,
         "test": ["pytest>=7", "scikit-image>=0.21", "scikit-learn>=1.0", "nvidia-cuda-cuobjdump",
                  "tritonclient[http,grpc]>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES
-        + RUNTIME_REQUIRES["runtime-cu13"],  # the emulated-GPU tests use cuda.core without a driver
+        + RUNTIME_REQUIRES["runtime-cu13"],  # the runtime suite runs cuda.core on the CPU-backed driver
         "bench": ["onnx>=1.14"],
         # trtvit quantize and quantized references: NVIDIA ModelOpt (it needs torch>=2.8, met by the
         # torch already installed; ModelOpt 0.47 imports requests and huggingface_hub without declaring them)

@@ -128,7 +128,7 @@ step host_gpu 900 bash -c "mkdir -p build/foreign && nvcc -O3 -std=c++17 -shared
   TRTVIT_FOREIGN_ARCH_LIB=build/foreign/libtrtvit_kernels.so '$py' -m pytest -m gpu -v -rs -p no:cacheprovider \
   --junitxml='$out/host_gpu.xml' tests/test_kernels_host.py"
 step runtime_streams 600 "$py" -m pytest -m gpu -v -rs -p no:cacheprovider \
-  tests/test_runtime_gpu.py tests/test_kernels_gpu.py -k "slow or producer or stream or context"
+  tests/test_runtime_gpu.py tests/test_kernels_gpu.py -k "slow or producer or stream or context or midway or thread"
 step kernels 600 "$py" benchmarks/kernels.py --json "$out/kernels.json"
 if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; then
   step engine 900 "$py" benchmarks/engine_gpu.py --json "$out/engine.json"

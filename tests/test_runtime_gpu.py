@@ -168,3 +168,79 @@ def test_device_errors(runner):
     if torch.cuda.device_count() > 1:  # a tensor on another GPU: the error names it, no raw BufferError
         with pytest.raises(tv.EngineError, match="images"):
             runner(torch.zeros(1, 3, 224, 224, device="cuda:1"))
+
+
+# The scenarios of tests/driver/test_runner.py on the GPU's one device (gpu_checks.sh step
+# runtime_streams), against the PyTorch reference.
+
+
+def _in_thread(fn):
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_stream_a_consumer_on_a_second_stream_drops_an_output_it_still_reads(runner, expected):
+    images, want = expected
+    x = arrays.DeviceArray.from_host(images.numpy())
+    side = torch.cuda.Stream()
+    copies = []
+    for _ in range(3):
+        out = runner(x)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            arrays.view_array(out, "logits", side.cuda_stream)  # the side stream waits for the writes
+            torch.cuda._sleep(SLEEP_CYCLES)  # the consumer is slow ...
+            copies.append(torch.as_tensor(out, device=DEV).clone())
+        out.record_stream(side.cuda_stream)
+        del out  # ... and drops the output while its copy is queued; the next call may reuse the block
+    torch.cuda.synchronize()
+    for got in copies:
+        assert_reference(got, want)
+
+
+def test_stream_a_call_that_fails_midway_is_followed_by_a_good_one(runner, expected, monkeypatch):
+    images, want = expected
+    monkeypatch.setattr(runner.context, "execute_async_v3", lambda stream: False)  # after the input copy
+    with pytest.raises(tv.EngineError, match="TensorRT could not run the engine"):
+        runner(images.numpy())
+    monkeypatch.undo()
+    assert_reference(runner(images.numpy()), want)
+
+
+def test_stream_a_runner_used_and_closed_from_a_thread_without_context(plan, expected):
+    from cuda.bindings import driver as cu
+
+    images, want = expected
+
+    def work():
+        r = runner_or_skip(plan, device=0)
+        out = r(images.numpy())
+        r.close()
+        return out, int(cu.cuCtxGetCurrent()[1])
+
+    out, ctx = _in_thread(work)
+    assert_reference(out, want)
+    assert ctx == 0  # the thread is left without a context
+
+
+def test_stream_a_driver_failure_is_an_engine_error(runner, expected):
+    images, _ = expected
+    gone = arrays.create_stream(0)
+    handle = arrays.stream_handle(gone)
+    gone.close()
+    with pytest.raises(tv.EngineError, match="CUDA_ERROR_INVALID_HANDLE|CUDA_ERROR_INVALID_RESOURCE_HANDLE"):
+        runner(images.numpy(), stream=handle)
