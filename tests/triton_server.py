@@ -179,7 +179,8 @@ with open(os.path.join(HERE, "stand_in.json")) as _f:
 
 
 class InterpreterRunner:
-    """EngineRunner's calling convention: (plan path, device=...) and runner(numpy) -> numpy."""
+    """EngineRunner's calling convention: (plan path, device=...), batch_range,
+    host_input(shape), runner(numpy, host_views=...) -> numpy, close()."""
 
     def __init__(self, engine, device=None):
         with open(engine, "rb") as f:
@@ -190,10 +191,23 @@ class InterpreterRunner:
         self.built = trtvit_native.build_network(
             SETTINGS["variant"], SETTINGS["weights"], fp16=SETTINGS["fp16"], max_batch=SETTINGS["max_batch"],
             image_size=SETTINGS["image_size"], plugins=False)
+        self.batch_range = (1, SETTINGS["max_batch"])
+        self._staging = None
 
-    def __call__(self, images):
+    def host_input(self, shape):
+        size = 1
+        for v in shape:
+            size *= int(v)
+        if self._staging is None or self._staging.size < size:
+            self._staging = torch.empty(size).numpy()
+        return self._staging[:size].reshape(tuple(shape))
+
+    def __call__(self, images, host_views=False):
         with torch.no_grad():
             return trtvit_native.interpret(self.built, torch.from_numpy(images)).numpy()
+
+    def close(self):
+        self._staging = None
 
 
 trtvit_native.EngineRunner = InterpreterRunner  # what "from trtvit_native import EngineRunner" now gets
