@@ -139,6 +139,27 @@ class Driver:
         return self.lib.trtvit_mock_launch(stream, callback, None, r, len(reads), w, len(writes), cost_ms)
 
 
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on a new thread (which has no CUDA context) and return its result, or
+    raise what it raised."""
+    import threading
+
+    box: Dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def numpy_at(ptr: int, shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
     """A numpy array over device memory (host memory under this driver)."""
     dtype = np.dtype(dtype)

@@ -14,6 +14,7 @@ import torch
 import trtvit_native as tv
 from trtvit_native import arrays
 from trtvit_native.runtime import GPU_TOLERANCES, exact_fp32
+from cpu_driver import in_thread
 from conftest import (SLEEP_CYCLES, CudaArrayOnly, DLPackOnly, StreamInterface, engine_backend_or_skip, random_images,
                       reference, runner_or_skip, slow_copy)
 
@@ -174,25 +175,6 @@ def test_device_errors(runner):
 # runtime_streams), against the PyTorch reference.
 
 
-def _in_thread(fn):
-    import threading
-
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def test_stream_a_consumer_on_a_second_stream_drops_an_output_it_still_reads(runner, expected):
     images, want = expected
     x = arrays.DeviceArray.from_host(images.numpy())
@@ -232,7 +214,7 @@ def test_stream_a_runner_used_and_closed_from_a_thread_without_context(plan, exp
         r.close()
         return out, int(cu.cuCtxGetCurrent()[1])
 
-    out, ctx = _in_thread(work)
+    out, ctx = in_thread(work)
     assert_reference(out, want)
     assert ctx == 0  # the thread is left without a context
 

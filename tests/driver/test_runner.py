@@ -9,7 +9,6 @@ the engine was built from; its context owns a workspace that each execution writ
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 
 import trtvit_native as tv
 from trtvit_native import arrays
-from cpu_driver import Produced, ProducedDLPack, numpy_at
+from cpu_driver import Produced, ProducedDLPack, in_thread, numpy_at
 
 
 def _network(outputs="logits"):
@@ -293,24 +292,6 @@ def test_trtvit_run_times_an_engine_file(plans, classifier, tmp_path, capsys):
 # --------------------------------------------------------------------------------------
 
 
-def _in_thread(fn):
-    """Run ``fn`` on a new thread (which has no CUDA context) and return its result."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def _current_context():
     from cuda.bindings import driver as cu
 
@@ -331,14 +312,14 @@ def test_a_runner_on_device_1_takes_inputs_while_device_0_is_current_and_from_a_
             out = runner(Produced(x.ptr, x.shape, stream=p))  # the view's event is made in the runner's context
             return out.copy_to_host(), _current_context()
 
-    logits, ctx = _in_thread(call_with_device_0_current)
+    logits, ctx = in_thread(call_with_device_0_current)
     assert np.array_equal(logits, want)
 
     def call_from_a_bare_thread():
         out = runner(Produced(x.ptr, x.shape, stream=p))
         return out.copy_to_host(), _current_context()
 
-    logits, ctx = _in_thread(call_from_a_bare_thread)
+    logits, ctx = in_thread(call_from_a_bare_thread)
     assert np.array_equal(logits, want) and ctx == 0  # and the thread is left with no context
     with pytest.raises(tv.EngineError, match=r"images is on cuda:1, the runner on cuda:0"):
         with tv.EngineRunner(b"a", device=0) as other:
@@ -401,7 +382,7 @@ def test_close_from_a_bare_thread_or_another_device_frees_everything_in_the_runn
     assert np.array_equal(runner(images.numpy()), want)
     assert driver.live_pinned() == pinned + 2
     syncs = driver.legacy_syncs(0), driver.legacy_syncs(1)
-    _in_thread(runner.close)  # a thread with no context
+    in_thread(runner.close)  # a thread with no context
     assert driver.live_pinned() == pinned
     runner = tv.EngineRunner(b"a", device=1)
     runner(images.numpy())
@@ -411,7 +392,7 @@ def test_close_from_a_bare_thread_or_another_device_frees_everything_in_the_runn
             runner.close()
             return _current_context()
 
-    assert _in_thread(close_with_device_0_current) != 0
+    assert in_thread(close_with_device_0_current) != 0
     assert driver.live_pinned() == pinned
     # The staging memory is freed after the runner's own stream, not after a legacy stream
     # (which waits for every blocking stream of its device): neither device's is synchronized.
@@ -544,4 +525,4 @@ def test_kernel_launchers_view_device_1_arrays_in_their_context(driver):
             out = kernels.layernorm(*(Produced(a.ptr, a.shape, stream=p) for a in arrays_1), library=lib, stream=g)
             return out.copy_to_host()
 
-    assert np.allclose(_in_thread(launch), _layernorm_reference(x, w, b), atol=1e-5)
+    assert np.allclose(in_thread(launch), _layernorm_reference(x, w, b), atol=1e-5)
