@@ -298,64 +298,63 @@ class TritonPythonModel:
                                f"{' '.join(str(e).split())}") from None
         self.max_batch = self.runner.batch_range[1]
 
-    def _run(self, members, inputs):
-        """Outputs of the requests ``members`` (one image size), run as one batch: gathered
-        straight into the runner's pinned input buffer (the one host copy), the results
-        views of its pinned outputs, which the responses copy."""
+    def _run(self, members, inputs, views):
+        """Outputs of the requests ``members`` (one image size), run as one batch, gathered
+        straight into the runner's pinned input buffer (the one host copy). ``views``: the
+        results are views of the runner's pinned outputs, for the last call of an
+        execute() only (Triton copies a response's tensors after execute returns, and a
+        later call would overwrite them); otherwise copies."""
         rows = sum(len(inputs[i]) for i in members)
         batch = self.runner.host_input((rows,) + inputs[members[0]].shape[1:])
         start = 0
         for i in members:
             batch[start:start + len(inputs[i])] = inputs[i]
             start += len(inputs[i])
-        out = self.runner(batch, host_views=True)
+        out = self.runner(batch, host_views=views)
         return out if isinstance(out, dict) else {SETTINGS["output_names"][0]: out}
 
     def execute(self, requests):
-        inputs, errors = [], {}
+        inputs, responses = [], [None] * len(requests)
         for i, request in enumerate(requests):
             x = pb_utils.get_input_tensor_by_name(request, SETTINGS["input_name"]).as_numpy()
             if x.dtype != np.float32:
-                errors[i] = f"{SETTINGS['input_name']} must be FP32, got {x.dtype}"
+                responses[i] = self._error(f"{SETTINGS['input_name']} must be FP32, got {x.dtype}")
             inputs.append(x)
         groups = {}  # the requests of one image size run together, in batches the engine takes
         for i, x in enumerate(inputs):
-            if i not in errors:
+            if responses[i] is None:
                 groups.setdefault(x.shape[1:], []).append(i)
-        batches = []
+        queue = []
         for members in groups.values():
             batch, rows = [], 0
             for i in members:
                 if batch and rows + len(inputs[i]) > self.max_batch:
-                    batches.append(batch)
+                    queue.append(batch)
                     batch, rows = [], 0
                 batch.append(i)
                 rows += len(inputs[i])
-            batches.append(batch)
-        responses = [None] * len(requests)
-        for i, message in errors.items():
-            responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
-        for batch in batches:
+            queue.append(batch)
+        while queue:
+            batch = queue.pop(0)
             try:
-                self._respond(batch, inputs, self._run(batch, inputs), responses)
+                out = self._run(batch, inputs, views=not queue)
             except Exception as e:
                 if len(batch) == 1:
-                    responses[batch[0]] = pb_utils.InferenceResponse(error=pb_utils.TritonError(" ".join(str(e).split())))
-                    continue
-                for i in batch:  # one request's failure is its own: the others run alone
-                    try:
-                        self._respond([i], inputs, self._run([i], inputs), responses)
-                    except Exception as e:
-                        responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(" ".join(str(e).split())))
+                    responses[batch[0]] = self._error(" ".join(str(e).split()))
+                else:  # one request's failure is its own: the others run alone
+                    queue[:0] = [[i] for i in batch]
+                continue
+            start = 0
+            for i in batch:
+                stop = start + len(inputs[i])
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(k, out[k][start:stop]) for k in SETTINGS["output_names"]])
+                start = stop
         return responses
 
-    def _respond(self, members, inputs, out, responses):
-        start = 0
-        for i in members:
-            stop = start + len(inputs[i])
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(k, out[k][start:stop]) for k in SETTINGS["output_names"]])
-            start = stop
+    @staticmethod
+    def _error(message):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
     def finalize(self):
         """Triton unloads the model: the runner's stream, pinned and device buffers go now."""
