@@ -309,11 +309,13 @@ def test_a_runner_on_device_1_takes_inputs_while_device_0_is_current_and_from_a_
 
     def call_with_device_0_current():
         with arrays.device_scope(0):
+            before = _current_context()
             out = runner(Produced(x.ptr, x.shape, stream=p))  # the view's event is made in the runner's context
-            return out.copy_to_host(), _current_context()
+            logits = out.copy_to_host()
+            return logits, before, _current_context()
 
-    logits, ctx = in_thread(call_with_device_0_current)
-    assert np.array_equal(logits, want)
+    logits, before, after = in_thread(call_with_device_0_current)
+    assert np.array_equal(logits, want) and before != 0 and after == before  # device 0's context is current again
 
     def call_from_a_bare_thread():
         out = runner(Produced(x.ptr, x.shape, stream=p))
@@ -389,10 +391,12 @@ def test_close_from_a_bare_thread_or_another_device_frees_everything_in_the_runn
 
     def close_with_device_0_current():
         with arrays.device_scope(0):
+            before = _current_context()
             runner.close()
-            return _current_context()
+            return before, _current_context()
 
-    assert in_thread(close_with_device_0_current) != 0
+    before, after = in_thread(close_with_device_0_current)
+    assert before != 0 and after == before
     assert driver.live_pinned() == pinned
     # The staging memory is freed after the runner's own stream, not after a legacy stream
     # (which waits for every blocking stream of its device): neither device's is synchronized.
