@@ -28,6 +28,7 @@
 // reads and writes device buffers directly, queued with trtvit_mock_launch.
 #include <cuda.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -123,6 +124,7 @@ bool initialized = false;
 int device_count = 0;
 std::vector<int> visible;  // visible ordinal -> mock device index
 std::vector<Ctx*> primary;  // per visible ordinal, created on first retain
+std::vector<Ctx*> created;  // contexts made with cuCtxCreate (as pycuda.autoinit makes one)
 std::vector<int> contexts_created, made_current, legacy_syncs;
 std::vector<Pool*> pools;
 std::map<int, Stream*> streams;  // every stream ever created, by id
@@ -549,9 +551,36 @@ namespace {
 Ctx* as_ctx(CUcontext c) {
     for (Ctx* p : primary)
         if (p && reinterpret_cast<CUcontext>(p) == c) return p;
+    for (Ctx* p : created)
+        if (p->retain > 0 && reinterpret_cast<CUcontext>(p) == c) return p;
     return nullptr;
 }
 }  // namespace
+
+API CUresult cuCtxCreate(CUcontext* out, CUctxCreateParams*, unsigned int flags, CUdevice dev) {
+    GUARD();
+    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    Ctx* c = new Ctx{dev, next_ctx_id++, nullptr, nullptr};
+    c->legacy = new_stream(c, 0, true);
+    c->per_thread = new_stream(c, 0, false);
+    c->streams.push_back(c->per_thread);
+    c->retain = 1;
+    c->flags = flags;
+    created.push_back(c);
+    ctx_stack.push_back(c);  // current on the calling thread, supplanting the one that was
+    ctx_made_current(c);
+    *out = reinterpret_cast<CUcontext>(c);
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuCtxDestroy(CUcontext ctx) {
+    GUARD();
+    Ctx* c = as_ctx(ctx);
+    if (!c || std::find(created.begin(), created.end(), c) == created.end()) return CUDA_ERROR_INVALID_CONTEXT;
+    c->retain = 0;
+    if (!ctx_stack.empty() && ctx_stack.back() == c) ctx_stack.pop_back();
+    return CUDA_SUCCESS;
+}
 
 API CUresult cuCtxSetCurrent(CUcontext ctx) {
     GUARD();
@@ -1091,7 +1120,7 @@ const Entry entries[] = {
     E("cuDevicePrimaryCtxSetFlags", cuDevicePrimaryCtxSetFlags_v2), E("cuCtxSetCurrent", cuCtxSetCurrent),
     E("cuCtxGetCurrent", cuCtxGetCurrent), E("cuCtxPushCurrent", cuCtxPushCurrent_v2),
     E("cuCtxPopCurrent", cuCtxPopCurrent_v2), E("cuCtxGetDevice", cuCtxGetDevice), E("cuCtxGetId", cuCtxGetId),
-    E("cuCtxGetFlags", cuCtxGetFlags), E("cuCtxGetApiVersion", cuCtxGetApiVersion),
+    E("cuCtxGetFlags", cuCtxGetFlags), E("cuCtxCreate", cuCtxCreate_v4), E("cuCtxDestroy", cuCtxDestroy_v2), E("cuCtxGetApiVersion", cuCtxGetApiVersion),
     E("cuCtxSynchronize", cuCtxSynchronize), E("cuCtxGetStreamPriorityRange", cuCtxGetStreamPriorityRange),
     E("cuStreamCreate", cuStreamCreate), E("cuStreamCreateWithPriority", cuStreamCreateWithPriority),
     E("cuStreamDestroy", cuStreamDestroy_v2), E("cuStreamSynchronize", cuStreamSynchronize),

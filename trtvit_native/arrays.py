@@ -203,6 +203,36 @@ def _set_context(ctx: Any) -> None:
         raise CudaError(f"cuCtxSetCurrent failed: {err}")
 
 
+def foreign_stream_context(handle: int, ordinal: int) -> Optional[str]:
+    """Why a stream cannot carry work of device ``ordinal``'s primary context (where the
+    runner's engine and memory live): it belongs to another device, or to a context made
+    with ``cuCtxCreate`` (pycuda.autoinit's, for one); None when it can. The legacy stream
+    is always the current context's."""
+    if handle == LEGACY_STREAM:
+        return None
+    from cuda.bindings import driver
+
+    stream = driver.CUstream(handle)
+    err, ctx = driver.cuStreamGetCtx(stream)
+    if int(err) != 0:
+        raise CudaError(f"cuStreamGetCtx of stream {handle:#x} failed: {err}")
+    err, dev = driver.cuStreamGetDevice(stream)
+    if int(err) != 0:
+        raise CudaError(f"cuStreamGetDevice of stream {handle:#x} failed: {err}")
+    if int(dev) != ordinal:
+        return f"stream {handle:#x} is a stream of cuda:{int(dev)}, and this work runs on cuda:{ordinal}"
+    err, primary = driver.cuDevicePrimaryCtxRetain(driver.CUdevice(ordinal))
+    if int(err) != 0:
+        raise CudaError(f"cuDevicePrimaryCtxRetain({ordinal}) failed: {err}")
+    driver.cuDevicePrimaryCtxRelease(driver.CUdevice(ordinal))
+    if int(ctx) != int(primary):
+        return (f"stream {handle:#x} belongs to a CUDA context other than cuda:{ordinal}'s primary context (one "
+                f"made with cuCtxCreate, as pycuda.autoinit makes); the engine and its memory live in the primary "
+                f"context, which torch, CuPy and the CUDA runtime use: make the stream there (with pycuda, "
+                f"cuda.Device({ordinal}).retain_primary_context().push() instead of pycuda.autoinit)")
+    return None
+
+
 @contextlib.contextmanager
 def device_scope(ordinal: Optional[int]) -> Iterator[Any]:
     """Make device ``ordinal`` (None: the current one) current on this thread, initialized as

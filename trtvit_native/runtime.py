@@ -287,6 +287,7 @@ class EngineRunner:
                               f"still be built without one")
         ordinal = _device_ordinal(device)
         self._closed = False
+        self._checked_stream: Optional[int] = None  # the last stream found to be of the runner's context
         self._own_stream: Any = None
         self._staging: Dict[str, Any] = {}
         self._last: Any = None  # event after the last call's work, and its stream handle
@@ -318,6 +319,9 @@ class EngineRunner:
                     self._own_stream = arrays.create_stream(self.device)
                     self.stream: int = arrays.stream_handle(self._own_stream)
                 else:
+                    foreign = arrays.foreign_stream_context(given_stream, self.device)
+                    if foreign is not None:
+                        raise EngineError(foreign)
                     self.stream = given_stream
 
     # The contract, under the names callers use.
@@ -458,6 +462,11 @@ class EngineRunner:
             # Views are made in the runner's context: ordering the run stream after a producer
             # records an event, which CUDA allows only in the stream's own context.
             with arrays.device_scope(self.device):
+                if run_stream != self._checked_stream:
+                    foreign = arrays.foreign_stream_context(run_stream, self.device)
+                    if foreign is not None:
+                        raise EngineError(foreign)
+                    self._checked_stream = run_stream
                 view, out_view = self.io.check_call(images, out, run_stream)
                 run = self._run_device if view.on_device else self._run_host
                 try:

@@ -530,3 +530,29 @@ def test_kernel_launchers_view_device_1_arrays_in_their_context(driver):
             return out.copy_to_host()
 
     assert np.allclose(in_thread(launch), _layernorm_reference(x, w, b), atol=1e-5)
+
+
+def test_a_stream_of_another_context_or_device_is_refused_by_name(loaded):
+    from cuda.bindings import driver as cu
+
+    runner, images, want = loaded
+
+    def pycuda_style():  # pycuda.autoinit: a context of its own on device 0, and a stream in it
+        err, ctx = cu.cuCtxCreate(None, 0, 0)
+        assert int(err) == 0
+        err, stream = cu.cuStreamCreate(1)
+        assert int(err) == 0
+        try:
+            with pytest.raises(tv.EngineError, match=r"belongs to a CUDA context other than cuda:0's primary context"):
+                runner(images.numpy(), stream=int(stream))
+            with pytest.raises(tv.EngineError, match=r"other than cuda:0's primary context"):
+                tv.EngineRunner(b"a", device=0, stream=int(stream))
+        finally:
+            cu.cuStreamDestroy(stream)
+            cu.cuCtxDestroy(ctx)
+
+    in_thread(pycuda_style)
+    other, o = _stream(1)
+    with pytest.raises(tv.EngineError, match=r"is a stream of cuda:1, and this work runs on cuda:0"):
+        runner(images.numpy(), stream=o)
+    assert np.array_equal(runner(images.numpy()), want)
