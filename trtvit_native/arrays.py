@@ -394,26 +394,53 @@ class DeviceArray:
 
     def free(self) -> None:
         """Return the memory to the pool now, in order after the work that uses it (also done
-        when the object is collected)."""
+        when the object is collected).
+
+        With nothing but its own stream's work to wait for, the free is queued on that
+        stream. Once the work is complete, or when other streams' reads must be waited for,
+        it is queued on a stream of the device kept for frees, after events on each of
+        those streams: the writer's stream (the runner's next calls) never waits for a
+        consumer, and no free lands on the legacy stream, which would stall every blocking
+        stream of the device."""
         buffer = getattr(self, "buffer", None)
         if buffer is None:
             return
         self.buffer = None
+        waits = list(self._consumers.values())
+        self._consumers = {}
         try:
             with device_scope(self.device):
-                for consumer in self._consumers.values():  # the free waits for every consumer's reads
-                    self._stream.wait(consumer)
-                buffer.close(self._stream)
-        except Exception:  # a stream closed since, or interpreter shutdown: free once all is done
+                if not waits and self.stream is not None:
+                    buffer.close(self._stream)
+                    return
+                free_on = _free_stream(self.device)
+                for s in ([self._stream] if self.stream is not None else []) + waits:
+                    free_on.wait(s)
+                buffer.close(free_on)
+        except Exception:  # a stream gone since, a consumer on another device, interpreter shutdown
             try:
+                for s in [self._stream] + waits:
+                    try:
+                        s.sync()
+                    except Exception:
+                        pass
                 with device_scope(self.device):
-                    core().Device(self.device).sync()
-                    buffer.close()
+                    buffer.close(_free_stream(self.device))
             except Exception:
                 pass
-        self._consumers = {}
 
     __del__ = free
+
+
+_FREE_STREAMS: Dict[int, Any] = {}
+
+
+def _free_stream(ordinal: int) -> Any:
+    """The non-blocking stream of device ``ordinal`` that DeviceArray frees are queued on
+    (made once, in a device scope)."""
+    if ordinal not in _FREE_STREAMS:
+        _FREE_STREAMS[ordinal] = core().Device(ordinal).create_stream()
+    return _FREE_STREAMS[ordinal]
 
 
 def copy_async(dst: int, src: int, nbytes: int, s: Any, keep: Any = None) -> None:

@@ -343,6 +343,8 @@ def test_a_consumer_on_a_second_stream_may_drop_an_output_it_still_reads(loaded,
     out.record_stream(consumer)  # ... says it reads the array there ...
     del out  # ... and drops it while its copy is queued: the free waits for the copy
     runner(x)  # the next call's output may be the same block
+    runner._last.sync()
+    assert driver.pending(c) > 0  # the runner's stream did not wait for the consumer: only the free does
     copy.written_on(c)
     assert np.array_equal(copy.copy_to_host(), want)
     assert not driver.violations()
