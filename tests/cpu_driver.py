@@ -89,6 +89,7 @@ class Driver:
         lib.trtvit_mock_pointer_kind.argtypes = [ctypes.c_uint64]
         self._callbacks: List[Any] = []  # kept alive: the driver calls them when their stream runs
         self.errors: List[str] = []  # exceptions raised inside queued work
+        self.released: List[Any] = []  # (TensorRT object, the device current when it went)
 
     def violations(self) -> List[str]:
         """The rules broken since the last call (and forgets them)."""
@@ -126,9 +127,12 @@ class Driver:
         """Queue ``work`` on ``stream`` as a kernel reading ``reads`` and writing ``writes``
         (device pointers); the CUresult of the launch."""
 
+        box = [work]  # the work goes once it ran (what it holds is not kept with the callback)
+
         def run(_: Any) -> None:
+            w, box[0] = box[0], None
             try:
-                work()
+                w()
             except Exception as e:  # noqa: BLE001 - reported to the test, not lost in ctypes
                 self.errors.append(f"{type(e).__name__}: {e}")
 
@@ -158,6 +162,13 @@ def in_thread(fn: Callable[[], Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def _current_device() -> Optional[int]:
+    from cuda.bindings import driver as cu
+
+    err, dev = cu.cuCtxGetDevice()
+    return int(dev) if int(err) == 0 else None
 
 
 def numpy_at(ptr: int, shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
@@ -250,9 +261,11 @@ class InterpretedEngine:
     def get_tensor_dtype(self, name: str) -> Any:
         return self.trt.float32
 
+    def __del__(self) -> None:  # TensorRT frees the engine's device memory in the current context
+        self.driver.released.append(("engine", _current_device()))
+
     def create_execution_context(self) -> "InterpretedContext":
-        self.context = InterpretedContext(self)
-        return self.context
+        return InterpretedContext(self)
 
 
 class InterpretedContext:
@@ -267,6 +280,9 @@ class InterpretedContext:
         self.fail_next: Optional[str] = None  # the next execute_async_v3 reports this error and returns False
         err, self.workspace = cu.cuMemAlloc(256)
         assert int(err) == 0, err
+
+    def __del__(self) -> None:
+        self.engine.driver.released.append(("context", _current_device()))
 
     def set_input_shape(self, name: str, shape: Sequence[int]) -> bool:
         lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)

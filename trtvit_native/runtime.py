@@ -373,6 +373,11 @@ class EngineRunner:
                 if self._own_stream is not None:
                     arrays.destroy_stream(self._own_stream)
                     self._own_stream = None
+                # TensorRT's objects go here, in the runner's context, not whenever and wherever
+                # the collector gets to them: the execution context, then the engine, then the runtime.
+                for name in ("context", "engine", "_runtime"):
+                    if hasattr(self, name):
+                        delattr(self, name)
         except Exception:  # interpreter shutdown
             pass
 
@@ -469,11 +474,13 @@ class EngineRunner:
                     self._checked_stream = run_stream
                 view, out_view = self.io.check_call(images, out, run_stream)
                 run = self._run_device if view.on_device else self._run_host
+                self._queued = False
                 try:
                     results = run(view, out_view, run_stream, host_views) if not view.on_device else \
                         run(view, out_view, run_stream)
                 except BaseException:
-                    self._settle(run_stream)
+                    if self._queued:
+                        self._settle(run_stream)
                     raise
         return results[self.output_name] if len(self.output_names) == 1 else results
 
@@ -539,6 +546,7 @@ class EngineRunner:
         nbytes = int(np.prod(view.shape)) * self.input_dtype.itemsize
         s = arrays.as_stream(stream)
         self._order_after_last_call(stream)
+        self._queued = True
         arrays.copy_async(device.ptr, pinned.ptr, nbytes, s)
         self._bind(self.input_name, device.ptr)
         for n in self.output_names:

@@ -386,8 +386,10 @@ def test_close_from_a_bare_thread_or_another_device_frees_everything_in_the_runn
     assert np.array_equal(runner(images.numpy()), want)
     assert driver.live_pinned() == pinned + 2
     syncs = driver.legacy_syncs(0), driver.legacy_syncs(1)
+    driver.released.clear()
     in_thread(runner.close)  # a thread with no context
     assert driver.live_pinned() == pinned
+    assert driver.released == [("context", 1), ("engine", 1)]  # TensorRT's objects went in the runner's context
     runner = tv.EngineRunner(b"a", device=1)
     runner(images.numpy())
 
