@@ -257,21 +257,45 @@ def _run_stream(stream: Optional[int], first: Any) -> int:
     return LEGACY_STREAM if current is None else current
 
 
+def _stream_device(stream: int) -> Optional[int]:
+    """The device of a stream handle (None: the legacy stream, the current device's)."""
+    from .arrays import LEGACY_STREAM, CudaError
+
+    if stream == LEGACY_STREAM:
+        return None
+    from cuda.bindings import driver
+
+    err, dev = driver.cuStreamGetDevice(driver.CUstream(stream))
+    if int(err) != 0:
+        raise CudaError(f"cuStreamGetDevice of stream {stream:#x} failed: {err}")
+    return int(dev)
+
+
 def _views(what: str, stream: Optional[int], **named: Any) -> Tuple[Dict[str, "ArrayView"], int]:
     """Views of the array arguments, made for the run stream (returned with them), checked
     to share one place, dtype (float32 or float16) and device, device arrays C-contiguous;
     ValueError naming the argument otherwise."""
     from .arrays import ArrayError, view_array
 
-    from .arrays import array_device, cuda_errors, device_scope
+    from .arrays import array_device, core, cuda_errors, device_scope, foreign_stream_context
 
     named = {n: a for n, a in named.items() if a is not None}
     run = _run_stream(stream, next(iter(named.values())))
     try:
-        # Viewed in the first array's device context: a view orders the run stream after the
-        # array's producer with an event, which CUDA records only in its stream's context.
-        with cuda_errors(), device_scope(array_device(next(iter(named.values())))):
-            views = {n: view_array(a, n, run) for n, a in named.items()}
+        with cuda_errors():
+            devices = {n: array_device(a) for n, a in named.items()}
+            placed = {d for d in devices.values() if d is not None}
+            if len(placed) > 1:
+                raise ValueError(f"{what}: the arrays are on several devices ("
+                                 + ", ".join(f"{n} on cuda:{d}" for n, d in devices.items() if d is not None) + ")")
+            device = placed.pop() if placed else _stream_device(run)
+            # Viewed in the arrays' device context: a view orders the run stream after the
+            # array's producer with an event, which CUDA records only in its stream's context.
+            with device_scope(device):
+                foreign = foreign_stream_context(run, int(core().Device().device_id))
+                if foreign is not None:
+                    raise ValueError(f"{what}: {foreign}")
+                views = {n: view_array(a, n, run) for n, a in named.items()}
     except ArrayError as e:
         raise ValueError(f"{what}: {e}") from None
     first = next(iter(views.values()))
@@ -314,7 +338,7 @@ def _launch(what: str, views: Dict[str, "ArrayView"], out_shapes: Sequence[Tuple
             launch({n: v.ptr for n, v in views.items()}, [p for _, p in outs], run)
         return [o for o, _ in outs]
 
-    with arrays.device_scope(None) as dev:
+    with arrays.device_scope(_stream_device(run)) as dev:
         device = int(dev.device_id)
         inputs = {n: arrays.DeviceArray.from_host(v.host, device, run) for n, v in views.items()}
         outs = [arrays.DeviceArray(shape, dtype, device, run) for shape in out_shapes]

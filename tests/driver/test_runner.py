@@ -560,3 +560,18 @@ def test_a_stream_of_another_context_or_device_is_refused_by_name(loaded):
     with pytest.raises(tv.EngineError, match=r"is a stream of cuda:1, and this work runs on cuda:0"):
         runner(images.numpy(), stream=o)
     assert np.array_equal(runner(images.numpy()), want)
+
+
+def test_kernel_launchers_run_host_arrays_on_the_given_streams_device_and_name_mixed_devices(driver):
+    from trtvit_native import kernels
+
+    lib = InterpretedKernels(driver)
+    x, w, b = np.ones((2, 8), np.float32), np.ones(8, np.float32), np.zeros(8, np.float32)
+    given, g = _stream(1)
+    with arrays.device_scope(0):  # device 0 current, the stream on device 1
+        y = kernels.layernorm(x, w, b, library=lib, stream=given)
+    assert np.allclose(y, _layernorm_reference(x, w, b), atol=1e-5)
+    on_0, on_1 = arrays.DeviceArray.from_host(x, 0), arrays.DeviceArray.from_host(w, 1)
+    with pytest.raises(ValueError, match=r"layernorm: the arrays are on several devices \(x on cuda:0, weight on "
+                                         r"cuda:1, bias on cuda:1\)"):
+        kernels.layernorm(on_0, on_1, arrays.DeviceArray.from_host(b, 1), library=lib)
