@@ -87,6 +87,7 @@ class Driver:
                                            ctypes.POINTER(ctypes.c_uint64), ctypes.c_int, ctypes.c_double]
         lib.trtvit_mock_pending.argtypes = [ctypes.c_void_p]
         lib.trtvit_mock_pointer_kind.argtypes = [ctypes.c_uint64]
+        lib.trtvit_mock_fail_next.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self._callbacks: List[Any] = []  # kept alive: the driver calls them when their stream runs
         self.errors: List[str] = []  # exceptions raised inside queued work
         self.released: List[Any] = []  # (TensorRT object, the device current when it went)
@@ -118,6 +119,10 @@ class Driver:
 
     def pending(self, stream: int) -> int:
         return self.lib.trtvit_mock_pending(stream)
+
+    def fail_next(self, entry: str, code: int) -> None:
+        """Make the next call of the driver's ``entry`` (e.g. "cuMemcpyAsync") return ``code``."""
+        self.lib.trtvit_mock_fail_next(entry.encode(), code)
 
     def clock_ms(self) -> float:
         return self.lib.trtvit_mock_clock_ms()

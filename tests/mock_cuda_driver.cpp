@@ -77,7 +77,6 @@ struct Ctx {
     int device;
     unsigned long long id;
     Stream* legacy;
-    Stream* per_thread;
     int retain = 0;
     unsigned flags = 0;
     std::vector<Stream*> streams;  // blocking and non-blocking streams created in it
@@ -137,6 +136,8 @@ unsigned long long next_ctx_id = 1, next_buffer_id = 1;
 std::vector<std::string> violations;
 int blocking_event_syncs = 0, spinning_event_syncs = 0;
 thread_local std::vector<Ctx*> ctx_stack;
+thread_local std::map<Ctx*, Stream*> per_thread_streams;  // CU_STREAM_PER_THREAD: one per thread and context
+std::map<std::string, CUresult> fail_next;  // injected failures: entry point -> the code its next call returns
 
 std::string hex(uintptr_t v) {
     std::ostringstream s;
@@ -233,12 +234,24 @@ CUresult resolve(CUstream h, Stream** out) {
     if (v == 0 || v == 1 || v == 2) {
         Ctx* c = current();
         if (!c) return CUDA_ERROR_INVALID_CONTEXT;
-        *out = v == 2 ? c->per_thread : c->legacy;
+        if (v != 2) {
+            *out = c->legacy;
+        } else {
+            Stream*& mine = per_thread_streams[c];
+            if (!mine) {
+                mine = new_stream(c, 0, false);  // blocking: it synchronizes with the legacy stream
+                c->streams.push_back(mine);
+            }
+            *out = mine;
+        }
         return CUDA_SUCCESS;
     }
     for (auto& kv : streams)
         if (kv.second == reinterpret_cast<Stream*>(h)) {
-            if (!kv.second->alive) return CUDA_ERROR_INVALID_HANDLE;
+            if (!kv.second->alive) {  // undefined in CUDA (the handle may have been reused): flagged
+                violation("stream " + std::to_string(kv.first) + " was used after cuStreamDestroy");
+                return CUDA_ERROR_INVALID_HANDLE;
+            }
             *out = kv.second;
             return CUDA_SUCCESS;
         }
@@ -297,10 +310,25 @@ void ctx_made_current(Ctx* c) {
 
 CUresult need_init() { return initialized ? CUDA_SUCCESS : CUDA_ERROR_NOT_INITIALIZED; }
 
+// The failure injected for the next call of ``entry`` (its name without the _v2 suffix), once.
+CUresult injected(const char* entry) {
+    std::string name(entry);
+    for (const char* suffix : {"_v2", "_v3", "_v4", "_ptsz", "_ptds"})
+        if (name.size() > std::strlen(suffix) && name.compare(name.size() - std::strlen(suffix), std::string::npos,
+                                                              suffix) == 0)
+            name.resize(name.size() - std::strlen(suffix));
+    auto it = fail_next.find(name);
+    if (it == fail_next.end()) return CUDA_SUCCESS;
+    CUresult code = it->second;
+    fail_next.erase(it);
+    return code;
+}
+
 #define GUARD()                                        \
     std::lock_guard<std::recursive_mutex> lock(mu);    \
     if (CUresult e_ = need_init(); e_ != CUDA_SUCCESS) \
-        return e_
+        return e_;                                     \
+    if (CUresult f_ = injected(__func__); f_ != CUDA_SUCCESS) return f_
 
 // Poison: all bits set, a NaN in every float format.
 void poison(Block* b) { std::memset(reinterpret_cast<void*>(b->base), 0xff, b->size); }
@@ -513,10 +541,8 @@ API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice dev) {
     GUARD();
     if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
     if (!primary[dev]) {
-        Ctx* c = new Ctx{dev, next_ctx_id++, nullptr, nullptr};
+        Ctx* c = new Ctx{dev, next_ctx_id++, nullptr};
         c->legacy = new_stream(c, 0, true);
-        c->per_thread = new_stream(c, 0, false);
-        c->streams.push_back(c->per_thread);
         primary[dev] = c;
         contexts_created[dev] += 1;
     }
@@ -560,10 +586,8 @@ Ctx* as_ctx(CUcontext c) {
 API CUresult cuCtxCreate(CUcontext* out, CUctxCreateParams*, unsigned int flags, CUdevice dev) {
     GUARD();
     if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
-    Ctx* c = new Ctx{dev, next_ctx_id++, nullptr, nullptr};
+    Ctx* c = new Ctx{dev, next_ctx_id++, nullptr};
     c->legacy = new_stream(c, 0, true);
-    c->per_thread = new_stream(c, 0, false);
-    c->streams.push_back(c->per_thread);
     c->retain = 1;
     c->flags = flags;
     created.push_back(c);
@@ -696,7 +720,11 @@ API CUresult cuStreamQuery(CUstream h) {
     GUARD();
     Stream* s;
     if (CUresult e = resolve(h, &s); e != CUDA_SUCCESS) return e;
-    sync_stream(s);  // the device runs what the host looks at
+    if (s->done < s->seq) {  // the work runs now, and the host learns of it at the next query
+        run_until(s, s->seq);
+        return CUDA_ERROR_NOT_READY;
+    }
+    sync_stream(s);
     return CUDA_SUCCESS;
 }
 
@@ -838,7 +866,12 @@ API CUresult cuEventQuery(CUevent e) {
     GUARD();
     Event* ev = find_event(e);
     if (!ev) return CUDA_ERROR_INVALID_HANDLE;
-    if (ev->recorded) host_observes(ev->stream, ev->seq, ev->vc);
+    if (!ev->recorded) return CUDA_SUCCESS;
+    if (ev->stream->done < ev->seq) {  // the work runs now, and the host learns of it at the next query
+        run_until(ev->stream, ev->seq);
+        return CUDA_ERROR_NOT_READY;
+    }
+    host_observes(ev->stream, ev->seq, ev->vc);
     return CUDA_SUCCESS;
 }
 
@@ -1206,6 +1239,12 @@ API const char* trtvit_mock_violations() {
     for (const std::string& v : violations) text += v + "\n";
     violations.clear();
     return text.c_str();
+}
+
+// Make the next call of ``entry`` (e.g. "cuMemcpyAsync") return ``code``.
+API void trtvit_mock_fail_next(const char* entry, int code) {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    fail_next[entry] = CUresult(code);
 }
 
 // Entry points asked for and not implemented, one per line.

@@ -219,10 +219,9 @@ def test_stream_a_runner_used_and_closed_from_a_thread_without_context(plan, exp
     assert ctx == 0  # the thread is left without a context
 
 
-def test_stream_a_driver_failure_is_an_engine_error(runner, expected):
-    images, _ = expected
-    gone = arrays.create_stream(0)
-    handle = arrays.stream_handle(gone)
-    gone.close()
-    with pytest.raises(tv.EngineError, match="CUDA_ERROR_INVALID_HANDLE|CUDA_ERROR_INVALID_RESOURCE_HANDLE"):
-        runner(images.numpy(), stream=handle)
+def test_stream_a_device_cuda_does_not_have_is_a_cuda_error():
+    count = arrays.device_count()
+    with pytest.raises(arrays.CudaError, match=rf"CUDA_ERROR_INVALID_DEVICE: device {count} does not exist"):
+        arrays.create_stream(count)
+    with pytest.raises(tv.EngineError, match=rf"device cuda:{count} does not exist"):
+        tv.EngineRunner(b"plan", device=count)
