@@ -66,8 +66,17 @@ class CudaError(RuntimeError):
 
 
 def _is_cuda_error(e: BaseException) -> bool:
-    """Whether ``e`` is cuda.core's ``CUDAError`` (an ``Exception``, not a ``RuntimeError``)."""
-    return any(cls.__name__ == "CUDAError" for cls in type(e).__mro__)
+    """Whether ``e`` is cuda.core's ``CUDAError`` (an ``Exception``, not a ``RuntimeError``),
+    or a RuntimeError cuda.core raised itself ("Failed to create CUDA event", ...)."""
+    if any(cls.__name__ == "CUDAError" for cls in type(e).__mro__):
+        return True
+    if type(e) is not RuntimeError:
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename.replace("\\", "/") if tb is not None else ""
+    return "cuda/core/" in where
 
 
 @contextlib.contextmanager

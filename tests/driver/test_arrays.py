@@ -119,8 +119,13 @@ def test_views_of_every_kind():
     assert view.kind == "numpy" and not view.on_device and np.shares_memory(view.host, host)
     producer, consumer = arrays.create_stream(0), arrays.create_stream(0)
     p, c = arrays.stream_handle(producer), arrays.stream_handle(consumer)
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
     with arrays.device_scope(0):
-        device = view_array(FakeDeviceArray((2, 3), stream=p), "x", c)
+        arrays.copy_async(DEVICE_PTR, values.ctypes.data, values.nbytes, producer, keep=values)  # queued, not run
+        device = view_array(FakeDeviceArray((2, 3), stream=p), "x", c)  # the consumer now waits for the producer
+        back = np.zeros_like(values)
+        arrays.copy_async(back.ctypes.data, device.ptr, back.nbytes, consumer, keep=back)  # pageable: returns when done
+    assert np.array_equal(back, values)  # the producer's copy ran first
     assert device.kind == "cuda" and device.on_device and device.device == 0 and device.contiguous
     broken = FakeDeviceArray((2, 3))
     del broken.__cuda_array_interface__["typestr"]

@@ -581,3 +581,18 @@ def test_kernel_launchers_run_host_arrays_on_the_given_streams_device_and_name_m
     with pytest.raises(ValueError, match=r"layernorm: the arrays are on several devices \(x on cuda:0, weight on "
                                          r"cuda:1, bias on cuda:1\)"):
         kernels.layernorm(on_0, on_1, arrays.DeviceArray.from_host(b, 1), library=lib)
+
+
+def test_cuda_cores_own_runtime_errors_are_cuda_errors():
+    s, _ = _stream()
+
+    def record_without_a_context():
+        with arrays.cuda_errors():
+            s.record()  # cuda.core: RuntimeError("Failed to create CUDA event")
+
+    with pytest.raises(arrays.CudaError, match="Failed to create CUDA event"):
+        in_thread(record_without_a_context)
+    with pytest.raises(RuntimeError, match="not cuda.core's"):
+        with arrays.cuda_errors():
+            raise RuntimeError("not cuda.core's")
+    assert not isinstance(RuntimeError(), arrays.CudaError)
