@@ -277,6 +277,75 @@ def test_planted_rounding_and_saturation_defects_are_caught_at_the_first_quantiz
         assert report.first_divergence().name == "stem.conv.input_quantizer"
 
 
+def _near_ties(quantized, fake):
+    """The int8 file with the stem's input amax 2.4850264 (scale amax / 127, not a power of
+    two), its reference, and images of near-ties: (k + 1/2) * scale and one fp32 ulp either
+    side, where TensorRT's x / scale and ModelOpt's x * (127 / amax) round differently for
+    some (164 of the 720 here)."""
+    q = W.load_quantization(quantized["int8"])
+    name = "stem.conv.input_quantizer"
+    amax = np.array(2.4850263595581055, dtype=np.float32)
+    quant = W.Quantization(q.precision, q.method, q.images, q.keep, q.modelopt, {**q.amax, name: amax})
+    model = copy.deepcopy(fake["int8"])
+    model.stem.conv.input_quantizer.amax = torch.tensor(amax)
+    s = torch.tensor(amax) / 127.0
+    k = torch.randint(-120, 120, (2, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(0)).float()
+    x = (k + 0.5) * s
+    x = torch.where(k.remainder(3) == 0, torch.nextafter(x, x + 1), torch.where(k.remainder(3) == 1, x,
+                                                                                torch.nextafter(x, x - 1)))
+    return quant, model, x
+
+
+def test_one_code_is_allowed_only_where_the_two_computations_of_x_over_scale_round_apart(quantized, fake,
+                                                                                        monkeypatch):
+    quant, model, x = _near_ties(quantized, fake)
+    report = _stage1_report(fake, quantized["int8"], quantization=quant, x=x, model=model)
+    assert report.ok, report.table()
+    stem_q = next(p for p in report.layers if p.name == "stem.conv.input_quantizer")
+    assert stem_q.boundary_codes > 0 and "at a rounding boundary" in report.summary()
+    # One code off anywhere else is still a failure, at the quantizer.
+    original = interpreter.quantize_values
+
+    def one_off(v, scale, dtype):
+        q = original(v, scale, dtype)
+        if v.shape[-1] == SIZE and v.shape[1] == 3:  # the stem's input quantizer
+            exact = (v.float() / scale - (v.float() / scale).round()).abs() < 0.25  # far from any boundary
+            idx = exact.flatten().nonzero()[0, 0]
+            q = q.flatten().clone()
+            q[idx] += 1
+            q = q.reshape(v.shape)
+        return q
+
+    x = x.clone()
+    x[0, 0, 0, 0] = 0.1  # 5.1 steps: nowhere near a boundary
+    monkeypatch.setattr(interpreter, "quantize_values", one_off)
+    report = _stage1_report(fake, quantized["int8"], quantization=quant, x=x, model=model)
+    assert report.first_divergence().name == "stem.conv.input_quantizer"
+
+
+def test_planted_quantize_layer_fed_the_pre_relu_tensor_is_caught_at_its_input(quantized, fake, monkeypatch):
+    """In stages.0.1, conv3's quantize layer reads conv2's output before the ReLU. The
+    reference quantizer is replayed on the network's tensor, so the quantizer row passes;
+    the row of its input, against what the reference feeds the quantizer, does not."""
+    original = network.qdq
+    name = "stages.0.1.conv3.conv.input_quantizer"
+
+    def pre_relu(net, x, quantizer):
+        if quantizer == name:
+            for i in range(net.network.num_layers):
+                layer = net.network.get_layer(i)
+                if layer.get_output(0).name == x.name:
+                    assert str(layer.type).endswith("ACTIVATION"), layer.type
+                    x = layer.get_input(0)
+                    break
+        return original(net, x, quantizer)
+
+    monkeypatch.setattr(network, "qdq", pre_relu)
+    report = _stage1_report(fake, quantized["int8"])
+    assert report.first_divergence().name == f"{name}.input", report.table()
+    assert next(p for p in report.layers if p.name == name).ok  # the blind spot: the pair itself matches
+
+
 def test_a_reference_layer_that_produced_no_output_is_named_not_a_key_error(quantized, fake, monkeypatch):
     from trtvit_native.model import BottleNeck
 

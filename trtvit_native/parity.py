@@ -263,9 +263,12 @@ def reference_layers(model: nn.Module, images: torch.Tensor, names: Sequence[str
     ``precision``: ``"fp32"`` (the model as it is), ``"fp64"`` or ``"fp16"`` (fp16 weights
     and fp16 rounding of every operation). Returned as float64 tensors.
 
-    ``replay``: {quantizer module: tensor}: those quantizers quantize the given tensor (the
-    network's input to its quantize layer) instead of their own input, which is returned as
-    ``"<quantizer>.input"``."""
+    ``replay``: {quantizer module: (tensor, the network's dequantized output or None, amax,
+    precision)}: those quantizers quantize the given tensor (the network's input to its
+    quantize layer) instead of their own input, which is returned as ``"<quantizer>.input"``.
+    Where TensorRT's and ModelOpt's computations of x / scale round apart
+    (:func:`boundary_codes`), the quantizer gives the network's value; how many, as
+    ``"<quantizer>.boundary"``."""
     if precision not in ("fp32", "fp64", "fp16"):
         raise ValueError(f"precision must be 'fp32', 'fp64' or 'fp16', got {precision!r}")
     if precision != "fp32":
@@ -282,10 +285,18 @@ def reference_layers(model: nn.Module, images: torch.Tensor, names: Sequence[str
     captured: Dict[str, torch.Tensor] = {}
     mode = fp16_rounding() if precision == "fp16" else contextlib.nullcontext()
     hooks = []
-    for name, given in (replay or {}).items():  # ModelOpt's quantizer, on the network's tensor
-        def replayed(m, i, o, given=given, name=name):
+    for name, (given, net_out, amax, qprecision) in (replay or {}).items():  # ModelOpt's quantizer, on the network's tensor
+        def replayed(m, i, o, given=given, net_out=net_out, amax=amax, qprecision=qprecision, name=name):
             captured[f"{name}.input"] = i[0].detach().double()  # what the reference itself feeds it
-            return m.forward(given.to(i[0].dtype).reshape(i[0].shape)) if given.numel() == i[0].numel() else o
+            if given.numel() != i[0].numel():
+                return o
+            x = given.to(i[0].dtype).reshape(i[0].shape)
+            out = m.forward(x)
+            if net_out is None or net_out.numel() != out.numel():
+                return out
+            apart = boundary_codes(x, amax, qprecision, net_out, out)
+            captured[f"{name}.boundary"] = apart.sum().double()
+            return torch.where(apart, net_out.to(out.dtype).reshape(out.shape), out)
 
         hooks.append(modules[name].register_forward_hook(replayed))
     if precision == "fp64":  # ModelOpt quantizes in fp32: its integers, dequantized in float64
@@ -353,32 +364,26 @@ def _codes(v: torch.Tensor, precision: str) -> torch.Tensor:
     return v.clamp(-448, 448).to(torch.float8_e4m3fn).double()
 
 
-def _quantizer_parity(name: str, out: torch.Tensor, ref: torch.Tensor, noisy: torch.Tensor, tol: Tolerance,
-                      x: torch.Tensor, quant: Any) -> LayerParity:
-    """A quantizer's row: its dequantized output against the reference quantizer's on the
-    same input. An element one code from the reference's passes only where TensorRT's and
-    ModelOpt's fp32 computations of x / scale round to different codes (counted in
-    ``boundary_codes``); everywhere else the codes must be equal."""
-    out = out.detach().double().reshape(ref.shape) if out.numel() == ref.numel() else out
-    if tuple(out.shape) != tuple(ref.shape) or x.numel() != ref.numel():
-        return _layer_parity(name, out, ref, noisy, tol)
-    amax = torch.tensor(float(np.asarray(quant.amax[name]).reshape(-1)[0]), dtype=torch.float32)
-    x32 = x.detach().float().reshape(ref.shape)
-    if quant.precision == "int8":
-        bound = torch.tensor(127.0, dtype=torch.float32)
-        v_ref = x32 * (bound / amax)
-    else:
-        bound = torch.tensor(448.0, dtype=torch.float32)
-        v_ref = x32 * ((1.0 / amax) * bound)
-    v_net = x32 / (amax / bound)
-    code_net, code_ref = _codes(v_net, quant.precision), _codes(v_ref, quant.precision)
+def boundary_codes(x: torch.Tensor, amax: float, precision: str, network_out: torch.Tensor,
+                   modelopt_out: torch.Tensor) -> torch.Tensor:
+    """Where the network's quantized value may stand for ModelOpt's: TensorRT's and ModelOpt's
+    fp32 computations of x / scale (within :data:`BOUNDARY_ULPS` of each other) round to
+    different codes, and the two dequantized values are those codes. A mask of ``x``'s shape."""
+    a = torch.tensor(float(amax), dtype=torch.float32)
+    x32 = x.detach().float()
+    bound = torch.tensor(127.0 if precision == "int8" else 448.0, dtype=torch.float32)
+    v_ref = x32 * (bound / a) if precision == "int8" else x32 * ((1.0 / a) * bound)
+    v_net = x32 / (a / bound)
+    code_net, code_ref = _codes(v_net, precision), _codes(v_ref, precision)
     close = (v_net.double() - v_ref.double()).abs() <= BOUNDARY_ULPS * 2.0 ** -23 * v_net.double().abs()
-    scale = float(amax / bound)
-    excused = (code_net != code_ref) & close & ((out - ref.double()).abs() <= (code_net - code_ref).abs() * scale
-                                                * (1 + 2.0 ** -20))
-    row = _layer_parity(name, torch.where(excused, ref.double(), out), ref, noisy, tol)
-    row.boundary_codes = int(excused.sum().item())
-    return row
+    # The dequantized values differ by the code step, by the two scales' own rounding times
+    # the code (a few fp32 ulps of the value), and in an fp16 network by the fp16 rounding of
+    # each value (2^-11 of it): all far below a step.
+    step = (code_net - code_ref).abs() * float(a / bound)
+    net, mo = network_out.double().reshape(x32.shape), modelopt_out.double().reshape(x32.shape)
+    apart = (net - mo).abs()
+    slack = step * 2.0 ** -10 + torch.maximum(net.abs(), mo.abs()) * 2.0 ** -10
+    return (code_net != code_ref) & close & (apart <= step + slack) & (apart > 0)
 
 
 def quantizer_inputs(built: BuiltNetwork) -> Dict[str, str]:
@@ -416,12 +421,13 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
     else:
         got = run_network(built, {INPUT_NAME: images.detach().cpu().float()}, capture=names,
                           tensors=sorted(set(q_inputs.values())))
-    replay = {q: got[t].float() for q, t in q_inputs.items() if t in got}
+    quant = built.quantization
+    replay = {q: (got[t].float(), got.get(q), float(np.asarray(quant.amax[q]).reshape(-1)[0]), quant.precision)
+              for q, t in q_inputs.items() if t in got}
     precision = "fp16" if built.fp16 else "fp32"
     modules = dict(model.named_modules())
     hooked = names + [f"stages.{k}" for k in range(4) if STAGE_OUTPUTS[k] in built.output_names()
                       and f"stages.{k}" in modules and f"stages.{k}" not in names]
-    quant = built.quantization
     if quant is not None:
         _check_fake_quantized(model, quant.precision)
         precision = f"{quant.precision}-{precision}"
@@ -440,7 +446,9 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
             x = got[q_inputs[n]]
             layers.append(_layer_parity(key, x.reshape(ref[key].shape) if x.numel() == ref[key].numel() else x,
                                         ref[key], noisy[key], TOLERANCES["fp16" if built.fp16 else "fp32"]))
-            layers.append(_quantizer_parity(n, got[n], ref[n], noisy[n], tol, x, quant))
+            row = _layer_parity(n, got[n], ref[n], noisy[n], tol)
+            row.boundary_codes = int(ref[f"{n}.boundary"].item()) if f"{n}.boundary" in ref else 0
+            layers.append(row)
         else:
             layers.append(_layer_parity(n, got[n], ref[n], noisy[n], tol))
     if quant is not None:  # structural problems first: the first divergence names them
