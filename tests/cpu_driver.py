@@ -235,7 +235,6 @@ class InterpretedEngine:
     def __init__(self, built: Any, driver: Driver, logger: Any, device: int):
         self.built, self.driver, self.trt, self.logger = built, driver, built.backend.trt, logger
         self.outputs = list(built.outputs)
-        self.input = built.input_name if hasattr(built, "input_name") else "images"
         self.num_io_tensors = 1 + len(self.outputs)
         self.device = device
         self.executions = 0

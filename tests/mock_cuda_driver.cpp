@@ -310,6 +310,8 @@ void ctx_made_current(Ctx* c) {
 
 CUresult need_init() { return initialized ? CUDA_SUCCESS : CUDA_ERROR_NOT_INITIALIZED; }
 
+bool valid(CUdevice dev) { return dev >= 0 && dev < device_count; }
+
 // The failure injected for the next call of ``entry`` (its name without the _v2 suffix), once.
 CUresult injected(const char* entry) {
     std::string name(entry);
@@ -477,21 +479,21 @@ API CUresult cuDeviceGetCount(int* count) {
 
 API CUresult cuDeviceGet(CUdevice* device, int ordinal) {
     GUARD();
-    if (ordinal < 0 || ordinal >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(ordinal)) return CUDA_ERROR_INVALID_DEVICE;
     *device = ordinal;
     return CUDA_SUCCESS;
 }
 
 API CUresult cuDeviceGetName(char* name, int len, CUdevice dev) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     std::snprintf(name, len, "CPU-backed CUDA device %d", visible[dev]);
     return CUDA_SUCCESS;
 }
 
 API CUresult cuDeviceGetUuid(CUuuid* uuid, CUdevice dev) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     std::memset(uuid->bytes, 0, sizeof(uuid->bytes));
     uuid->bytes[0] = char(0x7e);
     uuid->bytes[15] = char(visible[dev]);
@@ -500,14 +502,14 @@ API CUresult cuDeviceGetUuid(CUuuid* uuid, CUdevice dev) {
 
 API CUresult cuDeviceTotalMem(size_t* bytes, CUdevice dev) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     *bytes = size_t(16) << 30;
     return CUDA_SUCCESS;
 }
 
 API CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attr, CUdevice dev) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     switch (attr) {
         case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
         case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = 0; break;
@@ -528,7 +530,7 @@ API CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attr, CUdevice 
 
 API CUresult cuDeviceCanAccessPeer(int* can, CUdevice dev, CUdevice peer) {
     GUARD();
-    if (dev < 0 || dev >= device_count || peer < 0 || peer >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev) || !valid(peer)) return CUDA_ERROR_INVALID_DEVICE;
     *can = dev != peer;
     return CUDA_SUCCESS;
 }
@@ -539,7 +541,7 @@ API CUresult cuDeviceCanAccessPeer(int* can, CUdevice dev, CUdevice peer) {
 
 API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice dev) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     if (!primary[dev]) {
         Ctx* c = new Ctx{dev, next_ctx_id++, nullptr};
         c->legacy = new_stream(c, 0, true);
@@ -553,14 +555,14 @@ API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice dev) {
 
 API CUresult cuDevicePrimaryCtxRelease(CUdevice dev) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     if (primary[dev] && primary[dev]->retain > 0) primary[dev]->retain -= 1;
     return CUDA_SUCCESS;
 }
 
 API CUresult cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int* flags, int* active) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     *flags = primary[dev] ? primary[dev]->flags : 0;
     *active = primary[dev] && primary[dev]->retain > 0;
     return CUDA_SUCCESS;
@@ -568,7 +570,7 @@ API CUresult cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int* flags, int* 
 
 API CUresult cuDevicePrimaryCtxSetFlags(CUdevice dev, unsigned int flags) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     if (primary[dev]) primary[dev]->flags = flags;
     return CUDA_SUCCESS;
 }
@@ -585,7 +587,7 @@ Ctx* as_ctx(CUcontext c) {
 
 API CUresult cuCtxCreate(CUcontext* out, CUctxCreateParams*, unsigned int flags, CUdevice dev) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     Ctx* c = new Ctx{dev, next_ctx_id++, nullptr};
     c->legacy = new_stream(c, 0, true);
     c->retain = 1;
@@ -891,7 +893,7 @@ API CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
 
 API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice dev) {
     GUARD();
-    if (dev < 0 || dev >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid(dev)) return CUDA_ERROR_INVALID_DEVICE;
     *pool = reinterpret_cast<CUmemoryPool>(pools[dev]);
     return CUDA_SUCCESS;
 }

@@ -410,8 +410,11 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
     whole quantization step that no rounding-noise bound covers. So every quantizer of the
     reference quantizes the network's own input to it (both reference runs do): each
     quantize/dequantize pair is checked against ModelOpt's quantization of the same
-    tensor, exactly, and every other layer against the rounding noise on the same
-    integers. A defect still shows where it is: in a quantizer (its scale, axis, rounding,
+    tensor (exactly, but where TensorRT's and ModelOpt's computations of x / scale round to
+    different codes: there the reference takes the network's code, counted in the row's
+    ``boundary_codes``), and every other layer against the rounding noise on the same
+    integers. The blind spot of replaying is closed by a row ``<quantizer>.input`` before
+    each quantizer: the tensor the network quantizes against what the reference feeds it. A defect still shows where it is: in a quantizer (its scale, axis, rounding,
     saturation) at the quantizer, anywhere else at the layer that computes it.
     """
     names = comparable_layers(built, model)

@@ -473,11 +473,12 @@ class EngineRunner:
                         raise EngineError(foreign)
                     self._checked_stream = run_stream
                 view, out_view = self.io.check_call(images, out, run_stream)
-                run = self._run_device if view.on_device else self._run_host
                 self._queued = False
                 try:
-                    results = run(view, out_view, run_stream, host_views) if not view.on_device else \
-                        run(view, out_view, run_stream)
+                    if view.on_device:
+                        results = self._run_device(view, out_view, run_stream)
+                    else:
+                        results = self._run_host(view, out_view, run_stream, host_views)
                 except BaseException:
                     if self._queued:
                         self._settle(run_stream)
