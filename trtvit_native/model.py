@@ -38,15 +38,28 @@ class ConvBN(nn.Module):
         return self.bn(self.conv(x))
 
 
+class ResidualAdd(nn.Module):
+    """``branch + residual``, a module so quantization can place a quantizer on ``residual``.
+
+    Quantized (:mod:`trtvit_native.quantization`), ``residual`` is quantized and ``branch``
+    is not: TensorRT fuses the add into the layer that computes ``branch`` (a convolution's
+    epilogue), which then reads the residual as int8. Which operand is which follows
+    ModelOpt's ONNX quantizer for TensorRT (``tests/test_quantize_placement.py``)."""
+
+    def forward(self, residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return branch + residual
+
+
 class Stem(nn.Module):
     def __init__(self, cout: int):
         super().__init__()
         self.conv = nn.Conv2d(3, cout, 7, 2, 3, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
         self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(self.relu(self.bn(self.conv(x))), 3, 2, 1)
+        return self.pool(self.relu(self.bn(self.conv(x))))
 
 
 class BottleNeck(nn.Module):
@@ -58,11 +71,12 @@ class BottleNeck(nn.Module):
         self.conv3 = ConvBN(mid, cout, 1)
         self.shortcut = ConvBN(cin, cout, 1, stride) if (cin != cout or stride != 1) else None
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.add = ResidualAdd()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         body = self.conv3(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
         short = x if self.shortcut is None else self.shortcut(x)
-        return F.relu(body + short)
+        return F.relu(self.add(short, body))
 
 
 class Attention(nn.Module):
@@ -95,10 +109,13 @@ class Transformer(nn.Module):
         self.fc1 = nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
         self.gelu = nn.GELU()  # exact (erf)
+        # quantized, the branch outputs (proj, fc2) are the quantized operands: ModelOpt's
+        # ONNX quantizer finds a convolution behind z (reduce), none behind them
+        self.attn_residual, self.mlp_residual = ResidualAdd(), ResidualAdd()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z + self.proj(self.attn(self.qkv(self.norm1(z))))
-        return z + self.fc2(self.gelu(self.fc1(self.norm2(z))))
+        z = self.attn_residual(self.proj(self.attn(self.qkv(self.norm1(z)))), z)
+        return self.mlp_residual(self.fc2(self.gelu(self.fc1(self.norm2(z)))), z)
 
 
 class MixBlockC(nn.Module):
@@ -115,6 +132,8 @@ class MixBlockC(nn.Module):
         self.local_residual = channels - d == d
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.local_relu = nn.ReLU() if self.local_residual else None
+        self.local_add = ResidualAdd() if self.local_residual else None
+        self.add = ResidualAdd()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -123,8 +142,8 @@ class MixBlockC(nn.Module):
         t = self.transformer(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, d, h, w)
         local = self.conv3(self.relu2(self.conv2(self.relu1(self.conv1(t)))))
         if self.local_relu is not None:
-            local = self.local_relu(local + t)
-        return x + torch.cat([t, local], dim=1)
+            local = self.local_relu(self.local_add(t, local))
+        return self.add(x, torch.cat([t, local], dim=1))
 
 
 class TRTViT(nn.Module):

@@ -123,8 +123,35 @@ class BuiltNetwork:
 
     @property
     def precision(self) -> str:
-        """``int8`` or ``fp8`` for a quantized network, else its compute precision."""
+        """The file's quantization (``int8``, ``fp8``: see :class:`~trtvit_native.weights.Quantization`)
+        for a quantized network, else its compute precision. What each kind of layer
+        computes in is :meth:`layer_precisions`."""
         return self.quantization.precision if self.quantization is not None else self.compute_precision
+
+    def layer_precisions(self) -> Dict[str, str]:
+        """What each kind of layer computes in (ENGINE.json ``compute_precision``):
+        ``conv`` (convolutions), ``gemm`` (the Transformers' linear layers and the head),
+        ``attention`` (the two attention products and softmax), ``norm`` (LayerNorm),
+        ``other`` (activations, adds, pooling, reshapes): ``int8``/``fp8`` where every
+        such layer is quantized, ``mixed (int8, fp16)`` where some are, else the compute
+        precision."""
+        compute = self.compute_precision
+        out = {"conv": compute, "gemm": compute, "attention": compute, "norm": compute, "other": compute}
+        q = self.quantization
+        if q is None:
+            return out
+        from .weights import quantizable_modules
+
+        kinds = {"conv": "conv", "linear": "gemm", "norm": "norm"}
+        for kind in ("conv", "gemm", "norm"):
+            modules = [m for m, k in quantizable_modules(self.variant, self.num_classes).items() if kinds.get(k) == kind]
+            if kind == "gemm":
+                modules.append("head")
+            used = sorted({q.precision_of(f"{m}.input_quantizer") for m in modules if f"{m}.input_quantizer" in q.amax})
+            if used:
+                everywhere = all(f"{m}.input_quantizer" in q.amax for m in modules)
+                out[kind] = used[0] if everywhere and len(used) == 1 else f"mixed ({', '.join(used + [compute])})"
+        return out
 
     def build_serialized(self) -> bytes:
         """Run the TensorRT builder; returns the serialized engine (plan)."""
@@ -173,8 +200,8 @@ class BuiltNetwork:
             "engine_bytes": len(plan),
             "sha256": hashlib.sha256(plan).hexdigest(),
         }
+        meta["compute_precision"] = self.layer_precisions()
         if self.quantization is not None:
-            meta["compute_precision"] = self.compute_precision
             meta["quantization"] = self.quantization.metadata()
         if self.outputs == (OUTPUT_NAME,):
             meta["output"] = {k: v for k, v in outputs[0].items() if k != "stride"}  # the classifier's one output
@@ -185,7 +212,7 @@ class BuiltNetwork:
         if self.dynamic_size:
             size += f" ({'x'.join(map(str, self.min_image_size))}..{'x'.join(map(str, self.max_image_size))})"
         precision = self.compute_precision if self.quantization is None else \
-            f"{self.quantization.precision} (Q/DQ, {self.compute_precision} between)"
+            f"{'+'.join(self.quantization.precisions())} (Q/DQ, {self.compute_precision} between)"
         return (f"{self.variant.name} {precision}, batch 1..{self.max_batch}, {size}, "
                 f"plugins {'on' if self.plugins else 'off'}" + ("" if self.plugins else f", {self.attention} attention")
                 + ("" if self.outputs == (OUTPUT_NAME,) else f", outputs {','.join(self.outputs)}"))
@@ -212,8 +239,10 @@ class _Net:
         self.keep: List[np.ndarray] = []
         self.weight_bytes = 0
         self.quant = quantization
-        self.qtype = None if quantization is None else \
-            {"int8": self.trt.int8, "fp8": getattr(self.trt, "fp8", None)}[quantization.precision]
+
+    def qtype(self, quantizer: str) -> Any:
+        """The TensorRT data type ``quantizer`` quantizes to (int8 or fp8)."""
+        return {"int8": self.trt.int8, "fp8": getattr(self.trt, "fp8", None)}[self.quant.precision_of(quantizer)]
 
     def weights(self, array: np.ndarray, dtype: Optional[type] = None) -> Any:
         # Always a private copy: a view would keep the (memory-mapped) source state alive.
@@ -239,11 +268,24 @@ class _Net:
 
 def _quantize_dequantize(net: _Net, x: Any, quantizer: str, scale: np.ndarray, axis: Optional[int],
                          name: str) -> Any:
-    """``x`` -> IQuantizeLayer -> IDequantizeLayer with fp32 ``scale`` (per tensor, or per
+    """``x`` -> IQuantizeLayer -> IDequantizeLayer with ``scale`` (per tensor, or per
     ``axis``); the quantize layer is ``quantizer.quantize``, the dequantize layer ``name``.
-    The dequantized tensor has the network's dtype."""
-    s = net.constant(f"{quantizer}.scale", scale.astype(np.float32), np.float32)
-    q = net.network.add_quantize(x, s, net.qtype)
+    The dequantized tensor has the network's dtype.
+
+    The scale has the type of ``x``: a strongly typed network needs the quantize input and
+    its scale in fp16 both, or in fp32 both (ModelOpt's ONNX exporter asserts the same rule
+    for TensorRT). Activations of an fp16 network get fp16 scales, which are exact: the
+    quantizer writes every activation amax so that amax / bound is an fp16 number
+    (:func:`trtvit_native.quantization.save_quantized`); weights are fp32 constants with
+    fp32 scales."""
+    half = x.dtype == net.trt.float16
+    if half:
+        exact = scale.astype(np.float16)
+        if not np.array_equal(exact.astype(np.float32), scale.astype(np.float32)):
+            raise BuildError(f"{quantizer}: scale {float(scale.reshape(-1)[0])!r} is not an fp16 number, which an "
+                             f"fp16 network's quantize layer needs; quantize the weights again with this version")
+    s = net.constant(f"{quantizer}.scale", scale, np.float16 if half else np.float32)
+    q = net.network.add_quantize(x, s, net.qtype(quantizer))
     if q is None:
         raise BuildError(f"TensorRT refused the quantize layer {quantizer}.quantize")
     if axis is not None:
@@ -263,8 +305,7 @@ def qdq(net: _Net, x: Any, quantizer: str) -> Any:
 
     The dequantize layer carries the quantizer's name, so parity compares it with the
     quantizer's output in the fake-quantized reference. Scale: ``amax / 127`` (int8) or
-    ``amax / 448`` (fp8), fp32 also in fp16 networks (the quantize layer reads the fp16
-    tensor with an fp32 scale), so the network quantizes with the reference's scale.
+    ``amax / 448`` (fp8), the reference's scale, typed as the tensor is.
     """
     if net.quant is None or quantizer not in net.quant.amax:
         return x
@@ -335,14 +376,14 @@ def conv_bn(net: _Net, x: Any, name: str, stride: int = 1, layer_name: Optional[
     wq = f"{name}.conv.weight_quantizer"
     if net.quant is not None and wq in net.quant.amax:
         s = net.quant.scale(wq).astype(np.float64)
-        if net.quant.precision == "int8":
+        if net.quant.precision_of(wq) == "int8":
             reach = np.abs(w).reshape(cout, -1).max(axis=1) / s
             bad = np.nonzero((reach > 127.5) & (scale < 0))[0]
             if bad.size:
                 raise BuildError(f"{wq}: amax below the weights' maximum in channels {bad[:8].tolist()} with a "
                                  f"negative BatchNorm factor: int8 saturation ([-128, 127]) does not fold exactly")
         folded_scale = np.where(scale == 0, s, s * np.abs(scale))
-        exact = fake_quantized_weight(w, net.quant.amax[wq], net.quant.precision).astype(np.float64)
+        exact = fake_quantized_weight(w, net.quant.amax[wq], net.quant.precision_of(wq)).astype(np.float64)
         kernel_in = _quantized_weight(net, wq, exact * scale[:, None, None, None], folded_scale, 0, f"{wq}.folded")
         layer = net.network.add_convolution_nd(x, cout, (kh, kw), net.trt.Weights(), net.weights(bias))
         layer.set_input(1, kernel_in)
@@ -359,6 +400,13 @@ def relu(net: _Net, x: Any, name: str) -> Any:
 
 def add(net: _Net, a: Any, b: Any, name: str) -> Any:
     return net.named(net.network.add_elementwise(a, b, net.trt.ElementWiseOperation.SUM), name)
+
+
+def residual_add(net: _Net, branch: Any, residual: Any, module: str, name: Optional[str] = None) -> Any:
+    """``branch + residual`` (the reference's :class:`~trtvit_native.model.ResidualAdd`
+    ``module``); quantized, ``residual`` gets the module's Q/DQ and ``branch`` stays as
+    it is, so TensorRT fuses the add into the layer computing ``branch``."""
+    return add(net, branch, qdq(net, residual, f"{module}.input_quantizer"), name or module)
 
 
 def cast(net: _Net, x: Any, dtype: Any, name: str) -> Any:
@@ -379,7 +427,7 @@ def shuffle(net: _Net, x: Any, name: str, first: Optional[Tuple[int, ...]] = Non
 
 def stem(net: _Net, x: Any) -> Any:
     x = conv_bn(net, x, "stem", stride=2, layer_name="stem.conv_bn")
-    x = relu(net, x, "stem.relu")
+    x = qdq(net, relu(net, x, "stem.relu"), "stem.pool.input_quantizer")
     pool = net.network.add_pooling_nd(x, net.trt.PoolingType.MAX, (3, 3))
     pool.stride_nd = (2, 2)
     pool.padding_nd = (1, 1)
@@ -391,7 +439,7 @@ def bottleneck(net: _Net, x: Any, name: str, cin: int, cout: int, stride: int) -
     body = relu(net, conv_bn(net, body, f"{name}.conv2", stride), f"{name}.relu2")
     body = conv_bn(net, body, f"{name}.conv3")
     short = conv_bn(net, x, f"{name}.shortcut", stride) if (cin != cout or stride != 1) else x
-    return relu(net, add(net, body, short, f"{name}.add"), name)
+    return relu(net, residual_add(net, body, short, f"{name}.add"), name)
 
 
 def linear(net: _Net, x: Any, name: str) -> Any:
@@ -402,9 +450,10 @@ def linear(net: _Net, x: Any, name: str) -> Any:
     wt = w.T.reshape((1,) * (rank - 2) + w.T.shape)
     x = qdq(net, x, f"{name}.input_quantizer")
     wq = f"{name}.weight_quantizer"
-    if net.quant is not None and wq in net.quant.amax:  # per output channel: the last axis of W^T
-        exact = fake_quantized_weight(w, net.quant.amax[wq], net.quant.precision)
-        weight = _quantized_weight(net, wq, exact.T.reshape(wt.shape), net.quant.scale(wq), rank - 1,
+    if net.quant is not None and wq in net.quant.amax:  # per output channel (the last axis of W^T) or tensor
+        exact = fake_quantized_weight(w, net.quant.amax[wq], net.quant.precision_of(wq))
+        scale = net.quant.scale(wq)
+        weight = _quantized_weight(net, wq, exact.T.reshape(wt.shape), scale, rank - 1 if scale.ndim else None,
                                    f"{wq}.transposed")
     else:
         weight = net.constant(f"{name}.weight", wt)
@@ -491,11 +540,11 @@ def transformer(net: _Net, z: Any, name: str, heads: int, head_dim: int) -> Any:
         normed, z = add_layer_norm(net, z, f"{name}.norm2", residual=proj, sum_name=f"{name}.attn_residual",
                                    eps=LN_EPS)
     else:
-        z = add(net, z, proj, f"{name}.attn_residual")
+        z = residual_add(net, z, proj, f"{name}.attn_residual")
         normed = layer_norm(net, z, f"{name}.norm2")
     h = linear(net, normed, f"{name}.fc1")
     h = net.named(net.network.add_activation(h, net.trt.ActivationType.GELU_ERF), f"{name}.gelu")
-    return add(net, z, linear(net, h, f"{name}.fc2"), name)
+    return residual_add(net, z, linear(net, h, f"{name}.fc2"), f"{name}.mlp_residual", name)
 
 
 def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig,
@@ -523,10 +572,10 @@ def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig,
     local = relu(net, conv_bn(net, local, f"{name}.conv2"), f"{name}.relu2")
     local = conv_bn(net, local, f"{name}.conv3")
     if channels - d == d:
-        local = relu(net, add(net, local, t, f"{name}.local_add"), f"{name}.local_relu")
+        local = relu(net, residual_add(net, local, t, f"{name}.local_add"), f"{name}.local_relu")
     cat = net.network.add_concatenation([t, local])
     cat.axis = 1
-    return add(net, x, net.named(cat, f"{name}.concat"), name)
+    return residual_add(net, net.named(cat, f"{name}.concat"), x, f"{name}.add", name)
 
 
 def head(net: _Net, x: Any) -> Any:
@@ -730,7 +779,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     state, source = _state_as_numpy(weights, config, seed)
     quant = _quantization_of(weights, config, quantization)
     if quant is not None:
-        if quant.precision == "fp8" and getattr(be.trt, "fp8", None) is None:
+        if "fp8" in quant.precisions() and getattr(be.trt, "fp8", None) is None:
             raise BackendError(f"fp8 quantization needs a TensorRT with the fp8 data type; {be.label} has none")
         if use_plugins:
             log.info("quantized network: the fused LayerNorm/attention plugins are used, with Q/DQ before them")

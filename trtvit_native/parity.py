@@ -425,8 +425,8 @@ def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,
         got = run_network(built, {INPUT_NAME: images.detach().cpu().float()}, capture=names,
                           tensors=sorted(set(q_inputs.values())))
     quant = built.quantization
-    replay = {q: (got[t].float(), got.get(q), float(np.asarray(quant.amax[q]).reshape(-1)[0]), quant.precision)
-              for q, t in q_inputs.items() if t in got}
+    replay = {q: (got[t].float(), got.get(q), float(np.asarray(quant.amax[q]).reshape(-1)[0]),
+                  quant.precision_of(q)) for q, t in q_inputs.items() if t in got}
     precision = "fp16" if built.fp16 else "fp32"
     modules = dict(model.named_modules())
     hooked = names + [f"stages.{k}" for k in range(4) if STAGE_OUTPUTS[k] in built.output_names()
@@ -471,8 +471,8 @@ def _no_output(name: str, out: torch.Tensor) -> LayerParity:
 
 
 def _missing_quantizers(built: BuiltNetwork, quant: Any) -> List[LayerParity]:
-    """Quantizers of the reference that have no Q/DQ pair in the network, though the layer
-    they quantize for is there (a network built to stage outputs has no later layers)."""
+    """Quantizers of the reference that have no Q/DQ pair in the network, though the block
+    they sit in is there (a network built to stage outputs has no later blocks)."""
     layers = built.layer_names()
     names = set(layers)
     empty = compare("", torch.zeros(1), torch.zeros(1))
@@ -480,9 +480,9 @@ def _missing_quantizers(built: BuiltNetwork, quant: Any) -> List[LayerParity]:
     for q in sorted(quant.amax):
         if f"{q}.quantize" in names:
             continue
-        module = q.rsplit(".", 1)[0]
-        owner = module[:-len(".conv")] if module.endswith(".conv") else module  # ConvBN layers: the ConvBN's name
-        if any((n == owner or n.startswith(owner + ".")) and not n.startswith(q) for n in layers):
+        parts = q.split(".")
+        block = ".".join(parts[:3]) if parts[0] == "stages" else parts[0]  # the block the quantizer sits in
+        if any((n == block or n.startswith(block + ".")) and not n.startswith(q) for n in layers):
             missing.append(LayerParity(q, (), None, empty, 0.0, 0.0, problem="the reference quantizes here; the "
                                        f"network has no quantize layer {q}.quantize"))
     return missing

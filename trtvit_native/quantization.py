@@ -10,12 +10,20 @@ module path (``stem.conv.input_quantizer.amax``), and a ``quantization`` metadat
 (see ``weights/README.md``). Nothing is pickled: ModelOpt's own checkpoint format is
 ``torch.save``, so it is not used.
 
-What is quantized (ModelOpt's default INT8/FP8 recipe): the input of every convolution,
-linear layer and LayerNorm, per tensor, and the weight of every convolution and linear
-layer, per output channel (FP8 weights too, so BatchNorm folds exactly into the engine's
-weight scales: :mod:`trtvit_native.network`). ``method`` chooses how activation ranges are
-calibrated (``max``, or ``entropy``, ``percentile``, ``mse`` from a histogram); weights
-always take their per-channel maximum.
+What is quantized is placed the way ModelOpt's ONNX quantizer places Q/DQ for TensorRT
+(``tests/test_quantize_placement.py`` compares the two): per tensor, the input of every
+convolution, Transformer linear layer and LayerNorm, of the stem's max pooling, and the
+residual operand of every residual add (:class:`trtvit_native.model.ResidualAdd`); the
+weight of every convolution and linear layer, per output channel. The classifier head,
+the output layer, stays in floating point. ``precision="int8"`` quantizes all of it to
+int8. ``precision="fp8"`` quantizes the GEMM part (inside the Transformers) to FP8, with
+per-tensor weight scales unless ``fp8_weights="per-channel"``; FP8 convolutions have few or
+no kernels (TensorRT-RTX: "FP8 is only supported for matrix multiplications (GEMM)";
+ModelOpt: "For CNN models, only INT8 quantization is supported"), so the convolution part
+stays in floating point, or in int8 with ``conv_precision="int8"``: a mixed file.
+``method`` chooses how activation ranges are calibrated (``max``, or ``entropy``,
+``percentile``, ``mse`` from a histogram; FP8 ranges ``max`` or ``percentile``); weights
+always take their maximum.
 
 :func:`restore_quantizers` puts the file's amax values back onto a reference:
 ``create_model(variant, weights=quantized_file)`` returns that fake-quantized reference.
@@ -36,11 +44,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .weights import (AMAX_SUFFIX, QUANT_METHODS, QUANT_PRECISIONS, Quantization, _QUANT_KEY,
-                      check_keep, load_quantization, quantizer_sites, read_metadata, write_atomically)
+from .weights import (AMAX_SUFFIX, CONV_PRECISIONS, FP8_METHODS, FP8_WEIGHT_SCALES, QUANT_METHODS, QUANT_PRECISIONS,
+                      Quantization, _QUANT_KEY, check_keep, load_quantization, quantizer_sites, read_metadata,
+                      write_atomically)
 
 __all__ = ["quantize", "calibrate_model", "restore_quantizers", "quantizer_amax", "save_quantized",
-           "sensitivity", "QuantizeError", "modelopt_available"]
+           "sensitivity", "QuantizeError", "modelopt_available",
+           "check_recipe", "held_out_files"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -75,21 +85,64 @@ def modelopt_version() -> str:
     return str(getattr(modelopt, "__version__", "unknown"))
 
 
-def quant_config(precision: str, method: str = "max") -> Dict[str, Any]:
-    """ModelOpt's default INT8 or FP8 configuration with per-output-channel weights (axis 0)
-    and, for a method other than ``max``, histogram calibration of the inputs."""
+def check_recipe(precision: str, method: str, conv_precision: Optional[str] = None,
+                 fp8_weights: str = "per-tensor") -> str:
+    """Refuse impossible recipes before any work; returns the convolution precision
+    (``int8`` for int8 files; ``none`` by default for fp8 files)."""
     if precision not in QUANT_PRECISIONS:
-        raise QuantizeError(f"precision must be one of {', '.join(QUANT_PRECISIONS)}, got {precision!r}")
+        raise QuantizeError(f"--precision must be one of {', '.join(QUANT_PRECISIONS)}, got {precision!r}")
     if method not in QUANT_METHODS:
-        raise QuantizeError(f"method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
+        raise QuantizeError(f"--method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
+    if fp8_weights not in FP8_WEIGHT_SCALES:
+        raise QuantizeError(f"--fp8-weights must be one of {', '.join(FP8_WEIGHT_SCALES)}, got {fp8_weights!r}")
+    if precision == "int8":
+        if conv_precision not in (None, "int8"):
+            raise QuantizeError(f"--conv-precision {conv_precision} needs --precision fp8: an int8 file quantizes "
+                                f"the convolutions to int8")
+        if fp8_weights != "per-tensor":
+            raise QuantizeError("--fp8-weights needs --precision fp8 (int8 weights are per output channel)")
+        return "int8"
+    conv_precision = conv_precision or "none"
+    if conv_precision not in CONV_PRECISIONS:
+        raise QuantizeError(f"--conv-precision must be one of {', '.join(CONV_PRECISIONS)}, got {conv_precision!r} "
+                            f"(FP8 convolutions are not supported: FP8 is for the GEMMs)")
+    if method not in FP8_METHODS:
+        raise QuantizeError(f"--method {method} cannot calibrate FP8 ranges (ModelOpt computes entropy and mse for "
+                            f"integer formats only); use {' or '.join(FP8_METHODS)} with --precision fp8")
+    return conv_precision
+
+
+def quant_config(precision: str, method: str = "max", keep: Sequence[str] = (), conv_precision: Optional[str] = None,
+                 fp8_weights: str = "per-tensor", num_classes: int = 1000, variant: Any = None) -> Dict[str, Any]:
+    """The ModelOpt configuration that enables exactly the quantizers of
+    :func:`trtvit_native.weights.quantizer_sites`, each with its format (int8: 8 bits; fp8:
+    E4M3), its axis (per tensor, or 0: per output channel) and, for an input calibrated by
+    a method other than ``max``, a histogram calibrator."""
+    conv_precision = check_recipe(precision, method, conv_precision, fp8_weights)
+    bits = {"int8": 8, "fp8": (4, 3)}
+    entries: List[Dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
+    for name, site in quantizer_sites(variant, keep, num_classes, precision, conv_precision, fp8_weights).items():
+        cfg: Dict[str, Any] = {"num_bits": bits[site.precision], "axis": 0 if site.shape else None}
+        if name.endswith(".input_quantizer") and method != "max":
+            cfg["calibrator"] = "histogram"
+        entries.append({"quantizer_name": name, "cfg": cfg, "enable": True})
+    return {"quant_cfg": entries, "algorithm": "max"}
+
+
+def _register_modules() -> None:
+    """Teach ModelOpt the reference's residual add: a quantized :class:`ResidualAdd`
+    quantizes its first operand (``residual``) with its ``input_quantizer``."""
     mtq = _mtq()
-    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG if precision == "int8" else mtq.FP8_DEFAULT_CFG)
-    for entry in cfg["quant_cfg"]:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["axis"] = 0
-        elif entry.get("quantizer_name") == "*input_quantizer" and method != "max":
-            entry["cfg"]["calibrator"] = "histogram"
-    return cfg
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantInputBase
+
+    from .model import ResidualAdd
+
+    if QuantModuleRegistry.get(ResidualAdd) is None:
+        class QuantResidualAdd(QuantInputBase):
+            pass
+
+        mtq.register(original_cls=ResidualAdd, quantized_cls=QuantResidualAdd)
 
 
 @contextlib.contextmanager
@@ -106,29 +159,26 @@ def _quantizers(model: nn.Module) -> Dict[str, Any]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def _insert(model: nn.Module, precision: str, method: str, keep: Sequence[str]) -> Dict[str, Any]:
-    """Insert ModelOpt's quantizers (no calibration); those inside ``keep`` are disabled.
-    Returns the enabled quantizers by path."""
+def _insert(model: nn.Module, precision: str, method: str, keep: Sequence[str], conv_precision: Optional[str],
+            fp8_weights: str) -> Dict[str, Any]:
+    """Insert ModelOpt's quantizers (no calibration), enabled where the format places them.
+    Returns the enabled quantizers by path, checked against the format's sites."""
     mtq = _mtq()
-    cfg = quant_config(precision, method)
+    _register_modules()
+    cfg = quant_config(precision, method, keep, conv_precision, fp8_weights, model.num_classes, model.config)
     cfg["algorithm"] = None  # calibration is run (or amax restored) by the caller
     with _quiet():
         mtq.quantize(model, cfg, forward_loop=None)
-    enabled = {}
-    for name, q in _quantizers(model).items():
-        if not q.is_enabled:
-            continue
-        module = name.rsplit(".", 1)[0]
-        if any(module == p or module.startswith(p + ".") for p in keep):
-            q.disable()
-        else:
-            enabled[name] = q
+    enabled = {name: q for name, q in _quantizers(model).items() if q.is_enabled}
+    _check_sites(model, enabled, keep, precision, check_recipe(precision, method, conv_precision, fp8_weights),
+                 fp8_weights)
     return enabled
 
 
-def _check_sites(model: nn.Module, enabled: Dict[str, Any], keep: Sequence[str]) -> None:
+def _check_sites(model: nn.Module, enabled: Dict[str, Any], keep: Sequence[str], precision: str,
+                 conv_precision: str, fp8_weights: str) -> None:
     """ModelOpt's enabled quantizers must be the ones the file format defines."""
-    sites = quantizer_sites(model.config, keep, model.num_classes)
+    sites = quantizer_sites(model.config, keep, model.num_classes, precision, conv_precision, fp8_weights)
     if set(enabled) != set(sites):
         extra, missing = sorted(set(enabled) - set(sites)), sorted(set(sites) - set(enabled))
         raise QuantizeError(f"ModelOpt {modelopt_version()} quantizes other modules than this format defines: "
@@ -139,13 +189,13 @@ def restore_quantizers(model: nn.Module, quantization: Quantization) -> nn.Modul
     """Insert ModelOpt's quantizers into ``model`` (in place) with the amax values of
     ``quantization``: the fake-quantized reference the quantized network is checked
     against. Returns the model, in eval mode."""
-    enabled = _insert(model, quantization.precision, quantization.method, quantization.keep)
-    _check_sites(model, enabled, quantization.keep)
+    enabled = _insert(model, quantization.precision, quantization.method, quantization.keep,
+                      quantization.conv_precision, quantization.fp8_weights)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, q in enabled.items():
             amax = torch.from_numpy(np.array(quantization.amax[name], dtype=np.float32))
-            if name.endswith(".weight_quantizer"):  # ModelOpt's per-channel shape: (C, 1, ...)
+            if name.endswith(".weight_quantizer") and amax.dim():  # ModelOpt's per-channel shape: (C, 1, ...)
                 weight = params[name[:-len("weight_quantizer")] + "weight"]
                 amax = amax.reshape((-1,) + (1,) * (weight.dim() - 1))
             q.amax = amax
@@ -163,28 +213,76 @@ def quantizer_amax(model: nn.Module) -> Dict[str, torch.Tensor]:
             if q.amax is None:
                 raise QuantizeError(f"quantizer {name} has no amax: it saw no calibration data")
             amax = q.amax.detach().float().cpu()
-            out[name] = amax.reshape(-1) if name.endswith(".weight_quantizer") else amax.reshape(())
+            per_channel = name.endswith(".weight_quantizer") and q.axis is not None
+            out[name] = amax.reshape(-1) if per_channel else amax.reshape(())
     return out
 
 
+def fp16_exact_amax(amax: torch.Tensor, bound: float) -> torch.Tensor:
+    """The smallest amax' >= ``amax`` whose scale amax' / bound is an fp16 number (so an
+    fp16 network's quantize layer takes the scale exactly, in the tensor's type); at most
+    one fp16 step (2^-10 relative) larger, which saturates nothing."""
+    scale = (amax.float() / bound).clamp(max=65504.0)
+    half = scale.half()
+    half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    return half.float() * bound  # exact in fp32: 11 significant bits times 127 or 448
+
+
+def _export_amax(model: nn.Module) -> List[str]:
+    """Make every enabled quantizer's amax one the engine can use exactly, on the model's
+    quantizers (so the fake-quantized reference is the one the file describes):
+
+    - an amax of zero (an all-zero, pruned weight channel; an input that was always zero)
+      becomes the bound, a scale of 1, as ModelOpt's exporter does
+      (``TensorQuantizer._sanitize_export_amax``): zeros quantize exactly with any scale,
+      and TensorRT needs a positive one;
+    - activation amax values are raised to :func:`fp16_exact_amax`.
+
+    Returns the quantizers whose amax was zero."""
+    zero = []
+    with torch.no_grad():
+        for name, q in _quantizers(model).items():
+            if not q.is_enabled or q.amax is None:
+                continue
+            bound = 127.0 if q.num_bits == 8 else 448.0
+            amax = q.amax.float()
+            if bool((amax == 0).any()):
+                amax = torch.where(amax == 0, torch.full_like(amax, bound), amax)
+                zero.append(name)
+            if name.endswith(".input_quantizer"):
+                amax = fp16_exact_amax(amax, bound)
+            q.amax = amax
+    return zero
+
+
 def save_quantized(model: nn.Module, path: PathLike, precision: str, method: str, images: int,
-                   keep: Sequence[str] = (), metadata: Optional[Dict[str, str]] = None) -> None:
+                   keep: Sequence[str] = (), metadata: Optional[Dict[str, str]] = None,
+                   conv_precision: Optional[str] = None, fp8_weights: str = "per-tensor") -> List[str]:
     """Write the quantized weights file: the model's weights (float32), the amax of every
-    enabled quantizer under ``<quantizer path>.amax``, and the metadata (atomically)."""
+    enabled quantizer under ``<quantizer path>.amax``, and the metadata (atomically).
+    Amax values are made exact for the engine first (:func:`_export_amax`; the zero ones are returned), and
+    every amax is checked before anything is written."""
     from safetensors.torch import save
 
-    from .weights import FORMAT_VERSION, validate_state_dict
+    from .weights import FORMAT_VERSION, WeightsError, check_amax, validate_state_dict
 
+    conv_precision = check_recipe(precision, method, conv_precision, fp8_weights)
     state = {k: v for k, v in model.state_dict().items() if "_quantizer." not in k}
     state = validate_state_dict(state, model.config)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    substituted = _export_amax(model)
     amax = quantizer_amax(model)
+    try:
+        check_amax({k: v.numpy() for k, v in amax.items()}, f"{path} not written")
+    except WeightsError as e:
+        raise QuantizeError(str(e)) from None
     tensors.update({k + AMAX_SUFFIX: v.contiguous() for k, v in amax.items()})
     meta = {"arch": model.config.name, "format": FORMAT_VERSION, "num_classes": str(model.num_classes)}
     meta.update(metadata or {})
-    meta[_QUANT_KEY] = json.dumps({"precision": precision, "method": method, "images": int(images),
-                                   "keep": list(keep), "modelopt": modelopt_version()})
+    meta[_QUANT_KEY] = json.dumps(Quantization(precision, method, int(images), tuple(keep), modelopt_version(), {},
+                                               conv_precision, fp8_weights).metadata())
     write_atomically(path, save(tensors, metadata=meta))
+    return substituted
 
 
 def _finish_calibration(model: nn.Module, method: str) -> None:
@@ -204,13 +302,13 @@ def _finish_calibration(model: nn.Module, method: str) -> None:
 
 
 def calibrate_model(model: nn.Module, batches: Iterable[torch.Tensor], precision: str = "int8",
-                    method: str = "max", keep: Sequence[str] = ()) -> nn.Module:
+                    method: str = "max", keep: Sequence[str] = (), conv_precision: Optional[str] = None,
+                    fp8_weights: str = "per-tensor") -> nn.Module:
     """Quantize ``model`` in place with ModelOpt: insert the quantizers, run ``batches``
     (preprocessed image tensors) through it collecting statistics, set every amax."""
     from modelopt.torch.quantization.model_calib import enable_stats_collection
 
-    enabled = _insert(model, precision, method, keep)
-    _check_sites(model, enabled, keep)
+    _insert(model, precision, method, keep, conv_precision, fp8_weights)
     model.eval()
     with _quiet(), torch.no_grad():
         enable_stats_collection(model)
@@ -248,6 +346,13 @@ def calibration_files(calib: PathLike, images: int, batch_size: int, seed: int =
                             f"(--batch-size {batch_size})")
     random.Random(seed).shuffle(files)
     return files[:images]
+
+
+def held_out_files(calib: PathLike, images: int, count: int, seed: int = 0) -> List[str]:
+    """Up to ``count`` images of the folder ``calib`` that :func:`calibration_files` with
+    the same ``images`` and ``seed`` does not choose: data to judge quantization on."""
+    every = calibration_files(calib, 1 << 62, 1, seed)
+    return every[images:images + count]
 
 
 def _batches(files: Sequence[str], image_size: Any, batch_size: int, progress: bool,
@@ -299,24 +404,24 @@ def _image_size(weights: PathLike, image_size: Any) -> Tuple[Any, str]:
 def quantize(variant: str, weights: PathLike, calib: PathLike, output: PathLike, precision: str = "int8",
              method: str = "max", images: int = 512, batch_size: int = 32, image_size: Any = None,
              keep: Union[str, Sequence[str]] = (), progress: bool = True, seed: int = 0,
-             say: Optional[Callable[[str], None]] = None) -> Quantization:
+             say: Optional[Callable[[str], None]] = None, conv_precision: Optional[str] = None,
+             fp8_weights: str = "per-tensor") -> Quantization:
     """Calibrate ``variant`` with ``weights`` on images of the folder ``calib`` and write the
     quantized weights file ``output``. Returns what was written (read back and validated).
 
     ``images``: how many images (a seeded sample of the folder; all of them when it holds
     fewer); ``image_size``: S or (H, W), by default the size the weights were trained at;
     ``keep``: module prefixes (a comma list or a sequence) left unquantized, e.g.
-    ``"head,stages.3.1.transformer"``. Images that cannot be decoded are skipped and
-    counted; ``say`` receives one line each for the image size (and where it came from)
-    and, when there are any, the skipped images.
+    ``"stages.3.1.transformer"``; ``conv_precision`` (fp8 only): ``"none"`` (default) or
+    ``"int8"``; ``fp8_weights``: ``"per-tensor"`` (default) or ``"per-channel"``. Images that
+    cannot be decoded are skipped and counted; ``say`` receives one line each for the image
+    size (and where it came from) and, when there are any, the skipped images and the zero
+    amax values replaced.
     """
     from .model import create_model
     from .weights import load_arrays
 
-    if precision not in QUANT_PRECISIONS:
-        raise QuantizeError(f"--precision must be one of {', '.join(QUANT_PRECISIONS)}, got {precision!r}")
-    if method not in QUANT_METHODS:
-        raise QuantizeError(f"--method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
+    conv_precision = check_recipe(precision, method, conv_precision, fp8_weights)
     keep = check_keep(variant, keep.split(",") if isinstance(keep, str) else keep)
     if read_metadata(weights).get(_QUANT_KEY) is not None:
         raise QuantizeError(f"{weights} is already quantized; quantize the unquantized weights")
@@ -329,12 +434,16 @@ def quantize(variant: str, weights: PathLike, calib: PathLike, output: PathLike,
     model = create_model(variant, weights=weights)
     skipped: List[str] = []
     calibrate_model(model, _batches(files, image_size, batch_size, progress, skipped, f" of {calib}"), precision,
-                    method, keep)
+                    method, keep, conv_precision, fp8_weights)
     if skipped:
         say(f"skipped {len(skipped)} unreadable image(s), calibrated on {len(files) - len(skipped)}: "
             f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     meta = {k: v for k, v in read_metadata(weights).items() if k not in ("arch", "format", "num_classes")}
-    save_quantized(model, output, precision, method, len(files) - len(skipped), keep, meta)
+    zero = save_quantized(model, output, precision, method, len(files) - len(skipped), keep, meta, conv_precision,
+                          fp8_weights)
+    if zero:
+        say(f"amax zero in {len(zero)} quantizer(s) (a channel or input that was all zero), written as a scale of 1 "
+            f"as ModelOpt's exporter does: {', '.join(zero[:4])}{' ...' if len(zero) > 4 else ''}")
     return load_quantization(output, variant)
 
 

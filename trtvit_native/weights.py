@@ -433,7 +433,12 @@ def load_weights(path: PathLike, arch: Optional[Union[str, VariantConfig]] = Non
 
 QUANT_PRECISIONS = ("int8", "fp8")
 QUANT_METHODS = ("max", "entropy", "percentile", "mse")
-QUANT_FORMAT = "trtvit-quantized/1"
+# Histogram calibration of FP8 ranges: ModelOpt 0.47 computes entropy and mse only for
+# integer formats (it fails with a TypeError after the whole calibration pass).
+FP8_METHODS = ("max", "percentile")
+CONV_PRECISIONS = ("none", "int8")  # what an fp8 file does with the convolutions
+FP8_WEIGHT_SCALES = ("per-tensor", "per-channel")
+QUANT_FORMAT = "trtvit-quantized/2"
 AMAX_SUFFIX = ".amax"
 _QUANT_KEY = "quantization"
 # The largest quantized magnitude: int8 [-128, 127] is scaled so amax maps to 127
@@ -442,11 +447,25 @@ QUANT_BOUNDS = {"int8": 127.0, "fp8": 448.0}
 
 
 @dataclass(frozen=True)
+class Site:
+    """One quantizer of a quantized file: its amax shape (``()`` per tensor, ``(C,)`` per
+    output channel) and the precision it quantizes to."""
+
+    shape: Tuple[int, ...]
+    precision: str
+
+
+@dataclass(frozen=True)
 class Quantization:
     """What a quantized weights file adds to the weights: the precision, how it was
     calibrated, and ``amax`` per quantizer path (``stem.conv.input_quantizer``: shape (),
     per tensor; ``stem.conv.weight_quantizer``: (out_channels,), per output channel).
-    A quantizer's scale is ``amax / bound`` (127 for int8, 448 for fp8)."""
+    A quantizer's scale is ``amax / bound`` (127 for int8, 448 for fp8).
+
+    ``precision`` is the file's: ``int8`` quantizes convolutions and GEMMs to int8; ``fp8``
+    quantizes the GEMMs (the Transformer's linear layers, its LayerNorm inputs and residual
+    adds) to fp8 and the convolutions as ``conv_precision`` says (``none``: left in
+    floating point; ``int8``). :meth:`precision_of` gives each quantizer's."""
 
     precision: str
     method: str
@@ -454,31 +473,63 @@ class Quantization:
     keep: Tuple[str, ...]
     modelopt: str
     amax: Dict[str, np.ndarray]
+    conv_precision: str = "int8"
+    fp8_weights: str = "per-tensor"
 
-    @property
-    def bound(self) -> float:
-        return QUANT_BOUNDS[self.precision]
+    def precision_of(self, quantizer: str) -> str:
+        """``int8`` or ``fp8``: what ``quantizer`` quantizes to."""
+        return self.precision if _gemm_group(quantizer.rsplit(".", 1)[0]) else self.conv_precision
+
+    def bound_of(self, quantizer: str) -> float:
+        return QUANT_BOUNDS[self.precision_of(quantizer)]
 
     def scale(self, quantizer: str) -> np.ndarray:
         """The quantizer's scale (float32): ``amax / bound``."""
-        return (np.asarray(self.amax[quantizer], dtype=np.float32) / np.float32(self.bound)).astype(np.float32)
+        return (np.asarray(self.amax[quantizer], dtype=np.float32) / np.float32(self.bound_of(quantizer))
+                ).astype(np.float32)
+
+    def precisions(self) -> Tuple[str, ...]:
+        """The precisions the file quantizes to, e.g. ``("int8", "fp8")`` for a mixed file."""
+        return tuple(p for p in QUANT_PRECISIONS if any(self.precision_of(q) == p for q in self.amax))
 
     def metadata(self) -> Dict[str, Any]:
-        return {"precision": self.precision, "method": self.method, "images": self.images,
+        return {"format": QUANT_FORMAT, "precision": self.precision, "conv_precision": self.conv_precision,
+                "fp8_weights": self.fp8_weights, "method": self.method, "images": self.images,
                 "keep": list(self.keep), "modelopt": self.modelopt}
 
     def describe(self) -> str:
         kept = f", keeping {','.join(self.keep)} unquantized" if self.keep else ""
-        return f"{self.precision} ({self.method} calibration on {self.images} images{kept})"
+        what = self.precision if self.precision == "int8" else \
+            f"fp8 GEMMs, {'int8' if self.conv_precision == 'int8' else 'floating-point'} convolutions"
+        return f"{what} ({self.method} calibration on {self.images} images{kept})"
+
+
+def _gemm_group(module: str) -> bool:
+    """Whether a module belongs to the GEMM part (inside a Transformer), which ``fp8``
+    quantizes; the rest is the convolution part."""
+    return ".transformer." in module + "."
 
 
 def quantizable_modules(config: Union[str, VariantConfig], num_classes: int = 1000) -> Dict[str, str]:
-    """The reference's modules that ModelOpt quantizes, with their kind (``conv``,
-    ``linear``, ``norm``): every convolution, linear layer and LayerNorm (BatchNorm is
-    left alone, and folded into its convolution)."""
+    """The reference's modules that are quantized, with their kind: every convolution
+    (``conv``), the Transformers' linear layers (``linear``) and LayerNorms (``norm``), the
+    stem's max pooling (``pool``) and every residual add (``add``, its residual operand).
+    BatchNorm is left alone (folded into its convolution), and so is the classifier
+    ``head``, the output layer, as ModelOpt's ONNX quantizer leaves it."""
+    config = get_config(config)
     kinds = {4: "conv", 2: "linear", 1: "norm"}
-    return {k[:-len(".weight")]: kinds[len(shape)] for k, shape in expected_shapes(config, num_classes).items()
-            if k.endswith(".weight") and not k.endswith(".bn.weight")}
+    modules = {k[:-len(".weight")]: kinds[len(shape)] for k, shape in expected_shapes(config, num_classes).items()
+               if k.endswith(".weight") and not k.endswith(".bn.weight") and k != "head.weight"}
+    modules["stem.pool"] = "pool"
+    for path, kind, _, _, _ in config.blocks():
+        if kind == "bottleneck":
+            modules[f"{path}.add"] = "add"
+        else:
+            modules[f"{path}.transformer.attn_residual"] = modules[f"{path}.transformer.mlp_residual"] = "add"
+            if config.widths[3] - config.mix_dim == config.mix_dim:  # MixBlockC's local residual
+                modules[f"{path}.local_add"] = "add"
+            modules[f"{path}.add"] = "add"
+    return modules
 
 
 def _kept(module: str, keep: Iterable[str]) -> bool:
@@ -492,23 +543,29 @@ def check_keep(config: Union[str, VariantConfig], keep: Iterable[str]) -> Tuple[
     for p in keep:
         if not any(_kept(m, [p]) for m in modules):
             raise WeightsError(f"--keep {p!r} names no quantized module of {get_config(config).name} (modules are "
-                               f"e.g. head, stem.conv, stages.3.1.transformer, stages.0.0.conv1)")
+                               f"e.g. stem.conv, stages.3.1.transformer, stages.0.0.conv1, stages.0.1.add)")
     return keep
 
 
-def quantizer_sites(config: Union[str, VariantConfig], keep: Iterable[str] = (),
-                    num_classes: int = 1000) -> Dict[str, Tuple[int, ...]]:
-    """Every enabled quantizer of a variant (path -> amax shape): the input of each
-    convolution, linear layer and LayerNorm, per tensor, and the weight of each convolution
-    and linear layer, per output channel; none inside the ``keep`` prefixes."""
+def quantizer_sites(config: Union[str, VariantConfig], keep: Iterable[str] = (), num_classes: int = 1000,
+                    precision: str = "int8", conv_precision: str = "int8",
+                    fp8_weights: str = "per-tensor") -> Dict[str, Site]:
+    """Every enabled quantizer of a variant (path -> :class:`Site`): the input of each
+    quantized module, per tensor, and the weight of each convolution and linear layer,
+    per output channel (fp8 weights per tensor unless ``fp8_weights="per-channel"``); none
+    inside the ``keep`` prefixes, none of the convolution part where ``precision`` is fp8
+    and ``conv_precision`` is ``none``."""
     shapes = expected_shapes(config, num_classes)
-    sites: Dict[str, Tuple[int, ...]] = {}
+    sites: Dict[str, Site] = {}
     for module, kind in quantizable_modules(config, num_classes).items():
-        if _kept(module, keep):
+        site_precision = precision if _gemm_group(module) else ("int8" if precision == "int8" else conv_precision)
+        if _kept(module, keep) or site_precision == "none":
             continue
-        sites[f"{module}.input_quantizer"] = ()
-        if kind != "norm":
-            sites[f"{module}.weight_quantizer"] = (shapes[f"{module}.weight"][0],)
+        sites[f"{module}.input_quantizer"] = Site((), site_precision)
+        if kind in ("conv", "linear"):
+            per_channel = site_precision == "int8" or fp8_weights == "per-channel"
+            sites[f"{module}.weight_quantizer"] = Site((shapes[f"{module}.weight"][0],) if per_channel else (),
+                                                       site_precision)
     return sites
 
 
@@ -524,28 +581,51 @@ def _parse_quant_meta(raw: Any, path: str) -> Dict[str, Any]:
         raise WeightsError(f"{path}: metadata {_QUANT_KEY!r} is not JSON") from None
     if not isinstance(info, dict):
         raise WeightsError(f"{path}: metadata {_QUANT_KEY!r} is not a JSON object")
+    if info.get("format") != QUANT_FORMAT:
+        raise WeightsError(f"{path}: quantization format {info.get('format', 'trtvit-quantized/1')!r}, this version "
+                           f"reads {QUANT_FORMAT!r} (residual adds and pooling are quantized since): quantize the "
+                           f"unquantized weights again with trtvit quantize")
     if info.get("precision") not in QUANT_PRECISIONS:
         raise WeightsError(f"{path}: quantized to precision {info.get('precision')!r}, which this version does not "
                            f"carry ({', '.join(QUANT_PRECISIONS)})")
     if info.get("method") not in QUANT_METHODS:
         raise WeightsError(f"{path}: unknown calibration method {info.get('method')!r} ({', '.join(QUANT_METHODS)})")
+    conv = info.get("conv_precision")
+    if conv not in (("int8",) if info["precision"] == "int8" else CONV_PRECISIONS):
+        raise WeightsError(f"{path}: conv_precision {conv!r} is not one of "
+                           f"{'int8' if info['precision'] == 'int8' else ', '.join(CONV_PRECISIONS)} for a "
+                           f"{info['precision']} file")
+    if info.get("fp8_weights") not in FP8_WEIGHT_SCALES:
+        raise WeightsError(f"{path}: fp8_weights {info.get('fp8_weights')!r} is not one of "
+                           f"{', '.join(FP8_WEIGHT_SCALES)}")
     keep = info.get("keep", [])
     if not (isinstance(keep, list) and all(isinstance(k, str) for k in keep)):
         raise WeightsError(f"{path}: metadata {_QUANT_KEY!r}: 'keep' is not a list of module prefixes")
     return info
 
 
+def check_amax(amax: Mapping[str, np.ndarray], where: str) -> None:
+    """Every amax finite and positive, or a WeightsError naming the quantizers."""
+    bad = {"not finite": [q for q, v in amax.items() if not np.isfinite(v).all()]}
+    bad["zero"] = [q for q, v in amax.items() if q not in bad["not finite"] and (v == 0).any()]
+    bad["negative"] = [q for q, v in amax.items() if q not in bad["not finite"] and (v < 0).any()]
+    for problem, names in bad.items():
+        if names:
+            raise WeightsError(f"{where}: amax {problem} in {_summarize(q + AMAX_SUFFIX for q in names)}")
+
+
 def _quantization_from(header: dict, meta: Mapping[str, str], mapping: np.ndarray, data_start: int,
                        config: VariantConfig, path: str, arrays: Mapping[str, np.ndarray]) -> Quantization:
     info = _parse_quant_meta(meta.get(_QUANT_KEY), path)
     keep = tuple(info.get("keep", []))
-    sites = quantizer_sites(config, keep, int(arrays["head.weight"].shape[0]))
+    sites = quantizer_sites(config, keep, int(arrays["head.weight"].shape[0]), info["precision"],
+                            info["conv_precision"], info["fp8_weights"])
     found = {k[:-len(AMAX_SUFFIX)]: k for k in header if k.endswith(AMAX_SUFFIX)}
     unknown = sorted(set(found) - set(sites))
     if unknown:
         modules = quantizable_modules(config)
         kept = [q for q in unknown if q.rsplit(".", 1)[0] in modules]
-        what = "of a module kept unquantized or a quantizer that does not exist" if kept else \
+        what = "of a module left unquantized or a quantizer that does not exist" if kept else \
             "for a module that does not exist"
         raise WeightsError(f"{path}: amax {what}: {_summarize(q + AMAX_SUFFIX for q in unknown)}")
     missing = sorted(set(sites) - set(found))
@@ -556,23 +636,18 @@ def _quantization_from(header: dict, meta: Mapping[str, str], mapping: np.ndarra
     for q, key in found.items():
         entry = header[key]
         dtype = _FILE_DTYPES.get(entry.get("dtype"), str(entry.get("dtype")))
-        shape = tuple(entry.get("shape", ()))
+        shape, want = tuple(entry.get("shape", ())), sites[q].shape
         if dtype != "float32":
             raise WeightsError(f"{path}: {key} is {dtype}, amax values are float32")
-        if shape != sites[q] and not (sites[q] == () and shape == (1,)):
-            raise WeightsError(f"{path}: {key} has shape {list(shape)}, expected {list(sites[q])}")
+        if shape != want and not (want == () and shape == (1,)):
+            raise WeightsError(f"{path}: {key} has shape {list(shape)}, expected {list(want)}")
         begin, end = entry["data_offsets"]
         if end - begin != 4 * int(np.prod(shape, dtype=np.int64)):
             raise WeightsError(f"{path}: entry {key!r} has {end - begin} bytes of data for shape {list(shape)}")
-        amax[q] = mapping[data_start + begin:data_start + end].view(np.float32).reshape(sites[q])
-    bad = {"not finite": [q for q, v in amax.items() if not np.isfinite(v).all()]}
-    bad["zero"] = [q for q, v in amax.items() if q not in bad["not finite"] and (v == 0).any()]
-    bad["negative"] = [q for q, v in amax.items() if q not in bad["not finite"] and (v < 0).any()]
-    for problem, names in bad.items():
-        if names:
-            raise WeightsError(f"{path}: amax {problem} in {_summarize(q + AMAX_SUFFIX for q in names)}")
+        amax[q] = mapping[data_start + begin:data_start + end].view(np.float32).reshape(want)
+    check_amax(amax, path)
     return Quantization(info["precision"], info["method"], int(info.get("images", 0)), keep,
-                        str(info.get("modelopt", "")), amax)
+                        str(info.get("modelopt", "")), amax, info["conv_precision"], info["fp8_weights"])
 
 
 def load_quantization(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None,
