@@ -56,18 +56,19 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quantized(work):
-    """int8 and fp8 files calibrated by trtvit_native.quantize on the 20 images."""
+    """int8, fp8 (GEMMs) and mixed (fp8 GEMMs, int8 convolutions) files calibrated by
+    trtvit_native.quantize on the 20 images."""
     out = {}
-    for precision in ("int8", "fp8"):
-        out[precision] = work / f"a-{precision}.safetensors"
-        quantize("trt-vit-a", work / "a.safetensors", work / "data", out[precision], precision=precision,
-                 images=20, batch_size=10, progress=False)
+    for kind, precision, conv in (("int8", "int8", None), ("fp8", "fp8", None), ("mixed", "fp8", "int8")):
+        out[kind] = work / f"a-{kind}.safetensors"
+        quantize("trt-vit-a", work / "a.safetensors", work / "data", out[kind], precision=precision,
+                 images=20, batch_size=10, progress=False, conv_precision=conv)
     return out
 
 
 @pytest.fixture(scope="module")
 def fake(quantized):
-    """The fake-quantized references restored from the two files (parity does not change them)."""
+    """The fake-quantized references restored from the files (parity does not change them)."""
     return {precision: tv.create_model("trt-vit-a", weights=path) for precision, path in quantized.items()}
 
 
@@ -83,11 +84,19 @@ def test_file_holds_the_weights_and_the_amax_of_every_enabled_quantizer(work, qu
 
     from trtvit_native.quantization import _quantizers
 
-    for precision, path in quantized.items():
+    counts = {"int8": 96, "fp8": 12, "mixed": 96}  # see below
+    for kind, path in quantized.items():
         q = W.load_quantization(path, "trt-vit-a")
+        precision = "int8" if kind == "int8" else "fp8"
         assert q.precision == precision and q.method == "max" and q.images == 20 and q.keep == ()
-        assert set(q.amax) == set(W.quantizer_sites("trt-vit-a", num_classes=CLASSES))
-        assert len(q.amax) == 84  # the inputs of 43 convolutions, linears and LayerNorms, the weights of 41
+        assert q.conv_precision == {"int8": "int8", "fp8": "none", "mixed": "int8"}[kind]
+        assert set(q.amax) == set(W.quantizer_sites("trt-vit-a", (), CLASSES, precision, q.conv_precision))
+        # int8: the inputs of 36 convolutions, 4 linears, 2 LayerNorms, the max pooling and 13
+        # residual adds; the weights of the 40 convolutions and linears (the head is not
+        # quantized). fp8: the Transformer's 4 linears (input, weight), 2 LayerNorms, 2 adds.
+        assert len(q.amax) == counts[kind]
+        assert not any(n.startswith("head.") for n in q.amax)
+        assert q.precisions() == {"int8": ("int8",), "fp8": ("fp8",), "mixed": ("int8", "fp8")}[kind]
         stored = load_file(str(path))  # a plain safetensors file: the weights unchanged, plus the amax
         original = load_file(str(work / "a.safetensors"))
         assert all(np.array_equal(stored[k], v) for k, v in original.items())
@@ -95,27 +104,31 @@ def test_file_holds_the_weights_and_the_amax_of_every_enabled_quantizer(work, qu
         meta = W.read_metadata(path)
         assert json.loads(meta["classes"]) == [f"c{i}" for i in range(CLASSES)] and meta["image_size"] == str(SIZE)
         # the reference restored from the file is ModelOpt's: the same quantizers enabled, the file's amax
-        model = fake[precision]
+        model = fake[kind]
         enabled = {n: m for n, m in _quantizers(model).items() if m.is_enabled}
         assert set(enabled) == set(q.amax)
         for name, m in enabled.items():
             assert np.array_equal(m.amax.reshape(-1).numpy(), q.amax[name].reshape(-1))
-        assert {m.num_bits for m in enabled.values()} == ({8} if precision == "int8" else {(4, 3)})
-        assert all(m.axis == 0 for n, m in enabled.items() if n.endswith("weight_quantizer"))
+            assert m.num_bits == (8 if q.precision_of(name) == "int8" else (4, 3)), name
+            if name.endswith("weight_quantizer"):  # int8 per output channel, fp8 per tensor
+                assert m.axis == (0 if q.precision_of(name) == "int8" else None), name
+            else:  # activation scales are fp16 numbers, so fp16 networks take them exactly
+                scale = q.scale(name)
+                assert np.array_equal(scale.astype(np.float16).astype(np.float32), scale), name
         # the builder's weight integers (ModelOpt's arithmetic, operation for operation) are the
         # reference's, for every convolution and linear layer: no weight ever flips
         for name, m in enabled.items():
             if name.endswith("weight_quantizer"):
                 weight = model.get_submodule(name.rsplit(".", 1)[0]).weight.detach()
-                mine = network.fake_quantized_weight(weight.numpy(), m.amax.reshape(-1).numpy(), precision)
+                mine = network.fake_quantized_weight(weight.numpy(), m.amax.reshape(-1).numpy(), q.precision_of(name))
                 assert np.array_equal(mine, m(weight).numpy()), name
 
 
 def test_keep_leaves_modules_unquantized(work, tmp_path):
     out = tmp_path / "kept.safetensors"
     q = quantize("trt-vit-a", work / "a.safetensors", work / "data", out, images=10, batch_size=10,
-                 keep="head,stages.3.1.transformer", progress=False)
-    assert q.keep == ("head", "stages.3.1.transformer")
+                 keep="stages.3.1.transformer", progress=False)
+    assert q.keep == ("stages.3.1.transformer",)
     assert not any(n.startswith(("head.", "stages.3.1.transformer.")) for n in q.amax)
     assert "stages.3.1.conv1.conv.input_quantizer" in q.amax
     built = tv.build_network("trt-vit-a", out, fp16=False, max_batch=2, image_size=SIZE)
@@ -152,23 +165,35 @@ def _count(built, kind: str) -> int:
     return sum(str(built.network.get_layer(i).type).split(".")[-1] == kind for i in range(built.num_layers))
 
 
-@pytest.mark.parametrize("precision,fp16", [("fp8", False)])  # int8 with fp16: test_cli_quantize_build_and_eval
-def test_quantized_network_matches_the_fake_quantized_reference_layer_by_layer(quantized, fake, precision, fp16):
-    built = tv.build_network("trt-vit-a", quantized[precision], fp16=fp16, max_batch=2, image_size=SIZE)
+@pytest.mark.parametrize("kind,fp16", [("mixed", True), ("fp8", False)])  # int8: test_cli_quantize_build_and_eval
+def test_quantized_network_matches_the_fake_quantized_reference_layer_by_layer(quantized, fake, kind, fp16):
+    built = tv.build_network("trt-vit-a", quantized[kind], fp16=fp16, max_batch=2, image_size=SIZE)
     q = built.quantization
-    assert q.precision == precision
+    precision = q.precision
+    assert precision == "fp8"
     assert _count(built, "QUANTIZE") == _count(built, "DEQUANTIZE") == len(q.amax)
     names = set(built.layer_names())
     assert all(f"{n}.quantize" in names for n in q.amax)
-    report = parity_report(built, fake[precision], images())
+    report = parity_report(built, fake[kind], images())
     assert report.ok, report.table()
     assert report.precision == f"{precision}-{'fp16' if fp16 else 'fp32'}"
     compared = {p.name for p in report.layers}
-    assert "stem.conv.input_quantizer" in compared and "stages.3.1.transformer.fc2.input_quantizer" in compared
+    assert "stages.3.1.transformer.fc2.input_quantizer" in compared
+    assert ("stem.conv.input_quantizer" in compared) == (kind == "mixed")
+    compute = "fp16" if fp16 else "fp32"
     meta = built.metadata(b"plan")
-    assert meta["precision"] == precision and meta["compute_precision"] == ("fp16" if fp16 else "fp32")
-    assert meta["quantization"] == {"precision": precision, "method": "max", "images": 20, "keep": [],
-                                    "modelopt": q.modelopt}
+    assert meta["precision"] == precision
+    assert meta["compute_precision"] == {"conv": "int8" if kind == "mixed" else compute,
+                                         "gemm": f"mixed (fp8, {compute})",  # the head stays in floating point
+                                         "attention": compute, "norm": "fp8", "other": compute}
+    assert meta["quantization"] == {"format": "trtvit-quantized/2", "precision": precision,
+                                    "conv_precision": q.conv_precision, "fp8_weights": "per-tensor", "method": "max",
+                                    "images": 20, "keep": [], "modelopt": q.modelopt}
+    if fp16:  # strongly typed: an fp16 tensor is quantized with an fp16 scale, an fp32 constant with an fp32 one
+        layers = {built.network.get_layer(i).name: built.network.get_layer(i) for i in range(built.num_layers)}
+        for n in q.amax:
+            quantize_layer = layers[f"{n}.quantize"]
+            assert quantize_layer.get_input(1).dtype == quantize_layer.get_input(0).dtype, n
 
 
 def test_batchnorm_folds_exactly_into_the_weight_scales_with_negative_and_zero_factors(work, quantized, tmp_path):
@@ -362,17 +387,26 @@ def test_a_reference_layer_that_produced_no_output_is_named_not_a_key_error(quan
 # --- weights file validation --------------------------------------------------------------
 
 
+FC2 = "stages.3.1.transformer.fc2.input_quantizer.amax"
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda t, m: t.pop("stem.conv.input_quantizer.amax"), "amax missing for 1 quantizers: stem.conv.input_quantizer"),
-    (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(0.0, np.float32)), "amax zero in head.input_q"),
-    (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(-1.0, np.float32)), "amax negative in head"),
-    (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(np.nan, np.float32)), "amax not finite in head"),
+    (lambda t, m: t.__setitem__(FC2, np.array(0.0, np.float32)), f"amax zero in {FC2}"),
+    (lambda t, m: t.__setitem__(FC2, np.array(-1.0, np.float32)), f"amax negative in {FC2}"),
+    (lambda t, m: t.__setitem__(FC2, np.array(np.nan, np.float32)), f"amax not finite in {FC2}"),
     (lambda t, m: t.__setitem__("stem.relu.input_quantizer.amax", np.array(1.0, np.float32)),
      "for a module that does not exist: stem.relu.input_quantizer.amax"),
+    (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(1.0, np.float32)),
+     "of a module left unquantized or a quantizer that does not exist: head.input_quantizer.amax"),
+    (lambda t, m: m.__setitem__("quantization", m["quantization"].replace('"trtvit-quantized/2"',
+                                                                          '"trtvit-quantized/1"')),
+     "quantization format 'trtvit-quantized/1', this version reads 'trtvit-quantized/2'"),
     (lambda t, m: m.__setitem__("quantization", m["quantization"].replace('"int8"', '"int4"')),
      "quantized to precision 'int4', which this version does not carry"),
 ])
 def test_bad_amax_entries_are_named(quantized, tmp_path, edit, message):
+    """(A zero amax is never written by trtvit quantize: test_an_all_zero_filter_is_written_as_a_scale_of_one.)"""
     from safetensors.numpy import load_file, save_file
 
     tensors = load_file(str(quantized["int8"]))
@@ -401,12 +435,13 @@ def test_cli_quantize_build_and_eval(work, quantized, capsys, tmp_path):
                            work / "data", "--precision", "fp8", "--images", 10, "--batch-size", 5, "--quiet",
                            "--sensitivity", "-o", out)
     assert code == 0, err
-    assert "fp8 (max calibration on 10 images)" in text and "stages.3.1.transformer.fc2" in text
+    assert "fp8 GEMMs, floating-point convolutions (max calibration on 10 images)" in text
+    assert "stages.3.1.transformer.fc2" in text and "on 10 images (" in text and "not used for calibration" in text
     engine = tmp_path / "e.engine"
     code, text, err = _run(capsys, "build", "trt-vit-a", "--weights", quantized["int8"], "--fp16", "--image-size",
                            SIZE, "--max-batch", 2, "-o", engine)
     assert code == 0, err
-    assert "parity     PASS" in text and "int8 (Q/DQ, fp16 between)" in text and "84 quantize/dequantize pairs" in text
+    assert "parity     PASS" in text and "int8 (Q/DQ, fp16 between)" in text and "96 quantize/dequantize pairs" in text
     meta = json.loads((tmp_path / "e.engine.json").read_text())
     assert meta["precision"] == "int8" and meta["quantization"]["images"] == 20
     code, text, err = _run(capsys, "eval", "trt-vit-a", "--weights", quantized["int8"], "--data", work / "data",
@@ -429,7 +464,15 @@ def test_build_from_a_quantized_file_with_no_parity_needs_no_torch(quantized, tm
 
 @pytest.mark.parametrize("args,message", [
     (["--images", "0"], "--images must be at least 1, got 0"),
-    (["--keep", "head,stages.9"], "--keep 'stages.9' names no quantized module of trt-vit-a"),
+    (["--keep", "stages.0,stages.9"], "--keep 'stages.9' names no quantized module of trt-vit-a"),
+    (["--keep", "head"], "--keep 'head' names no quantized module of trt-vit-a"),  # the head is never quantized
+    # impossible recipes, refused before calibration
+    (["--precision", "fp8", "--method", "entropy"], "--method entropy cannot calibrate FP8 ranges"),
+    (["--precision", "fp8", "--method", "mse"], "--method mse cannot calibrate FP8 ranges"),
+    (["--conv-precision", "none"], "--conv-precision none needs --precision fp8"),
+    (["--fp8-weights", "per-channel"], "--fp8-weights needs --precision fp8"),
+    (["--sensitivity", "--images", "20"], "--images 20 uses every image of"),
+    (["--sensitivity-data", "EMPTY"], "--sensitivity-data is for --sensitivity"),
     (["--batch-size", "64"], "holds 20 images, fewer than one batch (--batch-size 64)"),
     (["--calib", "EMPTY"], "holds no images"),
     (["--calib", "MISSING"], "does not exist"),

@@ -138,16 +138,25 @@ def _add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("variant", help="variant name (see `trtvit info`)")
     p.add_argument("--weights", required=True, metavar="FILE", help="safetensors weights to quantize")
     p.add_argument("--calib", required=True, metavar="DIR", help="folder of calibration images (searched recursively)")
-    p.add_argument("--precision", choices=["int8", "fp8"], default="int8", help="int8 (default) or fp8 (E4M3)")
+    p.add_argument("--precision", choices=["int8", "fp8"], default="int8",
+                   help="int8 (default): convolutions and GEMMs; fp8 (E4M3): the Transformer GEMMs")
+    p.add_argument("--conv-precision", choices=["none", "int8"], default=None,
+                   help="with --precision fp8: the convolutions in floating point (none, default) or int8")
+    p.add_argument("--fp8-weights", choices=["per-tensor", "per-channel"], default="per-tensor",
+                   help="fp8 weight scales (per-tensor, default; per-channel FP8 GEMMs need Hopper)")
     p.add_argument("--method", choices=["max", "entropy", "percentile", "mse"], default="max",
-                   help="how activation ranges are calibrated (max); weights take their per-channel maximum")
+                   help="how activation ranges are calibrated (max; fp8: max or percentile); weights take their "
+                        "maximum")
     p.add_argument("--images", type=int, default=512, metavar="N", help="calibration images, a seeded sample (512)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="(32)")
     p.add_argument("--image-size", type=_size, metavar="S", help="S or HxW (default: the size trained at, else 224)")
     p.add_argument("--keep", default="", metavar="PREFIXES",
                    help="comma list of modules left unquantized, e.g. head,stages.3.1.transformer")
     p.add_argument("--sensitivity", action="store_true",
-                   help="also print, per quantized layer, the logit error when only that layer is quantized")
+                   help="also print, per quantized layer, the logit error when only that layer is quantized, on "
+                        "images not used for calibration")
+    p.add_argument("--sensitivity-data", metavar="DIR",
+                   help="images for --sensitivity (default: up to 64 images of --calib that calibration did not use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, metavar="Q.safetensors", help="quantized weights file")
 
@@ -440,7 +449,8 @@ def _check_engine(runner, meta: dict) -> int:
     device = torch.device("cuda", runner.device)
     model = model.to(device)
     hw = tuple(meta.get("image_size", {}).get("opt") or runner.image_shape[-2:])
-    images = synthetic_images(min(4, runner.batch_range[1]), hw, seed=7).to(device)
+    batch = min(16 if meta.get("quantization") else 4, runner.batch_range[1])  # top-1 agreement needs images
+    images = synthetic_images(batch, hw, seed=7).to(device)
     stages = {}
     hooks = [model.stages[k].register_forward_hook(lambda m, i, o, k=k: stages.__setitem__(f"stage{k + 1}", o))
              for k in range(4)]
@@ -451,6 +461,8 @@ def _check_engine(runner, meta: dict) -> int:
     refs.update(stages)
     got = runner(images)
     got = got if isinstance(got, dict) else {runner.output_name: got}
+    if meta.get("quantization"):
+        return _check_quantized(got, refs, images.shape[0], meta["quantization"]["precision"])
     tol = GPU_TOLERANCES["fp16" if meta.get("precision") == "fp16" else "fp32"]
     ok = True
     for name, out in got.items():
@@ -458,6 +470,29 @@ def _check_engine(runner, meta: dict) -> int:
         ok &= result.ok(tol)
         print(f"check    {name} vs PyTorch fp32 on the GPU, batch {images.shape[0]}: max|Δ|/max|ref| "
               f"{result.rel:.2e}, cosine {result.cosine:.7f}: {'PASS' if result.ok(tol) else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def _check_quantized(got: dict, refs: dict, batch: int, precision: str) -> int:
+    """A quantized engine against the fake-quantized reference: int8/fp8 kernels round and
+    accumulate in their own order, and one flipped code moves everything after it, so
+    elementwise bounds do not apply; judged by cosine and, for logits, top-1 agreement
+    (:data:`trtvit_native.runtime.QUANTIZED_GPU_CHECK`)."""
+    from .parity import compare
+    from .runtime import QUANTIZED_GPU_CHECK
+
+    ok = True
+    for name, out in got.items():
+        result = compare(name, out, refs[name])
+        passed = result.cosine >= QUANTIZED_GPU_CHECK["cosine"]
+        line = f"cosine {result.cosine:.6f}"
+        if name == "logits":
+            agree = float((out.float().argmax(1) == refs[name].float().argmax(1)).float().mean())
+            passed &= agree >= QUANTIZED_GPU_CHECK["top1"]
+            line += f", top-1 agreement {100 * agree:.0f} %"
+        ok &= passed
+        print(f"check    {name} vs the {precision} fake-quantized reference (ModelOpt, PyTorch) on the GPU, batch "
+              f"{batch}: {line}: {'PASS' if passed else 'FAIL'}")
     return 0 if ok else 1
 
 
@@ -494,26 +529,44 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.images < 1:
         raise QuantizeError(f"--images must be at least 1, got {args.images}")
     t0 = time.perf_counter()
+    if args.sensitivity_data is not None and not args.sensitivity:
+        raise QuantizeError("--sensitivity-data is for --sensitivity")
+    sensitivity_files = _sensitivity_files(args) if args.sensitivity else []  # refused before calibration
     q = quantize(args.variant, args.weights, args.calib, args.output, precision=args.precision, method=args.method,
                  images=args.images, batch_size=args.batch_size, image_size=args.image_size, keep=args.keep,
-                 progress=not args.quiet, say=lambda line: print(f"{line}", flush=True))
+                 progress=not args.quiet, say=lambda line: print(f"{line}", flush=True),
+                 conv_precision=args.conv_precision, fp8_weights=args.fp8_weights)
     weights = sum(1 for n in q.amax if n.endswith(".weight_quantizer"))
     print(f"quantized  {args.output}: {q.describe()}; {len(q.amax) - weights} activation and {weights} weight "
           f"quantizers, ModelOpt {q.modelopt}, {time.perf_counter() - t0:.1f} s")
     if args.sensitivity:
         import torch
 
-        from .quantization import _batches, _image_size, calibration_files
+        from .quantization import _batches, _image_size
 
-        files = calibration_files(args.calib, min(args.images, 64), 1)
         size, _ = _image_size(args.weights, args.image_size)
-        images = torch.cat(list(_batches(files, size, len(files), progress=False)))
+        images = torch.cat(list(_batches(sensitivity_files, size, len(sensitivity_files), progress=False)))
+        source = args.sensitivity_data or f"{args.calib}, not used for calibration"
         print(f"sensitivity: the logits when only one layer is quantized, against the unquantized model, on "
-              f"{images.shape[0]} calibration images (largest error first)")
+              f"{images.shape[0]} images ({source}; largest error first)")
         print(f"{'layer':44s} {'RMS logit error':>16s} {'top-1 agreement':>16s}")
         for module, rms, agree in sensitivity(args.variant, args.output, images):
             print(f"{module:44s} {rms:16.4g} {100 * agree:15.1f}%")
     return 0
+
+
+def _sensitivity_files(args: argparse.Namespace) -> List[str]:
+    """Up to 64 images for --sensitivity: of --sensitivity-data, or those of --calib that the
+    calibration sample leaves out."""
+    from .quantization import QuantizeError, calibration_files, held_out_files
+
+    if args.sensitivity_data is not None:
+        return calibration_files(args.sensitivity_data, 64, 1)
+    files = held_out_files(args.calib, args.images, 64)
+    if not files:
+        raise QuantizeError(f"--sensitivity measures on images calibration does not use, and --images {args.images} "
+                            f"uses every image of {args.calib}: give --sensitivity-data DIR, or fewer --images")
+    return files
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -274,10 +274,11 @@ def _quantize_dequantize(net: _Net, x: Any, quantizer: str, scale: np.ndarray, a
 
     The scale has the type of ``x``: a strongly typed network needs the quantize input and
     its scale in fp16 both, or in fp32 both (ModelOpt's ONNX exporter asserts the same rule
-    for TensorRT). Activations of an fp16 network get fp16 scales, which are exact: the
-    quantizer writes every activation amax so that amax / bound is an fp16 number
-    (:func:`trtvit_native.quantization.save_quantized`); weights are fp32 constants with
-    fp32 scales."""
+    for TensorRT), and a matmul's two operands' scales of one type (TensorRT-RTX refuses
+    others). Activations and linear weights of an fp16 network get fp16 scales, which are
+    exact: the quantizer writes their amax so that amax / bound is an fp16 number
+    (:func:`trtvit_native.quantization.save_quantized`). Convolution kernels are fp32
+    constants with fp32 scales (BatchNorm folds into them, per channel)."""
     half = x.dtype == net.trt.float16
     if half:
         exact = scale.astype(np.float16)
@@ -335,14 +336,16 @@ def fake_quantized_weight(weight: np.ndarray, amax: np.ndarray, precision: str) 
     return (_e4m3((w * inv).astype(np.float32)) * (np.float32(1.0) / inv).astype(np.float32)).astype(np.float32)
 
 
-def _quantized_weight(net: _Net, quantizer: str, weight: np.ndarray, channel_scale: np.ndarray, axis: int,
-                      name: str) -> Any:
-    """A weight constant (fp32), quantized and dequantized per output channel along ``axis``
-    with ``channel_scale``. ``weight`` holds the reference's fake-quantized values
-    (:func:`fake_quantized_weight`), so TensorRT's quantize layer, which divides by the
-    scale, lands within a few ulps of the reference's integers, never near a rounding
-    boundary: the network's weight integers are the reference's, none flips."""
-    const = net.constant(f"{quantizer}.weight", weight, np.float32)
+def _quantized_weight(net: _Net, quantizer: str, weight: np.ndarray, channel_scale: np.ndarray,
+                      axis: Optional[int], name: str, dtype: type = np.float32) -> Any:
+    """A weight constant (``dtype``), quantized and dequantized per output channel along
+    ``axis`` (or per tensor: None) with ``channel_scale``. ``weight`` holds the reference's
+    fake-quantized values (:func:`fake_quantized_weight`), so TensorRT's quantize layer,
+    which divides by the scale, lands within a few ulps of the reference's integers (fp16:
+    within 2^-11 relative, under a quarter step of int8 and of E4M3's 3-bit mantissa),
+    never near a rounding boundary: the network's weight integers are the reference's,
+    none flips."""
+    const = net.constant(f"{quantizer}.weight", weight, dtype)
     return _quantize_dequantize(net, const, quantizer, channel_scale, axis, name)
 
 
@@ -453,8 +456,10 @@ def linear(net: _Net, x: Any, name: str) -> Any:
     if net.quant is not None and wq in net.quant.amax:  # per output channel (the last axis of W^T) or tensor
         exact = fake_quantized_weight(w, net.quant.amax[wq], net.quant.precision_of(wq))
         scale = net.quant.scale(wq)
+        # in fp16 networks an fp16 weight with an fp16 scale: TensorRT wants a matmul's two
+        # operand scales of one type (the weight amax is written fp16-exact for this)
         weight = _quantized_weight(net, wq, exact.T.reshape(wt.shape), scale, rank - 1 if scale.ndim else None,
-                                   f"{wq}.transposed")
+                                   f"{wq}.transposed", net.np_dtype)
     else:
         weight = net.constant(f"{name}.weight", wt)
     mm = net.network.add_matrix_multiply(x, net.trt.MatrixOperation.NONE, weight, net.trt.MatrixOperation.NONE)

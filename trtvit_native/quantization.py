@@ -236,7 +236,8 @@ def _export_amax(model: nn.Module) -> List[str]:
       becomes the bound, a scale of 1, as ModelOpt's exporter does
       (``TensorQuantizer._sanitize_export_amax``): zeros quantize exactly with any scale,
       and TensorRT needs a positive one;
-    - activation amax values are raised to :func:`fp16_exact_amax`.
+    - activation and linear-weight amax values are raised to :func:`fp16_exact_amax`
+      (fp16 networks quantize them with fp16 scales: :mod:`trtvit_native.network`).
 
     Returns the quantizers whose amax was zero."""
     zero = []
@@ -249,7 +250,7 @@ def _export_amax(model: nn.Module) -> List[str]:
             if bool((amax == 0).any()):
                 amax = torch.where(amax == 0, torch.full_like(amax, bound), amax)
                 zero.append(name)
-            if name.endswith(".input_quantizer"):
+            if name.endswith(".input_quantizer") or isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Linear):
                 amax = fp16_exact_amax(amax, bound)
             q.amax = amax
     return zero

@@ -623,7 +623,7 @@ def _quantization_from(header: dict, meta: Mapping[str, str], mapping: np.ndarra
     found = {k[:-len(AMAX_SUFFIX)]: k for k in header if k.endswith(AMAX_SUFFIX)}
     unknown = sorted(set(found) - set(sites))
     if unknown:
-        modules = quantizable_modules(config)
+        modules = set(quantizable_modules(config)) | {k.rsplit(".", 1)[0] for k in expected_shapes(config)}
         kept = [q for q in unknown if q.rsplit(".", 1)[0] in modules]
         what = "of a module left unquantized or a quantizer that does not exist" if kept else \
             "for a module that does not exist"
