@@ -86,6 +86,10 @@ RUNTIME_REQUIRES = {
     "runtime-cu13": ["cuda-python>=13,<14", CUDA_CORE, "numpy>=1.22"],
 }
 
+# trtvit quantize and quantized references: NVIDIA ModelOpt (it needs torch>=2.8, met by the torch
+# already installed; ModelOpt 0.47 imports requests and huggingface_hub without declaring them)
+QUANT_REQUIRES = ["nvidia-modelopt~=0.47.0", "requests", "huggingface_hub"] + TRAIN_REQUIRES
+
 setup(
     name="trtvit_native",
     version="0.1.0",
@@ -105,13 +109,13 @@ setup(
         # trtvit train / eval: augmentation (kornia) and metrics (torchmetrics), both pure torch;
         # progress bars, curves, image decoding
         "train": TRAIN_REQUIRES,
+        # every extra the tests use: the runtime suite runs cuda.core on the CPU-backed driver, the
+        # quantization suite ModelOpt, and its placement test ModelOpt's ONNX quantizer (onnxruntime)
         "test": ["pytest>=7", "scikit-image>=0.21", "scikit-learn>=1.0", "nvidia-cuda-cuobjdump",
-                 "tritonclient[http,grpc]>=2.40", "protobuf>=3.20"] + TRAIN_REQUIRES
-        + RUNTIME_REQUIRES["runtime-cu13"],  # the runtime suite runs cuda.core on the CPU-backed driver
+                 "tritonclient[http,grpc]>=2.40", "protobuf>=3.20", "onnx>=1.14"] + TRAIN_REQUIRES
+        + RUNTIME_REQUIRES["runtime-cu13"] + QUANT_REQUIRES + ["nvidia-modelopt[onnx]~=0.47.0"],
         "bench": ["onnx>=1.14"],
-        # trtvit quantize and quantized references: NVIDIA ModelOpt (it needs torch>=2.8, met by the
-        # torch already installed; ModelOpt 0.47 imports requests and huggingface_hub without declaring them)
-        "quant": ["nvidia-modelopt~=0.47.0", "requests", "huggingface_hub"] + TRAIN_REQUIRES,
+        "quant": QUANT_REQUIRES,
     },
     entry_points={"console_scripts": ["trtvit=trtvit_native.cli:main"]},
     cmdclass={"build_py": BuildPyWithKernels},

@@ -544,3 +544,50 @@ def test_fp8_from_a_tensorrt_without_fp8_is_refused(quantized, monkeypatch, tmp_
                         "--no-parity", "-o", engine)
     assert code == 1 and "fp8 quantization needs a TensorRT with the fp8 data type" in err
     assert not engine.exists()
+
+
+# --- placement, scales, zero amax ------------------------------------------------------------
+
+
+def test_planted_residual_add_quantizing_the_branch_is_caught_at_its_input(quantized, fake, monkeypatch):
+    """The add's Q/DQ on the conv3 branch instead of the residual: the row of the add
+    quantizer's input, against what the reference feeds it (the residual), fails."""
+    def swapped(net, branch, residual, module, name=None):
+        return network.add(net, network.qdq(net, branch, f"{module}.input_quantizer"), residual, name or module)
+
+    monkeypatch.setattr(network, "residual_add", swapped)
+    report = _stage1_report(fake, quantized["int8"])
+    assert report.first_divergence().name == "stages.0.0.add.input_quantizer.input", report.table()
+
+
+def test_an_all_zero_filter_is_written_as_a_scale_of_one(work, capsys, tmp_path):
+    """A pruned (all-zero) output channel has weight amax 0; the file holds the bound
+    instead (a scale of 1, as ModelOpt's exporter writes), loads, and builds to a network
+    that matches its reference."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(work / "a.safetensors"))
+    tensors["stages.0.0.conv2.conv.weight"][5] = 0.0
+    pruned = tmp_path / "pruned.safetensors"
+    save_file(tensors, str(pruned), metadata=W.read_metadata(work / "a.safetensors"))
+    out = tmp_path / "pruned-int8.safetensors"
+    code, text, err = _run(capsys, "quantize", "trt-vit-a", "--weights", pruned, "--calib", work / "data",
+                           "--images", 10, "--batch-size", 10, "--quiet", "-o", out)
+    assert code == 0, err
+    assert "amax zero in 1 quantizer(s)" in text and "stages.0.0.conv2.conv.weight_quantizer" in text
+    q = W.load_quantization(out, "trt-vit-a")
+    amax = q.amax["stages.0.0.conv2.conv.weight_quantizer"]
+    assert amax[5] == 127.0 and (amax > 0).all()
+    report = _stage1_report(None, out, model=tv.create_model("trt-vit-a", weights=out))
+    assert report.ok, report.table()
+
+
+def test_int8_at_224_with_fp32_between_passes_parity(quantized, capsys, tmp_path):
+    """At 224 px, fp32 between the pairs, the build's parity check passes and the engine is
+    written (the one-code allowance where TensorRT's x / scale and ModelOpt's
+    x * (127 / amax) round apart: test_one_code_is_allowed_only_where_...)."""
+    engine = tmp_path / "e.engine"
+    code, text, err = _run(capsys, "build", "trt-vit-a", "--weights", quantized["int8"], "--fp32", "--image-size", 224,
+                           "--max-batch", 1, "-o", engine)
+    assert code == 0, err
+    assert "parity     PASS" in text and engine.exists()
