@@ -17,7 +17,10 @@
 #      TensorRT module is importable.
 #   6. benchmarks/triton_cpu.py --gpu (a --runner python repository served by
 #      tritonserver 2.51 from the nvidia-pytriton wheel, EngineRunner on the GPU);
-#   7. quantized engines (needs the quant extra): trt-vit-c int8 and fp8 against fp16,
+#   7. quantized engines (needs the quant extra): trt-vit-c int8, fp8 (GEMMs) and int8+fp8
+#      against fp16, each engine's per-layer precisions from IEngineInspector
+#      (benchmarks/inspect_quantized.py: fails where a quantized conv/GEMM runs in fp16 or a
+#      standalone Q/DQ kernel remains), `trtvit run --check` of each,
 #      latency and throughput at batch 1 and 32 (target: fp8 >= 1.5x fp16 images/s at
 #      batch 32 on an H100), and the digits-trained trt-vit-a int8/fp8 engines' top-1
 #      agreement on the GPU (trtvit eval --engine).
@@ -95,18 +98,25 @@ quantized_engines() {  # PYTHON WORKDIR: int8 / fp8 trt-vit-c against fp16, digi
   "$py" -c "import trtvit_native as tv; tv.save_weights(tv.create_model('trt-vit-c'), 'c.safetensors', 'trt-vit-c')
 from trtvit_native.data import write_digits; write_digits('digits')" || return 1
   trtvit build trt-vit-c --weights c.safetensors --fp16 --no-parity -o c-fp16.engine || return 1
-  for p in int8 fp8; do
-    trtvit quantize trt-vit-c --weights c.safetensors --calib digits/train --images 64 --precision $p --quiet \
+  local rc=0
+  for p in int8 fp8 int8-fp8; do
+    local recipe="--precision $p"
+    [ "$p" = int8-fp8 ] && recipe="--precision fp8 --conv-precision int8"
+    trtvit quantize trt-vit-c --weights c.safetensors --calib digits/train --images 64 $recipe --quiet \
       -o c-$p.safetensors && trtvit build trt-vit-c --weights c-$p.safetensors --fp16 --no-parity -o c-$p.engine ||
       return 1
+    # the inspector's per-layer JSON; fails where a quantized conv/GEMM runs in fp16 or a Q/DQ stays unfused
+    "$py" "$root/benchmarks/inspect_quantized.py" c-$p.engine c-$p.safetensors --json c-$p.layers.json || rc=1
   done
-  for p in fp16 int8 fp8; do trtvit run c-$p.engine --batch 1 --batch 32 --iterations 200 || return 1; done
+  for p in fp16 int8 fp8 int8-fp8; do trtvit run c-$p.engine --batch 1 --batch 32 --iterations 200 || return 1; done
+  for p in int8 fp8 int8-fp8; do trtvit run c-$p.engine --check || rc=1; done
   "$py" "$root/benchmarks/quantize_digits.py" --workdir digits-run || return 1
-  for p in int8 fp8; do
+  for p in int8 fp8 int8-fp8; do
     trtvit build trt-vit-a --weights digits-run/trt-vit-a-digits-$p.safetensors --fp16 --image-size 32 --no-parity \
       -o a-$p.engine && trtvit eval trt-vit-a --weights digits-run/trt-vit-a-digits-$p.safetensors \
       --data digits-run/digits/val --engine a-$p.engine --json || return 1
   done
+  return $rc
 }
 
 if command -v cmake > /dev/null; then

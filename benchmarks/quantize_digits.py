@@ -6,7 +6,8 @@ bytes and build seconds.
 Without ``--weights`` it first trains trt-vit-a on scikit-learn's digits at 32x32 as
 ``benchmarks/train_digits.py`` does (``trtvit train trt-vit-a --image-size 32 --epochs 6``).
 Then, with the training images as calibration data and the held-out images for
-evaluation: ``trtvit quantize`` int8 and fp8 (max calibration), ``trtvit eval --network
+evaluation: ``trtvit quantize`` int8, fp8 (the GEMMs) and int8+fp8 (fp8 GEMMs, int8
+convolutions; max calibration), ``trtvit eval --network
 --json`` for the fp32 and fp16 networks of the unquantized weights and the int8 and fp8
 networks (fp16 between the Q/DQ pairs) of the quantized files, and ``trtvit build`` of each
 engine (TensorRT-RTX, no GPU needed) for its size and build time. Prints one table.
@@ -61,13 +62,15 @@ def main() -> int:
     train, val = digits / "train", digits / "val"
     rows = []
     files = {"fp32": (weights, ["--fp32"]), "fp16": (weights, ["--fp16"])}
-    for precision in ("int8", "fp8"):
-        path = work / f"trt-vit-a-digits-{precision}.safetensors"
+    recipes = {"int8": ["--precision", "int8"], "fp8": ["--precision", "fp8"],  # fp8: the GEMMs only
+               "int8+fp8": ["--precision", "fp8", "--conv-precision", "int8"]}  # fp8 GEMMs, int8 convolutions
+    for name, recipe in recipes.items():
+        path = work / f"trt-vit-a-digits-{name.replace('+', '-')}.safetensors"
         start = time.perf_counter()
-        _run(["quantize", "trt-vit-a", "--weights", weights, "--calib", train, "--precision", precision,
-              "--images", args.images, "--quiet", "-o", path])
-        print(f"  {precision} calibration: {time.perf_counter() - start:.1f} s")
-        files[precision] = (path, ["--fp16"])
+        _run(["quantize", "trt-vit-a", "--weights", weights, "--calib", train, *recipe, "--images", args.images,
+              "--quiet", "-o", path])
+        print(f"  {name} calibration: {time.perf_counter() - start:.1f} s")
+        files[name] = (path, ["--fp16"])
     for name, (path, flags) in files.items():
         r = json.loads(_run(["eval", "trt-vit-a", "--weights", path, "--data", val, "--network", *flags, "--json"]))
         engine = work / f"{name}.engine"

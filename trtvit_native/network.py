@@ -800,6 +800,8 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         # fp32 means fp32: no TF32 tensor-core math (10-bit mantissa) in convolutions
         # and matrix products, so an fp32 engine stays the exact reference it is meant as.
         builder_config.clear_flag(trt.BuilderFlag.TF32)
+    if hasattr(trt, "ProfilingVerbosity"):  # layer names and formats for IEngineInspector (benchmarks/inspect_quantized.py)
+        builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (1, 3) + low, (max_batch, 3) + opt, (max_batch, 3) + high)
     builder_config.add_optimization_profile(profile)
