@@ -139,12 +139,12 @@ OP_DEFECTS: Dict[str, tuple] = {
     "MixBlockC relu1 -> LeakyReLU": (lambda: with_module(f"{MIX}.relu1", nn.LeakyReLU(0.1)), f"{MIX}.relu1"),
     "MixBlockC local ReLU dropped": (lambda: with_module(f"{MIX}.local_relu", nn.Identity()), f"{MIX}.local_relu"),
     # dropped terms and wiring
-    "projection shortcut dropped": (lambda: plant("stages.1.0", "add", lambda a, b: a), "stages.1.0"),
-    "identity shortcut dropped": (lambda: plant("stages.0.1", "add", lambda a, b: a), "stages.0.1"),
-    "attention residual dropped": (lambda: plant(T, "add", lambda a, b: b, 0), f"{T}.norm2"),
+    "projection shortcut dropped": (lambda: plant("stages.1.0", "add", lambda a, b: a), "stages.1.0.add"),
+    "identity shortcut dropped": (lambda: plant("stages.0.1", "add", lambda a, b: a), "stages.0.1.add"),
+    "attention residual dropped": (lambda: plant(T, "add", lambda a, b: b, 0), f"{T}.attn_residual"),
     "MLP residual dropped": (lambda: plant(T, "add", lambda a, b: b, 1), T),
     # (the Transformer inside makes the first two additions)
-    "MixBlockC local residual dropped": (lambda: plant(MIX, "add", lambda a, b: a, 2), f"{MIX}.local_relu"),
+    "MixBlockC local residual dropped": (lambda: plant(MIX, "add", lambda a, b: a, 2), f"{MIX}.local_add"),
     "MixBlockC outer residual dropped": (lambda: plant(MIX, "add", lambda a, b: b, 3), MIX),
     "MixBlockC concat order swapped": (lambda: plant(MIX, "cat", lambda ts, dim: torch.cat(ts[::-1], dim)), MIX),
 }
