@@ -189,11 +189,17 @@ def test_quantized_network_matches_the_fake_quantized_reference_layer_by_layer(q
     assert meta["quantization"] == {"format": "trtvit-quantized/2", "precision": precision,
                                     "conv_precision": q.conv_precision, "fp8_weights": "per-tensor", "method": "max",
                                     "images": 20, "keep": [], "modelopt": q.modelopt}
-    if fp16:  # strongly typed: an fp16 tensor is quantized with an fp16 scale, an fp32 constant with an fp32 one
-        layers = {built.network.get_layer(i).name: built.network.get_layer(i) for i in range(built.num_layers)}
-        for n in q.amax:
-            quantize_layer = layers[f"{n}.quantize"]
-            assert quantize_layer.get_input(1).dtype == quantize_layer.get_input(0).dtype, n
+    # strongly typed: every quantize layer's input and scale, every dequantize layer's scale and
+    # output in one type (TensorRT's operator definitions), fp16 in an fp16 network
+    layers = {built.network.get_layer(i).name: built.network.get_layer(i) for i in range(built.num_layers)}
+    want = tv.get_backend().trt.float16 if fp16 else tv.get_backend().trt.float32
+    dequantize = [layer for layer in layers.values() if str(layer.type).endswith("DEQUANTIZE")]
+    assert len(dequantize) == len(q.amax)
+    for layer in dequantize:
+        assert layer.get_input(1).dtype == layer.get_output(0).dtype == want, layer.name
+    for n in q.amax:
+        quantize_layer = layers[f"{n}.quantize"]
+        assert quantize_layer.get_input(1).dtype == quantize_layer.get_input(0).dtype == want, n
 
 
 def test_batchnorm_folds_exactly_into_the_weight_scales_with_negative_and_zero_factors(work, quantized, tmp_path):
@@ -591,3 +597,18 @@ def test_int8_at_224_with_fp32_between_passes_parity(quantized, capsys, tmp_path
                            "--max-batch", 1, "-o", engine)
     assert code == 0, err
     assert "parity     PASS" in text and engine.exists()
+
+
+def test_fp16_weights_whose_codes_would_change_are_refused(quantized):
+    """E4M3's smallest steps fall below fp16's precision for tiny weights: an fp16 network
+    would re-quantize such a weight to other codes, so the build refuses it (fp32 builds)."""
+    q = W.load_quantization(quantized["fp8"])
+    state = {k: np.array(v) for k, v in W.load_arrays(quantized["fp8"], "trt-vit-a").items()}
+    name = "stages.3.1.transformer.qkv.weight_quantizer"
+    state["stages.3.1.transformer.qkv.weight"] *= 1e-3
+    tiny = W.Quantization(q.precision, q.method, q.images, q.keep, q.modelopt,
+                          {**q.amax, name: np.asarray(q.amax[name] * 1e-3, np.float32)}, q.conv_precision, q.fp8_weights)
+    with pytest.raises(network.BuildError, match=f"{name}: .* weight code.s. change when the weight and its scale are "
+                                                 f"rounded to fp16"):
+        tv.build_network("trt-vit-a", state, fp16=True, max_batch=1, image_size=SIZE, quantization=tiny)
+    tv.build_network("trt-vit-a", state, fp16=False, max_batch=1, image_size=SIZE, quantization=tiny)

@@ -277,8 +277,10 @@ def _quantize_dequantize(net: _Net, x: Any, quantizer: str, scale: np.ndarray, a
     for TensorRT), and a matmul's two operands' scales of one type (TensorRT-RTX refuses
     others). Activations and linear weights of an fp16 network get fp16 scales, which are
     exact: the quantizer writes their amax so that amax / bound is an fp16 number
-    (:func:`trtvit_native.quantization.save_quantized`). Convolution kernels are fp32
-    constants with fp32 scales (BatchNorm folds into them, per channel)."""
+    (:func:`trtvit_native.quantization.save_quantized`); weights are constants of the
+    network's type with scales rounded to it, their codes checked
+    (:func:`_quantized_weight`). So every quantize and dequantize layer has its input,
+    scale and output in one type, as TensorRT's operator documentation defines them."""
     half = x.dtype == net.trt.float16
     if half:
         exact = scale.astype(np.float16)
@@ -336,15 +338,37 @@ def fake_quantized_weight(weight: np.ndarray, amax: np.ndarray, precision: str) 
     return (_e4m3((w * inv).astype(np.float32)) * (np.float32(1.0) / inv).astype(np.float32)).astype(np.float32)
 
 
+def _weight_codes(weight: np.ndarray, scale: np.ndarray, axis: Optional[int], precision: str) -> np.ndarray:
+    """The codes TensorRT's quantize layer gives ``weight`` with ``scale`` (float64 division)."""
+    shape = [1] * weight.ndim
+    if axis is not None:
+        shape[axis] = -1
+    v = weight.astype(np.float64) / scale.astype(np.float64).reshape(shape)
+    return np.clip(np.round(v), -128, 127) if precision == "int8" else _e4m3(v.astype(np.float32))
+
+
 def _quantized_weight(net: _Net, quantizer: str, weight: np.ndarray, channel_scale: np.ndarray,
                       axis: Optional[int], name: str, dtype: type = np.float32) -> Any:
     """A weight constant (``dtype``), quantized and dequantized per output channel along
-    ``axis`` (or per tensor: None) with ``channel_scale``. ``weight`` holds the reference's
-    fake-quantized values (:func:`fake_quantized_weight`), so TensorRT's quantize layer,
-    which divides by the scale, lands within a few ulps of the reference's integers (fp16:
-    within 2^-11 relative, under a quarter step of int8 and of E4M3's 3-bit mantissa),
-    never near a rounding boundary: the network's weight integers are the reference's,
-    none flips."""
+    ``axis`` (or per tensor: None) with ``channel_scale`` (fp16 ones rounded to fp16).
+    ``weight`` holds the reference's fake-quantized values (:func:`fake_quantized_weight`),
+    so TensorRT's quantize layer, which divides by the scale, lands within a few ulps of the
+    reference's integers, never near a rounding boundary, and none flips. In fp16 the
+    constant and the scale are rounded (2^-11 relative each), which stays under a quarter
+    step of int8's 127 and E4M3's 3-bit mantissa, except where fp16 has no such precision
+    (subnormal fp16 values, tiny weights): the codes are checked here, and a weight whose
+    codes would change is refused, never built wrong."""
+    if dtype == np.float16:
+        precision = net.quant.precision_of(quantizer)
+        scale16 = channel_scale.astype(np.float16)
+        scale16 = np.where(scale16 == 0, np.float16(1.0), scale16)  # an all-zero channel: any scale is exact
+        intended = _weight_codes(weight, channel_scale, axis, precision)
+        got = _weight_codes(weight.astype(np.float16), scale16, axis, precision)
+        if not np.array_equal(intended, got):
+            raise BuildError(f"{quantizer}: {int((intended != got).sum())} weight code(s) change when the weight "
+                             f"and its scale are rounded to fp16 (weights or scales below fp16's normal range); "
+                             f"build with --fp32 between the pairs")
+        channel_scale = scale16.astype(np.float32)
     const = net.constant(f"{quantizer}.weight", weight, dtype)
     return _quantize_dequantize(net, const, quantizer, channel_scale, axis, name)
 
@@ -387,7 +411,9 @@ def conv_bn(net: _Net, x: Any, name: str, stride: int = 1, layer_name: Optional[
                                  f"negative BatchNorm factor: int8 saturation ([-128, 127]) does not fold exactly")
         folded_scale = np.where(scale == 0, s, s * np.abs(scale))
         exact = fake_quantized_weight(w, net.quant.amax[wq], net.quant.precision_of(wq)).astype(np.float64)
-        kernel_in = _quantized_weight(net, wq, exact * scale[:, None, None, None], folded_scale, 0, f"{wq}.folded")
+        # fp16 networks: an fp16 kernel with an fp16 scale, the dequantize layer's output type
+        kernel_in = _quantized_weight(net, wq, exact * scale[:, None, None, None], folded_scale, 0, f"{wq}.folded",
+                                      net.np_dtype)
         layer = net.network.add_convolution_nd(x, cout, (kh, kw), net.trt.Weights(), net.weights(bias))
         layer.set_input(1, kernel_in)
     else:
