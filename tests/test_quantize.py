@@ -185,7 +185,7 @@ def test_quantized_network_matches_the_fake_quantized_reference_layer_by_layer(q
     assert meta["precision"] == precision
     assert meta["compute_precision"] == {"conv": "int8" if kind == "mixed" else compute,
                                          "gemm": f"mixed (fp8, {compute})",  # the head stays in floating point
-                                         "attention": compute, "norm": "fp8", "other": compute}
+                                         "attention": compute, "norm": compute, "other": compute}
     assert meta["quantization"] == {"format": "trtvit-quantized/2", "precision": precision,
                                     "conv_precision": q.conv_precision, "fp8_weights": "per-tensor", "method": "max",
                                     "images": 20, "keep": [], "modelopt": q.modelopt}
@@ -479,6 +479,8 @@ def test_build_from_a_quantized_file_with_no_parity_needs_no_torch(quantized, tm
     (["--fp8-weights", "per-channel"], "--fp8-weights needs --precision fp8"),
     (["--sensitivity", "--images", "20"], "--images 20 uses every image of"),
     (["--sensitivity-data", "EMPTY"], "--sensitivity-data is for --sensitivity"),
+    (["--sensitivity", "--sensitivity-data", "EMPTY"], "--sensitivity-data: folder"),
+    (["--precision", "fp8", "--keep", "stages.3.1.transformer"], "this recipe quantizes nothing of trt-vit-a"),
     (["--batch-size", "64"], "holds 20 images, fewer than one batch (--batch-size 64)"),
     (["--calib", "EMPTY"], "holds no images"),
     (["--calib", "MISSING"], "does not exist"),

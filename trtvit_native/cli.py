@@ -143,7 +143,7 @@ def _add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-precision", choices=["none", "int8"], default=None,
                    help="with --precision fp8: the convolutions in floating point (none, default) or int8")
     p.add_argument("--fp8-weights", choices=["per-tensor", "per-channel"], default="per-tensor",
-                   help="fp8 weight scales (per-tensor, default; per-channel FP8 GEMMs need Hopper)")
+                   help="fp8 weight scales: per-tensor (default, ModelOpt's torch FP8 recipe) or per-channel")
     p.add_argument("--method", choices=["max", "entropy", "percentile", "mse"], default="max",
                    help="how activation ranges are calibrated (max; fp8: max or percentile); weights take their "
                         "maximum")
@@ -561,7 +561,10 @@ def _sensitivity_files(args: argparse.Namespace) -> List[str]:
     from .quantization import QuantizeError, calibration_files, held_out_files
 
     if args.sensitivity_data is not None:
-        return calibration_files(args.sensitivity_data, 64, 1)
+        try:
+            return calibration_files(args.sensitivity_data, 64, 1)
+        except QuantizeError as e:
+            raise QuantizeError(f"--sensitivity-data: {e}".replace("calibration folder", "folder")) from None
     files = held_out_files(args.calib, args.images, 64)
     if not files:
         raise QuantizeError(f"--sensitivity measures on images calibration does not use, and --images {args.images} "

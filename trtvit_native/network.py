@@ -132,9 +132,10 @@ class BuiltNetwork:
         """What each kind of layer computes in (ENGINE.json ``compute_precision``):
         ``conv`` (convolutions), ``gemm`` (the Transformers' linear layers and the head),
         ``attention`` (the two attention products and softmax), ``norm`` (LayerNorm),
-        ``other`` (activations, adds, pooling, reshapes): ``int8``/``fp8`` where every
-        such layer is quantized, ``mixed (int8, fp16)`` where some are, else the compute
-        precision."""
+        ``other`` (activations, adds, pooling, reshapes): for convolutions and GEMMs
+        ``int8``/``fp8`` where every such layer is quantized, ``mixed (int8, fp16)`` where
+        some are; everything else computes in the compute precision (LayerNorm reads a
+        quantized input but normalizes in floating point)."""
         compute = self.compute_precision
         out = {"conv": compute, "gemm": compute, "attention": compute, "norm": compute, "other": compute}
         q = self.quantization
@@ -142,8 +143,8 @@ class BuiltNetwork:
             return out
         from .weights import quantizable_modules
 
-        kinds = {"conv": "conv", "linear": "gemm", "norm": "norm"}
-        for kind in ("conv", "gemm", "norm"):
+        kinds = {"conv": "conv", "linear": "gemm"}
+        for kind in ("conv", "gemm"):  # a LayerNorm's input is quantized, but it computes in floating point
             modules = [m for m, k in quantizable_modules(self.variant, self.num_classes).items() if kinds.get(k) == kind]
             if kind == "gemm":
                 modules.append("head")

@@ -218,14 +218,20 @@ def quantizer_amax(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
+FP16_NORMAL = (2.0 ** -14, 65504.0)  # fp16's normal range: 11 significant bits
+
+
 def fp16_exact_amax(amax: torch.Tensor, bound: float) -> torch.Tensor:
     """The smallest amax' >= ``amax`` whose scale amax' / bound is an fp16 number (so an
-    fp16 network's quantize layer takes the scale exactly, in the tensor's type); at most
-    one fp16 step (2^-10 relative) larger, which saturates nothing."""
-    scale = (amax.float() / bound).clamp(max=65504.0)
+    fp16 network's quantize layer takes the scale exactly, in the tensor's type): at most
+    2^-10 relative larger, which saturates nothing. Scales outside fp16's normal range are
+    left as they are (rounding them would cost precision or saturate); an fp16 build
+    refuses them, naming the quantizer, and an fp32 build takes them."""
+    scale = amax.float() / bound
     half = scale.half()
     half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
-    return half.float() * bound  # exact in fp32: 11 significant bits times 127 or 448
+    normal = (scale >= FP16_NORMAL[0]) & (half.float() <= FP16_NORMAL[1])
+    return torch.where(normal, half.float() * bound, amax.float())  # exact in fp32: 11 bits times 127 or 448
 
 
 def _export_amax(model: nn.Module) -> List[str]:
@@ -309,7 +315,11 @@ def calibrate_model(model: nn.Module, batches: Iterable[torch.Tensor], precision
     (preprocessed image tensors) through it collecting statistics, set every amax."""
     from modelopt.torch.quantization.model_calib import enable_stats_collection
 
-    _insert(model, precision, method, keep, conv_precision, fp8_weights)
+    enabled = _insert(model, precision, method, keep, conv_precision, fp8_weights)
+    if not enabled:
+        raise QuantizeError(f"this recipe quantizes nothing of {model.config.name}: --precision {precision}"
+                            f"{' (the Transformer GEMMs only)' if precision == 'fp8' and conv_precision != 'int8' else ''}"
+                            f" with --keep {','.join(keep)}")
     model.eval()
     with _quiet(), torch.no_grad():
         enable_stats_collection(model)
