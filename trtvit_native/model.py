@@ -42,9 +42,10 @@ class ResidualAdd(nn.Module):
     """``branch + residual``, a module so quantization can place a quantizer on ``residual``.
 
     Quantized (:mod:`trtvit_native.quantization`), ``residual`` is quantized and ``branch``
-    is not: TensorRT fuses the add into the layer that computes ``branch`` (a convolution's
-    epilogue), which then reads the residual as int8. Which operand is which follows
-    ModelOpt's ONNX quantizer for TensorRT (``tests/test_quantize_placement.py``)."""
+    is not: TensorRT fuses a residual add into the convolution that computes ``branch``
+    (its epilogue), which then reads the residual as int8. Which operand is which follows
+    ModelOpt's ONNX quantizer for TensorRT (``tests/test_quantize_placement.py``), also in
+    the Transformer, where it quantizes the GEMM outputs (no convolution computes them)."""
 
     def forward(self, residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         return branch + residual
@@ -109,8 +110,8 @@ class Transformer(nn.Module):
         self.fc1 = nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
         self.gelu = nn.GELU()  # exact (erf)
-        # quantized, the branch outputs (proj, fc2) are the quantized operands: ModelOpt's
-        # ONNX quantizer finds a convolution behind z (reduce), none behind them
+        # quantized, the GEMM outputs (proj, fc2) are the quantized operands, as ModelOpt's
+        # ONNX quantizer places them: it finds a convolution (reduce) behind z, none behind them
         self.attn_residual, self.mlp_residual = ResidualAdd(), ResidualAdd()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

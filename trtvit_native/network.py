@@ -274,9 +274,9 @@ def _quantize_dequantize(net: _Net, x: Any, quantizer: str, scale: np.ndarray, a
     The dequantized tensor has the network's dtype.
 
     The scale has the type of ``x``: a strongly typed network needs the quantize input and
-    its scale in fp16 both, or in fp32 both (ModelOpt's ONNX exporter asserts the same rule
-    for TensorRT), and a matmul's two operands' scales of one type (TensorRT-RTX refuses
-    others). Activations and linear weights of an fp16 network get fp16 scales, which are
+    its scale in fp16 both, or in fp32 both (ModelOpt's exporter asserts fp16 Q/DQ for an
+    fp16 input, or casts it to fp32 around them), and a matmul's two operands' scales of
+    one type (TensorRT-RTX refuses others). Activations and linear weights of an fp16 network get fp16 scales, which are
     exact: the quantizer writes their amax so that amax / bound is an fp16 number
     (:func:`trtvit_native.quantization.save_quantized`); weights are constants of the
     network's type with scales rounded to it, their codes checked
