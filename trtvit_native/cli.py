@@ -462,7 +462,10 @@ def _check_engine(runner, meta: dict) -> int:
     got = runner(images)
     got = got if isinstance(got, dict) else {runner.output_name: got}
     if meta.get("quantization"):
-        return _check_quantized(got, refs, images.shape[0], meta["quantization"]["precision"])
+        quant = meta["quantization"]
+        label = "int8+fp8" if quant.get("precision") == "fp8" and quant.get("conv_precision") == "int8" else \
+            quant.get("precision")
+        return _check_quantized(got, refs, images.shape[0], label)
     tol = GPU_TOLERANCES["fp16" if meta.get("precision") == "fp16" else "fp32"]
     ok = True
     for name, out in got.items():
