@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +89,21 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
 
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, 3*d) -> q, k, v, each (B, heads, N, head_dim)."""
         b, n, _ = qkv.shape
         qkv = qkv.reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        return qkv[0], qkv[1], qkv[2]
+
+    def merge_heads(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) -> (B, N, d)."""
+        b, _, n, _ = context.shape
+        return context.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_heads(qkv)
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return (attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+        return self.merge_heads(attn @ v)
 
 
 class Transformer(nn.Module):

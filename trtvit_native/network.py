@@ -517,28 +517,35 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
     """softmax(Q K^T * scale) V from the packed qkv projection (B, N, 3*heads*head_dim).
 
     Q is scaled before the first product (in both native forms: NVIDIA's guidance, for
-    numeric range and so TensorRT can recognize and fuse the pattern). MatMul-SoftMax-MatMul
+    numeric range and so TensorRT can recognize and fuse the pattern). q, k and v are
+    (B, heads, N, head_dim); the first product transposes k. MatMul-SoftMax-MatMul
     normalizes the scores in fp32; the fused form is the backend's IAttention layer.
+    Quantized (an fp8 file: :data:`~trtvit_native.weights.ATTENTION_QUANTIZERS`), the
+    scaled q, k, v and the softmax probabilities each get a Q/DQ pair feeding the product
+    directly, the placement of TensorRT's FP8 attention fusion (MatMul form only).
     Output (B, N, heads*head_dim), ready for the proj matmul.
     """
-    if net.plugins:
+    quantized = net.quant is not None and f"{name}.q_bmm_quantizer" in net.quant.amax
+    if net.plugins and not quantized:
         from .trt_plugins import add_attention
 
         return add_attention(net, qkv, name, heads, head_dim)
     trt = net.trt
     fused = net.attention == "fused"
+    if fused and quantized:
+        raise BuildError(f"{name}: attention='fused' (the IAttention layer) is not built with the fp8 attention "
+                         f"quantizers of this file; use attention='matmul', whose MatMul-SoftMax-MatMul pattern "
+                         f"TensorRT fuses with its Q/DQ pairs")
     packed = shuffle(net, qkv, f"{name}.unpack", reshape=(0, 0, 3, heads, head_dim))
     parts = []
     for i, part in enumerate("qkv"):
         index = net.constant(f"{name}.{part}_index", np.array(i, dtype=np.int32), np.int32)
         g = net.named(net.network.add_gather(packed, index, 2), f"{name}.{part}")
-        # (B, N, heads, hd) -> q, v: (B, heads, N, hd); k: (B, heads, hd, N), or
-        # (B, heads, N, hd) as well for the fused layer
-        perm = (0, 2, 3, 1) if part == "k" and not fused else (0, 2, 1, 3)
-        parts.append(shuffle(net, g, f"{name}.{part}_heads", first=perm))
+        parts.append(shuffle(net, g, f"{name}.{part}_heads", first=(0, 2, 1, 3)))  # (B, heads, N, hd)
     q, k, v = parts
     scale = net.constant(f"{name}.scale", np.full((1, 1, 1, 1), head_dim ** -0.5))
     q = net.named(net.network.add_elementwise(q, scale, trt.ElementWiseOperation.PROD), f"{name}.q_scaled")
+    q, k, v = (qdq(net, t, f"{name}.{part}_bmm_quantizer") for t, part in zip((q, k, v), "qkv"))
     if fused:
         layer = net.network.add_attention(q, k, v, trt.AttentionNormalizationOp.SOFTMAX, False)
         if layer is None:
@@ -548,8 +555,8 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
         context = layer.get_output(0)
         context.name = f"{name}.fused"
         return shuffle(net, context, name, first=(0, 2, 1, 3), reshape=(0, 0, heads * head_dim))
-    mm = trt.MatrixOperation.NONE
-    scores = net.named(net.network.add_matrix_multiply(q, mm, k, mm), f"{name}.scores")
+    scores = net.named(net.network.add_matrix_multiply(q, trt.MatrixOperation.NONE, k, trt.MatrixOperation.TRANSPOSE),
+                       f"{name}.scores")
     if net.fp16:
         scores = cast(net, scores, trt.float32, f"{name}.scores_fp32")
     sm = net.network.add_softmax(scores)
@@ -557,7 +564,9 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
     probs = net.named(sm, f"{name}.softmax")
     if net.fp16:
         probs = cast(net, probs, net.dtype, f"{name}.probs")
-    context = net.named(net.network.add_matrix_multiply(probs, mm, v, mm), f"{name}.context")
+    probs = qdq(net, probs, f"{name}.softmax_quantizer")
+    context = net.named(net.network.add_matrix_multiply(probs, trt.MatrixOperation.NONE, v, trt.MatrixOperation.NONE),
+                        f"{name}.context")
     return shuffle(net, context, name, first=(0, 2, 1, 3), reshape=(0, 0, heads * head_dim))
 
 

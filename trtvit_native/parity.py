@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from .interpreter import run_network
 from .network import INPUT_NAME, STAGE_OUTPUTS, BuiltNetwork
+from .weights import is_activation_quantizer
 
 __all__ = ["Difference", "LayerParity", "ParityReport", "Tolerance", "TOLERANCES", "compare", "fp16_rounding",
            "comparable_layers", "network_layers", "reference_layers", "parity_report"]
@@ -395,7 +396,7 @@ def quantizer_inputs(built: BuiltNetwork) -> Dict[str, str]:
         return {}
     layers = {built.network.get_layer(i).name: built.network.get_layer(i) for i in range(built.num_layers)}
     return {q: layers[f"{q}.quantize"].get_input(0).name for q in built.quantization.amax
-            if q.endswith(".input_quantizer") and f"{q}.quantize" in layers}
+            if is_activation_quantizer(q) and f"{q}.quantize" in layers}
 
 
 def parity_report(built: BuiltNetwork, model: nn.Module, images: torch.Tensor,

@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from .weights import (AMAX_SUFFIX, CONV_PRECISIONS, FP8_METHODS, FP8_WEIGHT_SCALES, QUANT_METHODS, QUANT_PRECISIONS,
-                      Quantization, _QUANT_KEY, check_keep, load_quantization, quantizer_sites, read_metadata,
-                      write_atomically)
+                      QUANT_BOUNDS, SOFTMAX_AMAX, Quantization, _QUANT_KEY, check_keep, is_activation_quantizer,
+                      load_quantization, quantizer_sites, read_metadata, write_atomically)
 
 __all__ = ["quantize", "calibrate_model", "restore_quantizers", "quantizer_amax", "save_quantized",
            "sensitivity", "QuantizeError", "modelopt_available",
@@ -123,26 +123,49 @@ def quant_config(precision: str, method: str = "max", keep: Sequence[str] = (), 
     entries: List[Dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for name, site in quantizer_sites(variant, keep, num_classes, precision, conv_precision, fp8_weights).items():
         cfg: Dict[str, Any] = {"num_bits": bits[site.precision], "axis": 0 if site.shape else None}
-        if name.endswith(".input_quantizer") and method != "max":
+        if is_activation_quantizer(name) and not name.endswith(".softmax_quantizer") and method != "max":
             cfg["calibrator"] = "histogram"
         entries.append({"quantizer_name": name, "cfg": cfg, "enable": True})
     return {"quant_cfg": entries, "algorithm": "max"}
 
 
 def _register_modules() -> None:
-    """Teach ModelOpt the reference's residual add: a quantized :class:`ResidualAdd`
-    quantizes its first operand (``residual``) with its ``input_quantizer``."""
-    mtq = _mtq()
-    from modelopt.torch.quantization.nn import QuantModuleRegistry
-    from modelopt.torch.quantization.nn.modules.quant_module import QuantInputBase
+    """Teach ModelOpt the reference's residual add and attention core.
 
-    from .model import ResidualAdd
+    A quantized :class:`~trtvit_native.model.ResidualAdd` quantizes its first operand
+    (``residual``) with its ``input_quantizer``. A quantized
+    :class:`~trtvit_native.model.Attention` has ModelOpt's four attention quantizers
+    (:data:`~trtvit_native.weights.ATTENTION_QUANTIZERS`, the names of ModelOpt's own
+    attention plugins) on the operands of its two products, as TensorRT fuses FP8
+    attention: ``softmax(Q(q * scale) Q(k)^T) -> Q -> @ Q(v)``. The query is scaled before
+    it is quantized (ModelOpt's FP8 ONNX exporter moves the scale there too, so each
+    dequantized operand feeds its product directly); the key is quantized in the layout of
+    q and v, (B, heads, N, head_dim), and transposed by the product. With the quantizers
+    disabled (int8 files) this is the plain attention, the scale applied first."""
+    mtq = _mtq()
+    from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantInputBase, QuantModule
+
+    from .model import Attention, ResidualAdd
+    from .weights import ATTENTION_QUANTIZERS
 
     if QuantModuleRegistry.get(ResidualAdd) is None:
         class QuantResidualAdd(QuantInputBase):
             pass
 
         mtq.register(original_cls=ResidualAdd, quantized_cls=QuantResidualAdd)
+    if QuantModuleRegistry.get(Attention) is None:
+        class QuantAttention(QuantModule):
+            def _setup(self):
+                for name in ATTENTION_QUANTIZERS:
+                    self._register_temp_attribute(name, TensorQuantizer(QuantInputBase.default_quant_desc_input))
+
+            def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+                q, k, v = self.split_heads(qkv)
+                scores = self.q_bmm_quantizer(q * self.scale) @ self.k_bmm_quantizer(k).transpose(-2, -1)
+                return self.merge_heads(self.softmax_quantizer(scores.softmax(dim=-1)) @ self.v_bmm_quantizer(v))
+
+        mtq.register(original_cls=Attention, quantized_cls=QuantAttention)
 
 
 @contextlib.contextmanager
@@ -256,7 +279,7 @@ def _export_amax(model: nn.Module) -> List[str]:
             if bool((amax == 0).any()):
                 amax = torch.where(amax == 0, torch.full_like(amax, bound), amax)
                 zero.append(name)
-            if name.endswith(".input_quantizer") or isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Linear):
+            if is_activation_quantizer(name) or isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Linear):
                 amax = fp16_exact_amax(amax, bound)
             q.amax = amax
     return zero
@@ -304,6 +327,8 @@ def _finish_calibration(model: nn.Module, method: str) -> None:
             q.load_calib_amax(method)
         else:
             q.load_calib_amax()
+        if name.endswith(".softmax_quantizer"):  # data-independent: probabilities lie in [0, 1]
+            q.amax = fp16_exact_amax(torch.tensor(SOFTMAX_AMAX), QUANT_BOUNDS["fp8"])
         q.enable_quant()
         q.disable_calib()
 

@@ -438,12 +438,27 @@ QUANT_METHODS = ("max", "entropy", "percentile", "mse")
 FP8_METHODS = ("max", "percentile")
 CONV_PRECISIONS = ("none", "int8")  # what an fp8 file does with the convolutions
 FP8_WEIGHT_SCALES = ("per-tensor", "per-channel")
-QUANT_FORMAT = "trtvit-quantized/2"
+QUANT_FORMAT = "trtvit-quantized/3"
+# Older formats still read: /2 for int8 files (an fp8 file of /2 lacks the attention's
+# quantizers, which /3 added).
+_INT8_FORMATS = ("trtvit-quantized/2",)
 AMAX_SUFFIX = ".amax"
 _QUANT_KEY = "quantization"
 # The largest quantized magnitude: int8 [-128, 127] is scaled so amax maps to 127
 # (ModelOpt's and TensorRT's convention); fp8 E4M3's largest finite value is 448.
 QUANT_BOUNDS = {"int8": 127.0, "fp8": 448.0}
+# The quantizers of an fp8 file's attention (ModelOpt's names for them): the scaled query,
+# the key and the value entering the two products, and the softmax probabilities.
+ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
+# The probabilities lie in [0, 1] whatever the data: their amax is 1, not calibrated, as
+# ModelOpt's FP8 ONNX exporter fixes their scale at 1/448 (raised to the fp16 number just
+# above, :func:`trtvit_native.quantization.fp16_exact_amax`, so 1 itself never saturates).
+SOFTMAX_AMAX = 1.0
+
+
+def is_activation_quantizer(name: str) -> bool:
+    """A quantizer of a tensor computed at run time (not of a weight)."""
+    return not name.endswith(".weight_quantizer")
 
 
 @dataclass(frozen=True)
@@ -513,8 +528,8 @@ def _gemm_group(module: str) -> bool:
 def quantizable_modules(config: Union[str, VariantConfig], num_classes: int = 1000) -> Dict[str, str]:
     """The reference's modules that are quantized, with their kind: every convolution
     (``conv``), the Transformers' linear layers (``linear``) and LayerNorms (``norm``), the
-    stem's max pooling (``pool``) and every residual add (``add``, its residual operand).
-    BatchNorm is left alone (folded into its convolution), and so is the classifier
+    stem's max pooling (``pool``), every residual add (``add``, its residual operand) and
+    the Transformers' attention (``attention``: its two products; fp8 files only). BatchNorm is left alone (folded into its convolution), and so is the classifier
     ``head``, the output layer, as ModelOpt's ONNX quantizer leaves it."""
     config = get_config(config)
     kinds = {4: "conv", 2: "linear", 1: "norm"}
@@ -526,6 +541,7 @@ def quantizable_modules(config: Union[str, VariantConfig], num_classes: int = 10
             modules[f"{path}.add"] = "add"
         else:
             modules[f"{path}.transformer.attn_residual"] = modules[f"{path}.transformer.mlp_residual"] = "add"
+            modules[f"{path}.transformer.attn"] = "attention"
             if config.widths[3] - config.mix_dim == config.mix_dim:  # MixBlockC's local residual
                 modules[f"{path}.local_add"] = "add"
             modules[f"{path}.add"] = "add"
@@ -552,14 +568,24 @@ def quantizer_sites(config: Union[str, VariantConfig], keep: Iterable[str] = (),
                     fp8_weights: str = "per-tensor") -> Dict[str, Site]:
     """Every enabled quantizer of a variant (path -> :class:`Site`): the input of each
     quantized module, per tensor, and the weight of each convolution and linear layer,
-    per output channel (fp8 weights per tensor unless ``fp8_weights="per-channel"``); none
+    per output channel (fp8 weights per tensor unless ``fp8_weights="per-channel"``), and of
+    an fp8 file the attention's operands (:data:`ATTENTION_QUANTIZERS`, per tensor); none
     inside the ``keep`` prefixes, none of the convolution part where ``precision`` is fp8
-    and ``conv_precision`` is ``none``."""
+    and ``conv_precision`` is ``none``.
+
+    The attention's products stay in floating point in int8 files: int8 codes are uniform
+    (a step of amax / 127), so softmax probabilities, most of them far below their amax of
+    1, would keep a few significant bits at best; fp8 codes are relative (3 mantissa bits
+    at every magnitude), and FP8 attention is what TensorRT fuses (README, "Quantize")."""
     shapes = expected_shapes(config, num_classes)
     sites: Dict[str, Site] = {}
     for module, kind in quantizable_modules(config, num_classes).items():
         site_precision = precision if _gemm_group(module) else ("int8" if precision == "int8" else conv_precision)
         if _kept(module, keep) or site_precision == "none":
+            continue
+        if kind == "attention":
+            if site_precision == "fp8":
+                sites.update({f"{module}.{q}": Site((), "fp8") for q in ATTENTION_QUANTIZERS})
             continue
         sites[f"{module}.input_quantizer"] = Site((), site_precision)
         if kind in ("conv", "linear"):
@@ -581,10 +607,12 @@ def _parse_quant_meta(raw: Any, path: str) -> Dict[str, Any]:
         raise WeightsError(f"{path}: metadata {_QUANT_KEY!r} is not JSON") from None
     if not isinstance(info, dict):
         raise WeightsError(f"{path}: metadata {_QUANT_KEY!r} is not a JSON object")
-    if info.get("format") != QUANT_FORMAT:
-        raise WeightsError(f"{path}: quantization format {info.get('format', 'trtvit-quantized/1')!r}, this version "
-                           f"reads {QUANT_FORMAT!r} (residual adds and pooling are quantized since): quantize the "
-                           f"unquantized weights again with trtvit quantize")
+    fmt = info.get("format", "trtvit-quantized/1")
+    if fmt != QUANT_FORMAT and not (fmt in _INT8_FORMATS and info.get("precision") == "int8"):
+        since = "the attention products of fp8 files are" if fmt in _INT8_FORMATS else \
+            "residual adds and pooling are"
+        raise WeightsError(f"{path}: quantization format {fmt!r}, this version reads {QUANT_FORMAT!r} ({since} "
+                           f"quantized since): quantize the unquantized weights again with trtvit quantize")
     if info.get("precision") not in QUANT_PRECISIONS:
         raise WeightsError(f"{path}: quantized to precision {info.get('precision')!r}, which this version does not "
                            f"carry ({', '.join(QUANT_PRECISIONS)})")
