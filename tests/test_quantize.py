@@ -84,7 +84,7 @@ def test_file_holds_the_weights_and_the_amax_of_every_enabled_quantizer(work, qu
 
     from trtvit_native.quantization import _quantizers
 
-    counts = {"int8": 96, "fp8": 12, "mixed": 96}  # see below
+    counts = {"int8": 96, "fp8": 16, "mixed": 100}  # see below
     for kind, path in quantized.items():
         q = W.load_quantization(path, "trt-vit-a")
         precision = "int8" if kind == "int8" else "fp8"
@@ -93,8 +93,15 @@ def test_file_holds_the_weights_and_the_amax_of_every_enabled_quantizer(work, qu
         assert set(q.amax) == set(W.quantizer_sites("trt-vit-a", (), CLASSES, precision, q.conv_precision))
         # int8: the inputs of 36 convolutions, 4 linears, 2 LayerNorms, the max pooling and 13
         # residual adds; the weights of the 40 convolutions and linears (the head is not
-        # quantized). fp8: the Transformer's 4 linears (input, weight), 2 LayerNorms, 2 adds.
+        # quantized). fp8: the Transformer's 4 linears (input, weight), 2 LayerNorms, 2 adds and
+        # its attention (q, k, v, softmax); mixed: both, less int8's Transformer sites.
         assert len(q.amax) == counts[kind]
+        attention = {n for n in q.amax if ".attn." in n}
+        assert attention == ({f"stages.3.1.transformer.attn.{a}" for a in W.ATTENTION_QUANTIZERS}
+                             if precision == "fp8" else set())
+        for name in attention:  # the probabilities' range is [0, 1]: amax 1 (its scale the fp16 number above 1/448)
+            want = 1.0006103515625 if name.endswith("softmax_quantizer") else None
+            assert want is None or float(q.amax[name]) == want, name
         assert not any(n.startswith("head.") for n in q.amax)
         assert q.precisions() == {"int8": ("int8",), "fp8": ("fp8",), "mixed": ("int8", "fp8")}[kind]
         stored = load_file(str(path))  # a plain safetensors file: the weights unchanged, plus the amax
@@ -185,8 +192,8 @@ def test_quantized_network_matches_the_fake_quantized_reference_layer_by_layer(q
     assert meta["precision"] == precision
     assert meta["compute_precision"] == {"conv": "int8" if kind == "mixed" else compute,
                                          "gemm": f"mixed (fp8, {compute})",  # the head stays in floating point
-                                         "attention": compute, "norm": compute, "other": compute}
-    assert meta["quantization"] == {"format": "trtvit-quantized/2", "precision": precision,
+                                         "attention": "fp8", "norm": compute, "other": compute}
+    assert meta["quantization"] == {"format": "trtvit-quantized/3", "precision": precision,
                                     "conv_precision": q.conv_precision, "fp8_weights": "per-tensor", "method": "max",
                                     "images": 20, "keep": [], "modelopt": q.modelopt}
     # strongly typed: every quantize layer's input and scale, every dequantize layer's scale and
@@ -405,9 +412,9 @@ FC2 = "stages.3.1.transformer.fc2.input_quantizer.amax"
      "for a module that does not exist: stem.relu.input_quantizer.amax"),
     (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(1.0, np.float32)),
      "of a module left unquantized or a quantizer that does not exist: head.input_quantizer.amax"),
-    (lambda t, m: m.__setitem__("quantization", m["quantization"].replace('"trtvit-quantized/2"',
+    (lambda t, m: m.__setitem__("quantization", m["quantization"].replace('"trtvit-quantized/3"',
                                                                           '"trtvit-quantized/1"')),
-     "quantization format 'trtvit-quantized/1', this version reads 'trtvit-quantized/2'"),
+     "quantization format 'trtvit-quantized/1', this version reads 'trtvit-quantized/3' (residual adds"),
     (lambda t, m: m.__setitem__("quantization", m["quantization"].replace('"int8"', '"int4"')),
      "quantized to precision 'int4', which this version does not carry"),
 ])
@@ -424,6 +431,23 @@ def test_bad_amax_entries_are_named(quantized, tmp_path, edit, message):
         W.load_weights(path)
     with pytest.raises(W.WeightsError, match="carries int8 quantization, not fp8"):
         W.load_quantization(quantized["int8"], precision="fp8")
+
+
+def test_format_2_is_read_for_int8_files_and_refused_for_fp8_files(quantized, tmp_path):
+    """Format /3 added the attention's quantizers to fp8 files; int8 files are unchanged."""
+    from safetensors.numpy import load_file, save_file
+
+    for kind in ("int8", "fp8"):
+        meta = W.read_metadata(quantized[kind])
+        meta["quantization"] = meta["quantization"].replace('"trtvit-quantized/3"', '"trtvit-quantized/2"')
+        path = tmp_path / f"{kind}-v2.safetensors"
+        save_file(load_file(str(quantized[kind])), str(path), metadata=meta)
+        if kind == "int8":
+            assert W.load_quantization(path).amax.keys() == W.load_quantization(quantized[kind]).amax.keys()
+        else:
+            with pytest.raises(W.WeightsError, match=r"'trtvit-quantized/2', this version reads 'trtvit-quantized/3' "
+                                                     r"\(the attention products of fp8 files are quantized since\)"):
+                W.load_quantization(path)
 
 
 # --- the command line ----------------------------------------------------------------------

@@ -132,7 +132,7 @@ class BuiltNetwork:
         """What each kind of layer computes in (ENGINE.json ``compute_precision``):
         ``conv`` (convolutions), ``gemm`` (the Transformers' linear layers and the head),
         ``attention`` (the two attention products and softmax), ``norm`` (LayerNorm),
-        ``other`` (activations, adds, pooling, reshapes): for convolutions and GEMMs
+        ``other`` (activations, adds, pooling, reshapes): for convolutions, GEMMs and attention
         ``int8``/``fp8`` where every such layer is quantized, ``mixed (int8, fp16)`` where
         some are; everything else computes in the compute precision (LayerNorm reads a
         quantized input but normalizes in floating point)."""
@@ -143,14 +143,15 @@ class BuiltNetwork:
             return out
         from .weights import quantizable_modules
 
-        kinds = {"conv": "conv", "linear": "gemm"}
-        for kind in ("conv", "gemm"):  # a LayerNorm's input is quantized, but it computes in floating point
+        kinds = {"conv": "conv", "linear": "gemm", "attention": "attention"}
+        for kind in ("conv", "gemm", "attention"):  # a LayerNorm's input is quantized, but it computes in floating point
             modules = [m for m, k in quantizable_modules(self.variant, self.num_classes).items() if kinds.get(k) == kind]
             if kind == "gemm":
                 modules.append("head")
-            used = sorted({q.precision_of(f"{m}.input_quantizer") for m in modules if f"{m}.input_quantizer" in q.amax})
+            site = "q_bmm_quantizer" if kind == "attention" else "input_quantizer"  # a product's first operand
+            used = sorted({q.precision_of(f"{m}.{site}") for m in modules if f"{m}.{site}" in q.amax})
             if used:
-                everywhere = all(f"{m}.input_quantizer" in q.amax for m in modules)
+                everywhere = all(f"{m}.{site}" in q.amax for m in modules)
                 out[kind] = used[0] if everywhere and len(used) == 1 else f"mixed ({', '.join(used + [compute])})"
         return out
 
