@@ -131,6 +131,18 @@ def test_file_holds_the_weights_and_the_amax_of_every_enabled_quantizer(work, qu
                 assert np.array_equal(mine, m(weight).numpy()), name
 
 
+def test_the_softmax_amax_is_one_whatever_the_calibration_data():
+    """The probabilities lie in [0, 1]: their quantizer's amax is fixed at 1 (its scale the
+    fp16 number just above 1/448), as ModelOpt's FP8 exporter fixes it, never the largest
+    probability the calibration images gave (16 tokens here; with one token it is 1 anyway)."""
+    from trtvit_native.quantization import _quantizers, calibrate_model
+
+    model = calibrate_model(tv.create_model("trt-vit-a"), [tv.synthetic_images(2, 128, seed=5)], "fp8")
+    softmax = _quantizers(model)["stages.3.1.transformer.attn.softmax_quantizer"]
+    assert float(softmax.amax) == 1.0006103515625
+    assert float(_quantizers(model)["stages.3.1.transformer.attn.q_bmm_quantizer"].amax) != 1.0006103515625
+
+
 def test_keep_leaves_modules_unquantized(work, tmp_path):
     out = tmp_path / "kept.safetensors"
     q = quantize("trt-vit-a", work / "a.safetensors", work / "data", out, images=10, batch_size=10,
