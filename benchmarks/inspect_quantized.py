@@ -6,8 +6,9 @@ Loads the engine (built by ``trtvit build`` with ``profiling_verbosity`` DETAILE
 the builder sets), dumps ``IEngineInspector``'s per-layer JSON and counts the layers whose
 inputs are int8, fp8 and fp16/fp32. Exit status 1 when
 
-- a convolution or GEMM the file quantizes runs with a floating-point input (its Q/DQ
-  pair did not fuse into it: TensorRT ran it in fp16 instead),
+- a convolution or GEMM the file quantizes (an fp8 file's attention products included:
+  ``<attn>.scores``, ``<attn>.context``) runs with a floating-point input (its Q/DQ pair
+  did not fuse into it: TensorRT ran it in fp16 instead),
 - a quantized convolution or GEMM is nowhere to be found in an engine without Myelin
   regions (``{ForeignNode[...]}``, which the inspector does not itemize: with any, the
   modules not itemized are reported as possibly inside one, not judged), or
@@ -126,6 +127,9 @@ def _inspect(args: argparse.Namespace) -> int:
     layers = [layer if isinstance(layer, dict) else {"Name": layer} for layer in info.get("Layers", [])]
     quantized = {m: k for m, k in quantizable_modules(arch).items()
                  if k in ("conv", "linear") and f"{m}.input_quantizer" in q.amax}
+    for m, k in quantizable_modules(arch).items():  # fp8 attention: its two products, judged as GEMMs
+        if k == "attention" and f"{m}.q_bmm_quantizer" in q.amax:
+            quantized.update({f"{m}.scores": "attention", f"{m}.context": "attention"})
     result = judge(layers, quantized)
     print(json.dumps(result, indent=1))
     return 1 if result["unfused"] or result["standalone_qdq"] or result["quantized_not_found"] else 0
