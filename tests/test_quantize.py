@@ -477,7 +477,7 @@ def test_cli_quantize_build_and_eval(work, quantized, capsys, tmp_path):
                            work / "data", "--precision", "fp8", "--images", 10, "--batch-size", 5, "--quiet",
                            "--sensitivity", "-o", out)
     assert code == 0, err
-    assert "fp8 GEMMs, floating-point convolutions (max calibration on 10 images)" in text
+    assert "fp8 GEMMs and attention, floating-point convolutions (max calibration on 10 images)" in text
     assert "stages.3.1.transformer.fc2" in text and "on 10 images (" in text and "not used for calibration" in text
     engine = tmp_path / "e.engine"
     code, text, err = _run(capsys, "build", "trt-vit-a", "--weights", quantized["int8"], "--fp16", "--image-size",

@@ -515,7 +515,8 @@ class Quantization:
     def describe(self) -> str:
         kept = f", keeping {','.join(self.keep)} unquantized" if self.keep else ""
         what = self.precision if self.precision == "int8" else \
-            f"fp8 GEMMs, {'int8' if self.conv_precision == 'int8' else 'floating-point'} convolutions"
+            f"fp8 GEMMs{' and attention' if any('_bmm_quantizer' in q for q in self.amax) else ''}, " \
+            f"{'int8' if self.conv_precision == 'int8' else 'floating-point'} convolutions"
         return f"{what} ({self.method} calibration on {self.images} images{kept})"
 
 
