@@ -824,7 +824,10 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         if "fp8" in quant.precisions() and getattr(be.trt, "fp8", None) is None:
             raise BackendError(f"fp8 quantization needs a TensorRT with the fp8 data type; {be.label} has none")
         if use_plugins:
-            log.info("quantized network: the fused LayerNorm/attention plugins are used, with Q/DQ before them")
+            fp8_attention = any(k.endswith(".q_bmm_quantizer") for k in quant.amax)
+            log.info("quantized network: the fused LayerNorm%s plugins are used, with Q/DQ before them%s",
+                     "" if fp8_attention else "/attention",
+                     "; the fp8 attention is built as MatMul-SoftMax-MatMul with its Q/DQ pairs" if fp8_attention else "")
     start = time.perf_counter()
     trt = be.trt
     logger = CollectingLogger(trt)
