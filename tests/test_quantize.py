@@ -201,7 +201,7 @@ def test_quantized_network_matches_the_fake_quantized_reference_layer_by_layer(q
     assert ("stem.conv.input_quantizer" in compared) == (kind == "mixed")
     compute = "fp16" if fp16 else "fp32"
     meta = built.metadata(b"plan")
-    assert meta["precision"] == precision
+    assert meta["precision"] == precision and meta["format"] == "trtvit-engine-metadata/2"
     assert meta["compute_precision"] == {"conv": "int8" if kind == "mixed" else compute,
                                          "gemm": f"mixed (fp8, {compute})",  # the head stays in floating point
                                          "attention": "fp8", "norm": compute, "other": compute}

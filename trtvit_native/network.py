@@ -35,6 +35,8 @@ __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT
            "STAGE_OUTPUTS", "OUTPUT_NAMES", "MAX_BATCH_LIMIT", "image_hw", "resolve_outputs"]
 
 INPUT_NAME = "images"
+# ENGINE.json's format: 2 has ``compute_precision`` as a dict per layer kind (1: one string)
+ENGINE_METADATA_FORMAT = "trtvit-engine-metadata/2"
 OUTPUT_NAME = "logits"
 STAGE_OUTPUTS = ("stage1", "stage2", "stage3", "stage4")  # strides 4, 8, 16, 32
 OUTPUT_NAMES = STAGE_OUTPUTS + (OUTPUT_NAME,)
@@ -168,6 +170,11 @@ class BuiltNetwork:
                  time.perf_counter() - start, len(data))
         return data
 
+    def _fp8_attention(self) -> bool:
+        """Whether the attention is quantized (an fp8 file): then it is built from native
+        layers even where the plugins are used."""
+        return self.quantization is not None and any(k.endswith(".q_bmm_quantizer") for k in self.quantization.amax)
+
     def metadata(self, plan: bytes) -> Dict[str, Any]:
         """What a pipeline needs to know about the engine ``plan`` built from this network.
 
@@ -182,7 +189,7 @@ class BuiltNetwork:
         outputs = [{"name": n, "dtype": "float32", "shape": self.output_shape(n),
                     "stride": output_stride(n)} for n in self.outputs]
         meta = {
-            "format": "trtvit-engine-metadata/1",
+            "format": ENGINE_METADATA_FORMAT,
             "variant": self.variant.name,
             "precision": self.precision,
             "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, 3, h, w], "layout": "NCHW",
@@ -195,7 +202,7 @@ class BuiltNetwork:
             "plugins": self.plugins,
             "loads_in": (["Python processes that import trtvit_native (the trtvit plugin creators are Python)"]
                          if self.plugins else ["any process with the same TensorRT version (C++ or Python)"]),
-            "attention": "plugin" if self.plugins else self.attention,
+            "attention": "plugin" if self.plugins and not self._fp8_attention() else self.attention,
             "backend": self.backend.label,
             "weights": self.weights_source,
             "layers": self.num_layers,

@@ -55,7 +55,7 @@ def read_engine_metadata(engine: str) -> Dict[str, Any]:
         raise TritonExportError(f"{sidecar} does not exist: export-triton needs the metadata trtvit build writes "
                                 f"beside the engine")
     meta = read_engine_json(sidecar, TritonExportError)
-    if meta.get("format") != "trtvit-engine-metadata/1":
+    if meta.get("format") not in ("trtvit-engine-metadata/1", "trtvit-engine-metadata/2"):
         raise TritonExportError(f"{sidecar} is not engine metadata written by trtvit build "
                                 f"(format {meta.get('format')!r})")
     for key in ("input", "batch", "sha256", "plugins"):
