@@ -24,7 +24,7 @@ import trtvit_native as tv  # noqa: E402
 from trtvit_native import interpreter, network, weights as W  # noqa: E402
 from trtvit_native.cli import main  # noqa: E402
 from trtvit_native.parity import parity_report  # noqa: E402
-from trtvit_native.quantization import quantize  # noqa: E402
+from trtvit_native.quantization import fp16_exact_amax, quantize  # noqa: E402
 
 from conftest import reference  # noqa: E402
 
@@ -422,6 +422,10 @@ FC2 = "stages.3.1.transformer.fc2.input_quantizer.amax"
     (lambda t, m: t.__setitem__(FC2, np.array(np.nan, np.float32)), f"amax not finite in {FC2}"),
     (lambda t, m: t.__setitem__("stem.relu.input_quantizer.amax", np.array(1.0, np.float32)),
      "for a module that does not exist: stem.relu.input_quantizer.amax"),
+    (lambda t, m: m.__setitem__("quantization", m["quantization"].replace('"trtvit-quantized/3"',
+                                                                          '"trtvit-quantized/4"')),
+     "quantization format 'trtvit-quantized/4' is not one this version reads ('trtvit-quantized/3'): written by a "
+     "newer trtvit_native"),
     (lambda t, m: t.__setitem__("head.input_quantizer.amax", np.array(1.0, np.float32)),
      "of a module left unquantized or a quantizer that does not exist: head.input_quantizer.amax"),
     (lambda t, m: m.__setitem__("quantization", m["quantization"].replace('"trtvit-quantized/3"',
@@ -443,6 +447,22 @@ def test_bad_amax_entries_are_named(quantized, tmp_path, edit, message):
         W.load_weights(path)
     with pytest.raises(W.WeightsError, match="carries int8 quantization, not fp8"):
         W.load_quantization(quantized["int8"], precision="fp8")
+
+
+def test_an_fp8_file_whose_softmax_amax_is_not_the_fixed_one_is_refused(quantized, tmp_path):
+    """The reference and the network both take the softmax amax from the file, so parity
+    cannot see a wrong one (0.21875 clips the larger probabilities): the loader refuses it."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(quantized["fp8"]))
+    key = "stages.3.1.transformer.attn.softmax_quantizer.amax"
+    assert float(tensors[key]) == W.SOFTMAX_AMAX == float(fp16_exact_amax(torch.tensor(1.0), 448.0))
+    tensors[key] = np.array(0.21875, np.float32)
+    path = tmp_path / "softmax.safetensors"
+    save_file(tensors, str(path), metadata=W.read_metadata(quantized["fp8"]))
+    with pytest.raises(W.WeightsError, match=f"amax other than {W.SOFTMAX_AMAX!r} .the probabilities' fixed "
+                                             f"range. in {key}"):
+        W.load_quantization(path)
 
 
 def test_format_2_is_read_for_int8_files_and_refused_for_fp8_files(quantized, tmp_path):
@@ -506,8 +526,10 @@ def test_build_from_a_quantized_file_with_no_parity_needs_no_torch(quantized, tm
 
 @pytest.mark.parametrize("args,message", [
     (["--images", "0"], "--images must be at least 1, got 0"),
-    (["--keep", "stages.0,stages.9"], "--keep 'stages.9' names no quantized module of trt-vit-a"),
-    (["--keep", "head"], "--keep 'head' names no quantized module of trt-vit-a"),  # the head is never quantized
+    (["--keep", "stages.0,stages.9"], "--keep 'stages.9' names no module of trt-vit-a that is quantized"),
+    (["--keep", "head"], "--keep 'head' names no module of trt-vit-a that is quantized"),  # the head never is
+    (["--keep", "stages.3.1.transformer.attn"],  # int8 files leave the attention's products in floating point
+     "--keep 'stages.3.1.transformer.attn' names no module of trt-vit-a that this recipe (--precision int8) quantizes"),
     # impossible recipes, refused before calibration
     (["--precision", "fp8", "--method", "entropy"], "--method entropy cannot calibrate FP8 ranges"),
     (["--precision", "fp8", "--method", "mse"], "--method mse cannot calibrate FP8 ranges"),

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .weights import (AMAX_SUFFIX, CONV_PRECISIONS, FP8_METHODS, FP8_WEIGHT_SCALES, QUANT_METHODS, QUANT_PRECISIONS,
-                      QUANT_BOUNDS, SOFTMAX_AMAX, Quantization, _QUANT_KEY, check_keep, is_activation_quantizer,
+                      SOFTMAX_AMAX, Quantization, _QUANT_KEY, check_keep, is_activation_quantizer,
                       load_quantization, quantizer_sites, read_metadata, write_atomically)
 
 __all__ = ["quantize", "calibrate_model", "restore_quantizers", "quantizer_amax", "save_quantized",
@@ -328,7 +328,7 @@ def _finish_calibration(model: nn.Module, method: str) -> None:
         else:
             q.load_calib_amax()
         if name.endswith(".softmax_quantizer"):  # data-independent: probabilities lie in [0, 1]
-            q.amax = fp16_exact_amax(torch.tensor(SOFTMAX_AMAX), QUANT_BOUNDS["fp8"])
+            q.amax = torch.tensor(SOFTMAX_AMAX)
         q.enable_quant()
         q.disable_calib()
 
@@ -458,7 +458,7 @@ def quantize(variant: str, weights: PathLike, calib: PathLike, output: PathLike,
     from .weights import load_arrays
 
     conv_precision = check_recipe(precision, method, conv_precision, fp8_weights)
-    keep = check_keep(variant, keep.split(",") if isinstance(keep, str) else keep)
+    keep = check_keep(variant, keep.split(",") if isinstance(keep, str) else keep, precision, conv_precision)
     if read_metadata(weights).get(_QUANT_KEY) is not None:
         raise QuantizeError(f"{weights} is already quantized; quantize the unquantized weights")
     load_arrays(weights, variant)  # every weights problem named before any work

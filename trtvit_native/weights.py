@@ -451,9 +451,12 @@ QUANT_BOUNDS = {"int8": 127.0, "fp8": 448.0}
 # the key and the value entering the two products, and the softmax probabilities.
 ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
 # The probabilities lie in [0, 1] whatever the data: their amax is 1, not calibrated, as
-# ModelOpt's FP8 ONNX exporter fixes their scale at 1/448 (raised to the fp16 number just
-# above, :func:`trtvit_native.quantization.fp16_exact_amax`, so 1 itself never saturates).
-SOFTMAX_AMAX = 1.0
+# ModelOpt's FP8 ONNX exporter fixes their scale at 1/448. 1/448 is no fp16 number, and an
+# fp16 network's quantize layer takes its scale in fp16, so the amax written is the one
+# whose scale is the fp16 number just above 1/448 (the rule of every activation amax,
+# :func:`trtvit_native.quantization.fp16_exact_amax`): 1.0006103515625, which a probability
+# of 1 dequantizes to (code 448). Files must carry exactly this value.
+SOFTMAX_AMAX = 1.0006103515625
 
 
 def is_activation_quantizer(name: str) -> bool:
@@ -479,8 +482,9 @@ class Quantization:
 
     ``precision`` is the file's: ``int8`` quantizes convolutions and GEMMs to int8; ``fp8``
     quantizes the GEMMs (the Transformer's linear layers, its LayerNorm inputs and residual
-    adds) to fp8 and the convolutions as ``conv_precision`` says (``none``: left in
-    floating point; ``int8``). :meth:`precision_of` gives each quantizer's."""
+    adds, and the attention's two products) to fp8 and the convolutions as
+    ``conv_precision`` says (``none``: left in floating point; ``int8``).
+    :meth:`precision_of` gives each quantizer's. ``format``: the file's format version."""
 
     precision: str
     method: str
@@ -490,6 +494,7 @@ class Quantization:
     amax: Dict[str, np.ndarray]
     conv_precision: str = "int8"
     fp8_weights: str = "per-tensor"
+    format: str = QUANT_FORMAT
 
     def precision_of(self, quantizer: str) -> str:
         """``int8`` or ``fp8``: what ``quantizer`` quantizes to."""
@@ -508,7 +513,7 @@ class Quantization:
         return tuple(p for p in QUANT_PRECISIONS if any(self.precision_of(q) == p for q in self.amax))
 
     def metadata(self) -> Dict[str, Any]:
-        return {"format": QUANT_FORMAT, "precision": self.precision, "conv_precision": self.conv_precision,
+        return {"format": self.format, "precision": self.precision, "conv_precision": self.conv_precision,
                 "fp8_weights": self.fp8_weights, "method": self.method, "images": self.images,
                 "keep": list(self.keep), "modelopt": self.modelopt}
 
@@ -553,14 +558,19 @@ def _kept(module: str, keep: Iterable[str]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in keep)
 
 
-def check_keep(config: Union[str, VariantConfig], keep: Iterable[str]) -> Tuple[str, ...]:
-    """Module prefixes to leave unquantized; each must name at least one quantized module."""
-    modules = quantizable_modules(config)
+def check_keep(config: Union[str, VariantConfig], keep: Iterable[str], precision: str = "int8",
+               conv_precision: str = "int8") -> Tuple[str, ...]:
+    """Module prefixes to leave unquantized; each must name at least one module the recipe
+    (``precision``, ``conv_precision``) quantizes."""
+    modules = {q.rsplit(".", 1)[0] for q in quantizer_sites(config, (), 1000, precision, conv_precision)}
     keep = tuple(p.strip().rstrip(".") for p in keep if p.strip())
     for p in keep:
         if not any(_kept(m, [p]) for m in modules):
-            raise WeightsError(f"--keep {p!r} names no quantized module of {get_config(config).name} (modules are "
-                               f"e.g. stem.conv, stages.3.1.transformer, stages.0.0.conv1, stages.0.1.add)")
+            quantized = any(_kept(m, [p]) for m in quantizable_modules(config))
+            raise WeightsError(f"--keep {p!r} names no module of {get_config(config).name} that "
+                               f"{'this recipe (--precision ' + precision + ') quantizes' if quantized else 'is quantized'}"
+                               f" (modules are e.g. stem.conv, stages.3.1.transformer, stages.0.0.conv1, "
+                               f"stages.0.1.add)")
     return keep
 
 
@@ -610,6 +620,9 @@ def _parse_quant_meta(raw: Any, path: str) -> Dict[str, Any]:
         raise WeightsError(f"{path}: metadata {_QUANT_KEY!r} is not a JSON object")
     fmt = info.get("format", "trtvit-quantized/1")
     if fmt != QUANT_FORMAT and not (fmt in _INT8_FORMATS and info.get("precision") == "int8"):
+        if fmt not in _INT8_FORMATS + ("trtvit-quantized/1",):
+            raise WeightsError(f"{path}: quantization format {fmt!r} is not one this version reads ({QUANT_FORMAT!r}"
+                               f"): written by a newer trtvit_native, or not by trtvit quantize")
         since = "the attention products of fp8 files are" if fmt in _INT8_FORMATS else \
             "residual adds and pooling are"
         raise WeightsError(f"{path}: quantization format {fmt!r}, this version reads {QUANT_FORMAT!r} ({since} "
@@ -634,10 +647,14 @@ def _parse_quant_meta(raw: Any, path: str) -> Dict[str, Any]:
 
 
 def check_amax(amax: Mapping[str, np.ndarray], where: str) -> None:
-    """Every amax finite and positive, or a WeightsError naming the quantizers."""
+    """Every amax finite and positive (and the softmax quantizers' :data:`SOFTMAX_AMAX`),
+    or a WeightsError naming the quantizers."""
     bad = {"not finite": [q for q, v in amax.items() if not np.isfinite(v).all()]}
     bad["zero"] = [q for q, v in amax.items() if q not in bad["not finite"] and (v == 0).any()]
     bad["negative"] = [q for q, v in amax.items() if q not in bad["not finite"] and (v < 0).any()]
+    bad[f"other than {SOFTMAX_AMAX!r} (the probabilities' fixed range)"] = [
+        q for q, v in amax.items() if q.endswith(".softmax_quantizer") and float(np.asarray(v).reshape(-1)[0]) !=
+        SOFTMAX_AMAX and q not in bad["not finite"]]
     for problem, names in bad.items():
         if names:
             raise WeightsError(f"{where}: amax {problem} in {_summarize(q + AMAX_SUFFIX for q in names)}")
@@ -676,7 +693,8 @@ def _quantization_from(header: dict, meta: Mapping[str, str], mapping: np.ndarra
         amax[q] = mapping[data_start + begin:data_start + end].view(np.float32).reshape(want)
     check_amax(amax, path)
     return Quantization(info["precision"], info["method"], int(info.get("images", 0)), keep,
-                        str(info.get("modelopt", "")), amax, info["conv_precision"], info["fp8_weights"])
+                        str(info.get("modelopt", "")), amax, info["conv_precision"], info["fp8_weights"],
+                        info["format"])
 
 
 def load_quantization(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None,
