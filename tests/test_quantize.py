@@ -662,6 +662,19 @@ def test_quantized_files_at_224_pass_parity(quantized, capsys, tmp_path, kind, b
     assert "parity     PASS" in text and engine.exists()
 
 
+def test_fp8_attention_with_the_iattention_layer_is_refused_and_small_or_fp32_builds_warn(quantized, caplog):
+    with pytest.raises(network.BuildError, match="attention='fused' .the IAttention layer. with an fp8 file's "
+                                                 "attention quantizers is not implemented"):
+        tv.build_network("trt-vit-a", quantized["fp8"], fp16=True, max_batch=1, image_size=SIZE, attention="fused")
+    tv.build_network("trt-vit-a", quantized["int8"], fp16=True, max_batch=1, image_size=SIZE, attention="fused")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trtvit_native"):
+        tv.build_network("trt-vit-a", quantized["fp8"], fp16=False, max_batch=1, image_size=SIZE)
+    text = caplog.text
+    assert "fp8 attention in an fp32 network" in text
+    assert "images of 32x32 give 1 attention token(s)" in text and "--keep stages.3.1.transformer.attn " in text
+
+
 def test_fp16_weights_whose_codes_would_change_are_refused(quantized):
     """E4M3's smallest steps fall below fp16's precision for tiny weights: an fp16 network
     would re-quantize such a weight to other codes, so the build refuses it (fp32 builds)."""

@@ -540,10 +540,9 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
         return add_attention(net, qkv, name, heads, head_dim)
     trt = net.trt
     fused = net.attention == "fused"
-    if fused and quantized:
-        raise BuildError(f"{name}: attention='fused' (the IAttention layer) is not built with the fp8 attention "
-                         f"quantizers of this file; use attention='matmul', whose MatMul-SoftMax-MatMul pattern "
-                         f"TensorRT fuses with its Q/DQ pairs")
+    if fused and quantized:  # build_network refuses this first; a direct caller of define_network too
+        raise BuildError(f"{name}: attention='fused' (the IAttention layer) with fp8 attention quantizers is not "
+                         f"implemented; use attention='matmul'")
     packed = shuffle(net, qkv, f"{name}.unpack", reshape=(0, 0, 3, heads, head_dim))
     parts = []
     for i, part in enumerate("qkv"):
@@ -830,8 +829,22 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     if quant is not None:
         if "fp8" in quant.precisions() and getattr(be.trt, "fp8", None) is None:
             raise BackendError(f"fp8 quantization needs a TensorRT with the fp8 data type; {be.label} has none")
+        fp8_attention = any(k.endswith(".q_bmm_quantizer") for k in quant.amax)
+        if fp8_attention and (OUTPUT_NAME in wanted or "stage4" in wanted):
+            if attention == "fused":
+                raise BuildError("attention='fused' (the IAttention layer) with an fp8 file's attention quantizers "
+                                 "is not implemented (IAttention's normalization quantization); use "
+                                 "attention='matmul', the MatMul-SoftMax-MatMul form with a Q/DQ pair on each operand")
+            if not fp16:  # a warning: the engine computes what the file says either way
+                log.warning("fp8 attention in an fp32 network: TensorRT fuses FP8 attention with 16-bit tensors "
+                            "around its Q/DQ pairs (ModelOpt's FP8 MHA export requires them); build with fp16 for it")
+            tokens = (low[0] // 32) * (low[1] // 32)
+            if tokens < 16:
+                log.warning("images of %dx%d give %d attention token(s): an fp8 attention product with a dimension "
+                            "below 16 has no efficient FP8 kernel (ModelOpt's ONNX quantizer leaves such products "
+                            "unquantized); quantize with --keep %s for small images", low[0], low[1], tokens,
+                            ",".join(k.rsplit(".", 1)[0] for k in sorted(quant.amax) if k.endswith(".q_bmm_quantizer")))
         if use_plugins:
-            fp8_attention = any(k.endswith(".q_bmm_quantizer") for k in quant.amax)
             log.info("quantized network: the fused LayerNorm%s plugins are used, with Q/DQ before them%s",
                      "" if fp8_attention else "/attention",
                      "; the fp8 attention is built as MatMul-SoftMax-MatMul with its Q/DQ pairs" if fp8_attention else "")
