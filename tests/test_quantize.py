@@ -662,6 +662,64 @@ def test_quantized_files_at_224_pass_parity(quantized, capsys, tmp_path, kind, b
     assert "parity     PASS" in text and engine.exists()
 
 
+@pytest.fixture(scope="module")
+def fp8_at_128(tmp_path_factory):
+    """An fp8 file of the seeded trt-vit-a calibrated at 128x128 (16 attention tokens: real
+    softmax rows) on synthetic images, and its fake-quantized reference."""
+    from trtvit_native.quantization import calibrate_model, save_quantized
+
+    model = calibrate_model(tv.create_model("trt-vit-a"), [tv.synthetic_images(4, 128, seed=s) for s in (11, 12)],
+                            "fp8")
+    path = tmp_path_factory.mktemp("fp8at128") / "a-fp8.safetensors"
+    save_quantized(model, path, "fp8", "max", 8)
+    return path, tv.create_model("trt-vit-a", weights=path)
+
+
+def _scaled(net, x, factor):
+    c = net.constant(f"planted.{x.name}.factor", np.full((1,) * len(x.shape), factor, np.float32), net.np_dtype)
+    return net.network.add_elementwise(x, c, net.trt.ElementWiseOperation.PROD).get_output(0)
+
+
+ATTN = "stages.3.1.transformer.attn"
+# Planted defects of the fp8 attention, each a change to the Q/DQ pairs network.attention adds
+# (network.qdq wrapped): the quantizer it plants at, and what it does instead.
+ATTENTION_PLANTS = {
+    # the softmax probabilities enter the second product unquantized
+    "softmax pair dropped": ("softmax_quantizer", lambda qdq, net, x, q: x),
+    # the query quantized before its 1/sqrt(d) scale, the scale applied after the pair
+    "query quantized before its scale": ("q_bmm_quantizer", lambda qdq, net, x, q: _scaled(
+        net, qdq(net, _scaled(net, x, 32 ** 0.5), q), 32 ** -0.5)),
+    # the key's and the value's pairs exchanged
+    "key and value quantizers swapped": ("_bmm_quantizer", lambda qdq, net, x, q: qdq(
+        net, x, q.replace("k_bmm", "@").replace("v_bmm", "k_bmm").replace("@", "v_bmm"))),
+}
+
+
+@pytest.mark.parametrize("plant", [None, *ATTENTION_PLANTS])
+def test_fp8_attention_at_16_tokens_matches_and_planted_defects_are_caught_at_their_layer(fp8_at_128, monkeypatch,
+                                                                                           plant):
+    path, fake = fp8_at_128
+    if plant is not None:
+        suffix, change = ATTENTION_PLANTS[plant]
+        original = network.qdq
+        monkeypatch.setattr(network, "qdq", lambda net, x, q: change(original, net, x, q)
+                            if q.startswith(ATTN) and q.endswith(suffix) else original(net, x, q))
+    built = tv.build_network("trt-vit-a", path, fp16=False, max_batch=2, image_size=128)
+    report = parity_report(built, fake, tv.synthetic_images(2, 128, seed=13))
+    if plant is None:
+        assert report.ok, report.table()
+        rows = {p.name: p for p in report.layers}
+        assert all(f"{ATTN}.{q}" in rows and f"{ATTN}.{q}.input" in rows for q in W.ATTENTION_QUANTIZERS)
+        return
+    first = report.first_divergence()
+    assert not report.ok and first is not None
+    expected = {"softmax pair dropped": {f"{ATTN}.softmax_quantizer"},
+                "query quantized before its scale": {f"{ATTN}.q_bmm_quantizer.input"},
+                "key and value quantizers swapped": {f"{ATTN}.k_bmm_quantizer.input", f"{ATTN}.v_bmm_quantizer.input"},
+                }[plant]
+    assert first.name in expected, (plant, first.describe())
+
+
 def test_fp8_attention_with_the_iattention_layer_is_refused_and_small_or_fp32_builds_warn(quantized, caplog):
     with pytest.raises(network.BuildError, match="attention='fused' .the IAttention layer. with an fp8 file's "
                                                  "attention quantizers is not implemented"):
