@@ -12,10 +12,12 @@ inputs are int8, fp8 and fp16/fp32. Exit status 1 when
 - a quantized convolution or GEMM is nowhere to be found in an engine without Myelin
   regions (``{ForeignNode[...]}``, which the inspector does not itemize: with any, the
   modules not itemized are reported as possibly inside one, not judged), or
-- a standalone quantize/dequantize kernel is left in the convolution part, where the
-  placement expects every pair to fuse (but the stem's input quantizer, whose producer is
-  the network input). Standalone pairs in the Transformer (LayerNorm inputs, residual
-  adds) are reported, not judged.
+- a standalone quantize/dequantize kernel is left in the convolution part or in an fp8
+  attention, where the placement expects every pair to fuse (but the stem's input
+  quantizer, whose producer is the network input). Other standalone pairs in the
+  Transformer (LayerNorm inputs, residual adds) are reported, not judged. A fused FP8
+  attention usually sits inside a Myelin region, whose inner layers the inspector does
+  not list: its products are then reported as possibly inside one.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def judge(layers: List[dict], quantized_modules: Dict[str, str]) -> Dict[str, ob
         counts[precision] = counts.get(precision, 0) + 1
         parts = [p.strip() for p in name.replace("||", "+").split("+") if p.strip()]
         if parts and all(_is_qdq(p) for p in parts):
-            conv_part = not any(".transformer." in p for p in parts)
+            # judged where the placement expects every pair to fuse: the convolution part, and
+            # an fp8 attention's products (standalone attention Q/DQ: FP8 attention did not fuse)
+            conv_part = not any(".transformer." in p for p in parts) or any(".attn." in p for p in parts)
             if conv_part and not any(p.startswith(allowed) for p in parts for allowed in STANDALONE_ALLOWED):
                 standalone.append(name)
             continue
