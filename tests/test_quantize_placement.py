@@ -148,9 +148,14 @@ def test_int8_placement_is_modelopts_onnx_placement_for_tensorrt(onnx_quantized)
 
 
 def test_fp8_gemm_placement_is_modelopts_onnx_placement_inside_the_transformer(onnx_quantized):
-    """ModelOpt's ONNX FP8 mode also quantizes the convolutions to FP8 (but the stem); this
+    """Which operator inputs are quantized, not where on the way to them: the exported
+    (unquantized) reference scales the attention scores after the first product, so
+    ModelOpt's query pair sits on the unscaled query, where this format quantizes the scaled
+    one (as ModelOpt's FP8 exporter moves the scale; parity checks that tensor).
+
+    ModelOpt's ONNX FP8 mode also quantizes the convolutions to FP8 (but the stem); this
     format does not (FP8 is for the GEMMs: weights.Quantization). Inside the Transformer
-    the two agree; the convolution part of a mixed file is the int8 placement."""
+    the two agree, the attention's four operands included; the convolution part of a mixed file is the int8 placement."""
     inside = lambda keys: {k for k in keys if ".transformer." in k[0] + "."}  # noqa: E731
     theirs = onnx_quantized["fp8"]
     assert inside(theirs) == inside(_format_inputs("fp8", "none")) == _format_inputs("fp8", "none")

@@ -14,9 +14,11 @@ What is quantized is placed the way ModelOpt's ONNX quantizer places Q/DQ for Te
 (``tests/test_quantize_placement.py`` compares the two): per tensor, the input of every
 convolution, Transformer linear layer and LayerNorm, of the stem's max pooling, and the
 residual operand of every residual add (:class:`trtvit_native.model.ResidualAdd`); the
-weight of every convolution and linear layer, per output channel. The classifier head,
-the output layer, stays in floating point. ``precision="int8"`` quantizes all of it to
-int8. ``precision="fp8"`` quantizes the GEMM part (inside the Transformers) to FP8, with
+weight of every convolution and linear layer, per output channel; in fp8 files, the four
+operands of the attention's two products (:data:`~trtvit_native.weights.ATTENTION_QUANTIZERS`;
+the softmax probabilities' amax fixed at 1). The classifier head, the output layer, stays
+in floating point. ``precision="int8"`` quantizes all of it but the attention to int8.
+``precision="fp8"`` quantizes the GEMM part (inside the Transformers) to FP8, with
 per-tensor weight scales unless ``fp8_weights="per-channel"``; FP8 convolutions have few or
 no kernels (TensorRT-RTX: "FP8 is only supported for matrix multiplications (GEMM)";
 ModelOpt: "For CNN models, only INT8 quantization is supported"), so the convolution part
@@ -116,8 +118,9 @@ def quant_config(precision: str, method: str = "max", keep: Sequence[str] = (), 
                  fp8_weights: str = "per-tensor", num_classes: int = 1000, variant: Any = None) -> Dict[str, Any]:
     """The ModelOpt configuration that enables exactly the quantizers of
     :func:`trtvit_native.weights.quantizer_sites`, each with its format (int8: 8 bits; fp8:
-    E4M3), its axis (per tensor, or 0: per output channel) and, for an input calibrated by
-    a method other than ``max``, a histogram calibrator."""
+    E4M3), its axis (per tensor, or 0: per output channel) and, for an activation calibrated
+    by a method other than ``max``, a histogram calibrator (never for the softmax
+    probabilities, whose amax is fixed: :func:`_finish_calibration`)."""
     conv_precision = check_recipe(precision, method, conv_precision, fp8_weights)
     bits = {"int8": 8, "fp8": (4, 3)}
     entries: List[Dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
@@ -484,8 +487,9 @@ def quantize(variant: str, weights: PathLike, calib: PathLike, output: PathLike,
 
 
 def sensitivity(variant: str, quantized: PathLike, images: torch.Tensor) -> List[Tuple[str, float, float]]:
-    """For each quantized layer (conv, linear or LayerNorm), the error of the logits when
-    only that layer is quantized: (module, RMS of the logit difference, top-1 agreement
+    """For each quantized module (a convolution, linear layer, LayerNorm, pooling, residual
+    add, or an fp8 attention with its four quantizers), the error of the logits when only
+    that module is quantized: (module, RMS of the logit difference, top-1 agreement
     with the unquantized model), largest error first. This is how to choose ``--keep``."""
     from .model import create_model
 
