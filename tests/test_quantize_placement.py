@@ -155,7 +155,8 @@ def test_fp8_gemm_placement_is_modelopts_onnx_placement_inside_the_transformer(o
 
     ModelOpt's ONNX FP8 mode also quantizes the convolutions to FP8 (but the stem); this
     format does not (FP8 is for the GEMMs: weights.Quantization). Inside the Transformer
-    the two agree, the attention's four operands included; the convolution part of a mixed file is the int8 placement."""
+    the two agree, the attention's four operands included; the convolution part of a mixed
+    file is the int8 placement."""
     inside = lambda keys: {k for k in keys if ".transformer." in k[0] + "."}  # noqa: E731
     theirs = onnx_quantized["fp8"]
     assert inside(theirs) == inside(_format_inputs("fp8", "none")) == _format_inputs("fp8", "none")
