@@ -95,6 +95,20 @@ def judge(layers: List[dict], quantized_modules: Dict[str, str]) -> Dict[str, ob
             "standalone_qdq": standalone}
 
 
+def judged_modules(arch: str, q) -> Dict[str, str]:
+    """What the file quantizes that must run in int8/fp8: module -> kind, the convolutions and
+    linear layers whose input is quantized, and an fp8 attention's two products
+    (``<attn>.scores``, ``<attn>.context``)."""
+    from trtvit_native.weights import quantizable_modules
+
+    modules = {m: k for m, k in quantizable_modules(arch).items()
+               if k in ("conv", "linear") and f"{m}.input_quantizer" in q.amax}
+    for m, k in quantizable_modules(arch).items():
+        if k == "attention" and f"{m}.q_bmm_quantizer" in q.amax:
+            modules.update({f"{m}.scores": "attention", f"{m}.context": "attention"})
+    return modules
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engine")
@@ -111,7 +125,7 @@ def main() -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from trtvit_native.backend import get_backend
-    from trtvit_native.weights import load_quantization, quantizable_modules
+    from trtvit_native.weights import load_quantization
 
     sidecar = Path(args.engine + ".json")
     arch = args.variant or (json.loads(sidecar.read_text())["variant"] if sidecar.exists() else None)
@@ -129,12 +143,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     layers = [layer if isinstance(layer, dict) else {"Name": layer} for layer in info.get("Layers", [])]
-    quantized = {m: k for m, k in quantizable_modules(arch).items()
-                 if k in ("conv", "linear") and f"{m}.input_quantizer" in q.amax}
-    for m, k in quantizable_modules(arch).items():  # fp8 attention: its two products, judged as GEMMs
-        if k == "attention" and f"{m}.q_bmm_quantizer" in q.amax:
-            quantized.update({f"{m}.scores": "attention", f"{m}.context": "attention"})
-    result = judge(layers, quantized)
+    result = judge(layers, judged_modules(arch, q))
     print(json.dumps(result, indent=1))
     return 1 if result["unfused"] or result["standalone_qdq"] or result["quantized_not_found"] else 0
 

@@ -720,6 +720,47 @@ def test_fp8_attention_at_16_tokens_matches_and_planted_defects_are_caught_at_th
     assert first.name in expected, (plant, first.describe())
 
 
+def test_the_gpu_steps_inspector_judge_fails_unfused_and_standalone_pairs(quantized):
+    """benchmarks/inspect_quantized.judge on inspector layers as TensorRT names them (the
+    GPU step runs it on a real engine's IEngineInspector JSON)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "inspect_quantized.py"
+    spec = importlib.util.spec_from_file_location("inspect_quantized", path)
+    inspect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inspect)
+
+    def layer(name, kind, fmt):
+        return {"Name": name, "LayerType": kind, "Inputs": [{"Format/Datatype": fmt}]}
+
+    modules = {"stages.0.0.conv1.conv": "conv", "stages.3.1.transformer.qkv": "linear",
+               f"{ATTN}.scores": "attention", f"{ATTN}.context": "attention"}
+    fused = [layer("stages.0.0.conv1.conv.input_quantizer.quantize + stages.0.0.conv1 + stages.0.0.relu1",
+                   "CaskConvolution", "Int8 NC/32HW32"),
+             layer("stages.3.1.transformer.qkv.matmul", "CaskGemmMatrixMultiply", "FP8 Row major linear"),
+             layer(f"{ATTN}.scores", "CaskGemmMatrixMultiply", "FP8"), layer(f"{ATTN}.context", "Gemm", "FP8")]
+    good = inspect.judge(fused, modules)
+    assert good["quantized_judged"] == 4 and not good["unfused"] and not good["standalone_qdq"], good
+    assert good["layers_by_input_precision"] == {"int8": 1, "fp8": 3}
+    bad = inspect.judge(fused[:3] + [layer(f"{ATTN}.context", "Gemm", "Half"),
+                                     layer(f"{ATTN}.softmax_quantizer.quantize", "Scale", "Half"),
+                                     layer("stages.3.1.transformer.norm1.input_quantizer.quantize", "Scale", "Half")],
+                        modules)
+    assert bad["unfused"] == [f"{ATTN}.context (fp16): {ATTN}.context"]
+    assert bad["standalone_qdq"] == [f"{ATTN}.softmax_quantizer.quantize"]  # the LayerNorm's pair: reported only
+    myelin = inspect.judge(fused[:2] + [{"Name": "{ForeignNode[stages.3.1.transformer.attn.unpack...]}",
+                                         "LayerType": "Myelin"}], modules)
+    assert myelin["quantized_inside_myelin"] == [f"{ATTN}.context", f"{ATTN}.scores"] and not myelin["quantized_not_found"]
+    assert inspect.judge(fused[:2], modules)["quantized_not_found"] == [f"{ATTN}.context", f"{ATTN}.scores"]
+    # what the step judges, from the files: 36 convolutions and 4 linear layers (int8), the
+    # 4 linear layers and the attention's 2 products (fp8), all of it (int8+fp8)
+    judged = {kind: inspect.judged_modules("trt-vit-a", W.load_quantization(path)) for kind, path in quantized.items()}
+    counts = {kind: sorted((k, list(m.values()).count(k)) for k in set(m.values())) for kind, m in judged.items()}
+    assert counts == {"int8": [("conv", 36), ("linear", 4)], "fp8": [("attention", 2), ("linear", 4)],
+                      "mixed": [("attention", 2), ("conv", 36), ("linear", 4)]}
+
+
 def test_fp8_attention_with_the_iattention_layer_is_refused_and_small_or_fp32_builds_warn(quantized, caplog):
     with pytest.raises(network.BuildError, match="attention='fused' .the IAttention layer. with an fp8 file's "
                                                  "attention quantizers is not implemented"):
