@@ -648,13 +648,15 @@ def test_an_all_zero_filter_is_written_as_a_scale_of_one(work, capsys, tmp_path)
     assert report.ok, report.table()
 
 
-@pytest.mark.parametrize("kind,between", [("int8", "--fp32"), ("mixed", "--fp32"), ("mixed", "--fp16")])
+@pytest.mark.parametrize("kind,between", [("int8", "--fp32"), ("fp8", "--fp32"), ("mixed", "--fp32"),
+                                          ("mixed", "--fp16")])
 def test_quantized_files_at_224_pass_parity(quantized, capsys, tmp_path, kind, between):
     """At 224 px (49 attention tokens: the fp8 attention's pairs on real softmax rows), fp32
     or fp16 between the pairs, the build's parity check passes and the engine is written
     (the one-code allowance where TensorRT's x / scale and ModelOpt's x * (127 / amax)
     round apart: test_one_code_is_allowed_only_where_...). The mixed file has every kind
-    of pair: int8 convolutions, fp8 GEMMs and attention."""
+    of pair: int8 convolutions, fp8 GEMMs and attention. (These files are calibrated at
+    32x32; test_fp8_attention_at_16_tokens_... calibrates at its size.)"""
     engine = tmp_path / "e.engine"
     code, text, err = _run(capsys, "build", "trt-vit-a", "--weights", quantized[kind], between, "--image-size", 224,
                            "--max-batch", 1, "-o", engine)
