@@ -13,7 +13,7 @@ import torch
 import trtvit_native as tv
 from conftest import cosine, network, photographs, random_images, reference
 
-VARIANTS = ["trt-vit-a", "trt-vit-b", "trt-vit-c", "trt-vit-d"]
+VARIANTS = ["trt-vit-a", "trt-vit-b", "trt-vit-c", "trt-vit-d", "resnet50"]
 
 
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])

@@ -89,7 +89,11 @@ def test_num_classes_and_custom_variant():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(depths=(1, 1, 1)), "depths must be 4"),
-    (dict(depths=(0, 1, 1, 1)), "at least one BottleNeck"),
+    (dict(depths=(0, 1, 1, 1)), "stage 1 .C. at depth 0: every stage needs at least one block"),
+    (dict(depths=(1, 1, 1, 0)), "stage 4 .M. at depth 0"),
+    (dict(depths=(1, 1, 1, 1), pattern="C-C-C-X"), r"pattern 'C-C-C-X': unknown stage kind\(s\) \['X'\]"),
+    (dict(depths=(1, 1, 1, 1), pattern="C-C-M"), "pattern 'C-C-M' has 3 stage.s.; a variant has 4"),
+    (dict(depths=(1, 1, 1, 1), pattern="C-C-M-M", widths=(64, 128, 96, 512)), "stage 3: mix_ratio 0.5 \\* width 96"),
     (dict(depths=(1, 1, 1, 1), widths=(64, 128, 256, 510)), "multiples of 4"),
     (dict(depths=(1, 1, 1, 1), mix_ratio=1.5), "mix_ratio must lie"),
     (dict(depths=(1, 1, 1, 1), mix_ratio=0.3), "divisible"),
@@ -102,3 +106,24 @@ def test_invalid_variant_configs_are_named(kwargs, message):
 def test_unknown_variant_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown TRT-ViT variant 'trt-vit-z'.*trt-vit-a, trt-vit-b"):
         tv.create_model("trt-vit-z")
+
+
+def test_resnet50_is_torchvisions_resnet50_v1_5_by_its_counts():
+    """The `C-C-C-C` preset at depths 3, 4, 6, 3: torchvision's ResNet-50 has 25,557,032
+    parameters; its MACs, from the config alone, match torch's own FlopCounterMode (2 FLOPs
+    per multiply-accumulate of the convolutions and the head) within 0.5 %."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trtvit_native.variants import count_config_parameters
+
+    config = tv.get_config("resnet50")
+    assert config.stage_kinds == ("C", "C", "C", "C") and config.mix_stages == ()
+    model = tv.create_model("resnet50")
+    assert tv.count_parameters(model) == count_config_parameters("resnet50") == 25_557_032
+    assert not any("transformer" in n for n, _ in model.named_modules())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    macs = tv.count_macs("resnet50")
+    assert abs(macs - counter.get_total_flops() / 2) <= 0.005 * macs, (macs, counter.get_total_flops() / 2)
+    assert round(macs / 1e9, 2) == 4.09

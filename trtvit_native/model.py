@@ -181,7 +181,7 @@ class TRTViT(nn.Module):
             if kind == "bottleneck":
                 stages[s].append(BottleNeck(cin, cout, stride))
             else:
-                stages[s].append(MixBlockC(cout, config.mix_dim, config.head_dim, config.mlp_ratio))
+                stages[s].append(MixBlockC(cout, config.mix_dim_of(cout), config.head_dim, config.mlp_ratio))
         last = self.out_indices[-1] if self.features_only else 3
         self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages[:last + 1])
         self.head = None if self.features_only else nn.Linear(config.num_features, self.num_classes)

@@ -603,11 +603,11 @@ def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig,
     then the tokens are (B, d, H*W) by a -1 reshape, and the map comes back with the shape
     of the reduced map read at run time (a shape tensor), never a constant.
     """
-    d = config.mix_dim
+    d = config.mix_dim_of(channels)
     y = conv_bn(net, x, f"{name}.reduce")
     tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, -1 if hw is None else hw[0] * hw[1]),
                      second=(0, 2, 1))
-    tokens = transformer(net, tokens, f"{name}.transformer", config.heads, config.head_dim)
+    tokens = transformer(net, tokens, f"{name}.transformer", d // config.head_dim, config.head_dim)
     if hw is None:
         map_shape = net.named(net.network.add_shape(y), f"{name}.map_shape")
         layer = net.network.add_shuffle(tokens)
@@ -806,10 +806,13 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         raise BackendError(f"attention='fused' needs the IAttention layer (INetworkDefinition.add_attention), which "
                            f"{be.label} does not have; use attention='matmul'")
     use_plugins = resolve_plugins(be, plugins)
-    if use_plugins and (OUTPUT_NAME in wanted or "stage4" in wanted):
+    last_stage = 3 if OUTPUT_NAME in wanted else max(STAGE_OUTPUTS.index(o) for o in wanted)
+    mix_strides = [4 * 2 ** s for s in config.mix_stages if s <= last_stage]  # the stages holding attention
+    if use_plugins and mix_strides:
         from .kernels import FLOAT32, UNSUPPORTED, attention_max_tokens, load_kernel_library
 
-        tokens, limit = (high[0] // 32) * (high[1] // 32), attention_max_tokens(config.head_dim)
+        stride = min(mix_strides)  # the most tokens
+        tokens, limit = (high[0] // stride) * (high[1] // stride), attention_max_tokens(config.head_dim)
         if not fp16 and 0 < tokens <= limit and load_kernel_library().attention_supported(
                 tokens, config.head_dim, FLOAT32) == UNSUPPORTED:
             limit = next(n for n in range(tokens, 0, -1)  # what this GPU's shared memory allows
@@ -830,7 +833,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         if "fp8" in quant.precisions() and getattr(be.trt, "fp8", None) is None:
             raise BackendError(f"fp8 quantization needs a TensorRT with the fp8 data type; {be.label} has none")
         fp8_attention = any(k.endswith(".q_bmm_quantizer") for k in quant.amax)
-        if fp8_attention and (OUTPUT_NAME in wanted or "stage4" in wanted):
+        if fp8_attention and mix_strides:
             if attention == "fused":
                 raise BuildError("attention='fused' (the IAttention layer) with an fp8 file's attention quantizers "
                                  "is not implemented (IAttention's normalization quantization); use "
@@ -838,7 +841,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
             if not fp16:  # a warning: the engine computes what the file says either way
                 log.warning("fp8 attention in an fp32 network: TensorRT fuses FP8 attention with 16-bit tensors "
                             "around its Q/DQ pairs (ModelOpt's FP8 MHA export requires them); build with fp16 for it")
-            tokens = (low[0] // 32) * (low[1] // 32)
+            tokens = (low[0] // max(mix_strides)) * (low[1] // max(mix_strides))  # the fewest
             if tokens < 16:
                 log.warning("images of %dx%d give %d attention token(s): an fp8 attention product with a dimension "
                             "below 16 has no efficient FP8 kernel (ModelOpt's ONNX quantizer leaves such products "

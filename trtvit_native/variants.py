@@ -42,12 +42,21 @@ PREPROCESSING = {
 }
 
 
+# Block kinds per stage, one letter each in a stage pattern ("C-C-C-M" is TRT-ViT):
+STAGE_KINDS = {
+    "C": "BottleNecks only (the first one down-samples, but in stage 1)",
+    "M": "a down-sampling BottleNeck, then MixBlockC blocks",
+}
+
+
 @dataclass(frozen=True)
 class VariantConfig:
-    """Everything that defines a TRT-ViT variant's architecture.
+    """Everything that defines a variant's architecture.
 
-    ``depths`` is (BottleNecks in stage 1, stage 2, stage 3, MixBlockC blocks in stage 4);
-    stage 4 always starts with one down-sampling BottleNeck before its MixBlockC blocks.
+    ``pattern`` gives each stage's kind (:data:`STAGE_KINDS`), ``-`` between stages.
+    ``depths`` counts each stage's blocks: a ``C`` stage's BottleNecks, an ``M`` stage's
+    MixBlockC blocks after its one down-sampling BottleNeck. In an ``M`` stage of width C
+    the Transformer works on d = ``mix_ratio`` * C channels.
     """
 
     name: str
@@ -58,15 +67,26 @@ class VariantConfig:
     head_dim: int = 32
     mlp_ratio: int = 3
     description: str = ""
+    pattern: str = "C-C-C-M"
 
     def __post_init__(self) -> None:
         problems = []
         if not isinstance(self.name, str) or not self.name:
             problems.append("name must be a non-empty string")
+        kinds = self.pattern.split("-") if isinstance(self.pattern, str) else []
+        unknown = [k for k in kinds if k not in STAGE_KINDS]
+        if unknown or not kinds:
+            problems.append(f"pattern {self.pattern!r}: unknown stage kind(s) {unknown or [self.pattern]} (kinds: "
+                            f"{', '.join(f'{k} = {v}' for k, v in STAGE_KINDS.items())})")
+        elif len(kinds) != 4:
+            problems.append(f"pattern {self.pattern!r} has {len(kinds)} stage(s); a variant has 4")
         if len(self.depths) != 4 or any(int(v) != v or v < 0 for v in self.depths):
             problems.append(f"depths must be 4 non-negative integers, got {self.depths!r}")
-        elif min(self.depths[:3]) < 1:
-            problems.append(f"stages 1-3 need at least one BottleNeck, got depths {self.depths!r}")
+        elif not problems:
+            empty = [f"stage {s + 1} ({k})" for s, k in enumerate(kinds) if self.depths[s] < 1]
+            if empty:
+                problems.append(f"{', '.join(empty)} at depth 0: every stage needs at least one block, got depths "
+                                f"{self.depths!r}")
         if len(self.widths) != 4 or any(int(v) != v or v <= 0 or v % 4 for v in self.widths):
             problems.append(f"widths must be 4 positive multiples of 4, got {self.widths!r}")
         if self.stem_width <= 0:
@@ -76,20 +96,35 @@ class VariantConfig:
         if not problems and not 0.0 < self.mix_ratio < 1.0:
             problems.append(f"mix_ratio must lie in (0, 1), got {self.mix_ratio}")
         if not problems:
-            c = self.widths[3]
-            d = self.mix_ratio * c
-            if d != int(d) or int(d) % 4 or int(d) % self.head_dim:
-                problems.append(
-                    f"mix_ratio {self.mix_ratio} * width {c} = {d} must be an integer "
-                    f"divisible by 4 and by head_dim {self.head_dim}"
-                )
+            for s in self.mix_stages:
+                c = self.widths[s]
+                d = self.mix_ratio * c
+                if d != int(d) or int(d) % 4 or int(d) % self.head_dim:
+                    problems.append(
+                        f"stage {s + 1}: mix_ratio {self.mix_ratio} * width {c} = {d} must be an integer "
+                        f"divisible by 4 and by head_dim {self.head_dim}"
+                    )
         if problems:
             raise ValueError(f"invalid TRT-ViT variant config {self.name!r}: " + "; ".join(problems))
 
     @property
+    def stage_kinds(self) -> Tuple[str, ...]:
+        """Each stage's kind, e.g. ("C", "C", "C", "M")."""
+        return tuple(self.pattern.split("-"))
+
+    @property
+    def mix_stages(self) -> Tuple[int, ...]:
+        """The stages (0-based) that hold MixBlockC blocks."""
+        return tuple(s for s, k in enumerate(self.stage_kinds) if k == "M")
+
+    def mix_dim_of(self, channels: int) -> int:
+        """d = R * C, the channel count the Transformer of a MixBlockC of width C works on."""
+        return int(self.mix_ratio * channels)
+
+    @property
     def mix_dim(self) -> int:
-        """d = R * C, the channel count the Transformer of a MixBlockC works on."""
-        return int(self.mix_ratio * self.widths[3])
+        """d of the last stage's MixBlockC (TRT-ViT's stage 4)."""
+        return self.mix_dim_of(self.widths[3])
 
     @property
     def heads(self) -> int:
@@ -102,16 +137,16 @@ class VariantConfig:
     def blocks(self) -> Iterator[Tuple[str, str, int, int, int]]:
         """Yield (module path, kind, cin, cout, stride) for every block of the four stages."""
         cin = self.stem_width
-        for s in range(4):
+        for s, kind in enumerate(self.stage_kinds):
             cout = self.widths[s]
-            n_bottlenecks = self.depths[s] if s < 3 else 1
+            n_bottlenecks = self.depths[s] if kind == "C" else 1
             for b in range(n_bottlenecks):
                 stride = 2 if (b == 0 and s > 0) else 1
                 yield f"stages.{s}.{b}", "bottleneck", cin, cout, stride
                 cin = cout
-            if s == 3:
-                for b in range(1, self.depths[3] + 1):
-                    yield f"stages.3.{b}", "mixblock", cout, cout, 1
+            if kind == "M":
+                for b in range(1, self.depths[s] + 1):
+                    yield f"stages.{s}.{b}", "mixblock", cout, cout, 1
 
 
 VARIANTS: Dict[str, VariantConfig] = {}
@@ -132,6 +167,9 @@ for _cfg in (
     VariantConfig("trt-vit-b", (2, 3, 6, 2), description="41.7 M backbone parameters"),
     VariantConfig("trt-vit-c", (3, 4, 14, 3), description="64.7 M backbone parameters"),
     VariantConfig("trt-vit-d", (3, 4, 20, 4), description="85.1 M backbone parameters"),
+    # the paper's baseline: torchvision's ResNet-50 v1.5 (stride on the 3x3 convolution),
+    # 25,557,032 parameters with a 1000-class head
+    VariantConfig("resnet50", (3, 4, 6, 3), pattern="C-C-C-C", description="ResNet-50 v1.5 (the paper's baseline)"),
 ):
     register_variant(_cfg)
 
@@ -178,7 +216,7 @@ def count_macs(name: Union[str, VariantConfig], image_size: int = 224, num_class
                 macs += conv(cin, cout, 1, out_hw)
             hw = out_hw
         else:
-            d, m, n = config.mix_dim, config.mix_dim // 4, hw * hw
+            d, m, n = config.mix_dim_of(cout), config.mix_dim_of(cout) // 4, hw * hw
             macs += conv(cout, d, 1, hw)
             macs += n * d * 3 * d + n * d * d + 2 * n * d * config.mlp_ratio * d
             if include_attention:
@@ -226,7 +264,7 @@ def expected_shapes(name: Union[str, VariantConfig], num_classes: int = 1000) ->
             if cin != cout or stride != 1:
                 conv_bn(f"{path}.shortcut", cin, cout, 1)
         else:
-            d, m = config.mix_dim, config.mix_dim // 4
+            d, m = config.mix_dim_of(cout), config.mix_dim_of(cout) // 4
             conv_bn(f"{path}.reduce", cout, d, 1)
             t = f"{path}.transformer"
             for norm in ("norm1", "norm2"):

@@ -542,13 +542,13 @@ def quantizable_modules(config: Union[str, VariantConfig], num_classes: int = 10
     modules = {k[:-len(".weight")]: kinds[len(shape)] for k, shape in expected_shapes(config, num_classes).items()
                if k.endswith(".weight") and not k.endswith(".bn.weight") and k != "head.weight"}
     modules["stem.pool"] = "pool"
-    for path, kind, _, _, _ in config.blocks():
+    for path, kind, _, cout, _ in config.blocks():
         if kind == "bottleneck":
             modules[f"{path}.add"] = "add"
         else:
             modules[f"{path}.transformer.attn_residual"] = modules[f"{path}.transformer.mlp_residual"] = "add"
             modules[f"{path}.transformer.attn"] = "attention"
-            if config.widths[3] - config.mix_dim == config.mix_dim:  # MixBlockC's local residual
+            if 2 * config.mix_dim_of(cout) == cout:  # MixBlockC's local residual
                 modules[f"{path}.local_add"] = "add"
             modules[f"{path}.add"] = "add"
     return modules
