@@ -190,8 +190,8 @@ def test_bad_build_arguments_are_named(kwargs, message):
 
 
 def test_unknown_variant_and_bad_weights_argument():
-    with pytest.raises(ValueError, match="unknown TRT-ViT variant 'resnet50'"):
-        tv.build_engine("resnet50")
+    with pytest.raises(ValueError, match="unknown TRT-ViT variant 'resnet101'"):
+        tv.build_engine("resnet101")
     with pytest.raises(tv.WeightsError, match="weights must be None, a safetensors path or a state dict"):
         tv.build_network("trt-vit-a", weights=42)
 
