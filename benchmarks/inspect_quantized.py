@@ -103,9 +103,8 @@ def judged_modules(arch: str, q) -> Dict[str, str]:
 
     modules = {m: k for m, k in quantizable_modules(arch).items()
                if k in ("conv", "linear") and f"{m}.input_quantizer" in q.amax}
-    for m, k in quantizable_modules(arch).items():
-        if k == "attention" and f"{m}.q_bmm_quantizer" in q.amax:
-            modules.update({f"{m}.scores": "attention", f"{m}.context": "attention"})
+    for m in q.attention_modules:
+        modules.update({f"{m}.scores": "attention", f"{m}.context": "attention"})
     return modules
 
 

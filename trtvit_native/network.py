@@ -170,11 +170,6 @@ class BuiltNetwork:
                  time.perf_counter() - start, len(data))
         return data
 
-    def _fp8_attention(self) -> bool:
-        """Whether the attention is quantized (an fp8 file): then it is built from native
-        layers even where the plugins are used."""
-        return self.quantization is not None and any(k.endswith(".q_bmm_quantizer") for k in self.quantization.amax)
-
     def metadata(self, plan: bytes) -> Dict[str, Any]:
         """What a pipeline needs to know about the engine ``plan`` built from this network.
 
@@ -202,7 +197,9 @@ class BuiltNetwork:
             "plugins": self.plugins,
             "loads_in": (["Python processes that import trtvit_native (the trtvit plugin creators are Python)"]
                          if self.plugins else ["any process with the same TensorRT version (C++ or Python)"]),
-            "attention": "plugin" if self.plugins and not self._fp8_attention() else self.attention,
+            # a quantized (fp8) attention is built from native layers even where the plugins are used
+            "attention": "plugin" if self.plugins and not (self.quantization and self.quantization.attention_modules)
+            else self.attention,
             "backend": self.backend.label,
             "weights": self.weights_source,
             "layers": self.num_layers,
@@ -540,9 +537,10 @@ def attention(net: _Net, qkv: Any, name: str, heads: int, head_dim: int) -> Any:
         return add_attention(net, qkv, name, heads, head_dim)
     trt = net.trt
     fused = net.attention == "fused"
-    if fused and quantized:  # build_network refuses this first; a direct caller of define_network too
-        raise BuildError(f"{name}: attention='fused' (the IAttention layer) with fp8 attention quantizers is not "
-                         f"implemented; use attention='matmul'")
+    if fused and quantized:
+        raise BuildError(f"{name}: attention='fused' (the IAttention layer) with an fp8 file's attention quantizers "
+                         f"is not implemented (IAttention's normalization quantization); use attention='matmul', the "
+                         f"MatMul-SoftMax-MatMul form with a Q/DQ pair on each operand")
     packed = shuffle(net, qkv, f"{name}.unpack", reshape=(0, 0, 3, heads, head_dim))
     parts = []
     for i, part in enumerate("qkv"):
@@ -639,6 +637,11 @@ def mark_output(net: _Net, x: Any, name: str) -> None:
     net.network.mark_output(x)
 
 
+def _last_stage(outputs: Tuple[str, ...]) -> int:
+    """The last stage (0-based) the network computes for ``outputs``."""
+    return 3 if OUTPUT_NAME in outputs else max(STAGE_OUTPUTS.index(o) for o in outputs)
+
+
 def define_network(net: _Net, config: VariantConfig, image_hw: Tuple[int, int], dynamic: bool,
                    outputs: Tuple[str, ...] = (OUTPUT_NAME,)) -> None:
     """Add the TRT-ViT graph from ``images`` to the requested ``outputs`` (stage1..stage4,
@@ -650,7 +653,7 @@ def define_network(net: _Net, config: VariantConfig, image_hw: Tuple[int, int], 
     x = cast(net, images, net.dtype, "input_cast") if net.fp16 else images
     x = stem(net, x)
     hw = None if dynamic else (image_hw[0] // 4, image_hw[1] // 4)
-    last_stage = 3 if OUTPUT_NAME in outputs else max(STAGE_OUTPUTS.index(o) for o in outputs)
+    last_stage = _last_stage(outputs)
     blocks = [b for b in config.blocks() if int(b[0].split(".")[1]) <= last_stage]
     for i, (name, kind, cin, cout, stride) in enumerate(blocks):
         if kind == "bottleneck":
@@ -769,6 +772,30 @@ def resolve_plugins(backend: Backend, plugins: Union[str, bool]) -> bool:
     return False
 
 
+def _check_quantized(be: Backend, quant: Quantization, fp16: bool, low: Tuple[int, int], mix_strides: List[int],
+                     use_plugins: bool) -> None:
+    """Refuse fp8 on a TensorRT without it; warn where an fp8 attention will not fuse (an
+    fp32 network, fewer than 16 tokens): the engine computes what the file says either way.
+    (attention='fused' with an fp8 attention is refused where the attention is defined.)"""
+    if "fp8" in quant.precisions() and getattr(be.trt, "fp8", None) is None:
+        raise BackendError(f"fp8 quantization needs a TensorRT with the fp8 data type; {be.label} has none")
+    fp8_attention = bool(quant.attention_modules)
+    if fp8_attention and mix_strides:
+        if not fp16:
+            log.warning("fp8 attention in an fp32 network: TensorRT fuses FP8 attention with 16-bit tensors "
+                        "around its Q/DQ pairs (ModelOpt's FP8 MHA export requires them); build with fp16 for it")
+        tokens = (low[0] // max(mix_strides)) * (low[1] // max(mix_strides))  # the fewest
+        if tokens < 16:
+            log.warning("images of %dx%d give %d attention token(s): an fp8 attention product with a dimension "
+                        "below 16 has no efficient FP8 kernel (ModelOpt's ONNX quantizer leaves such products "
+                        "unquantized); quantize with --keep %s for small images", low[0], low[1], tokens,
+                        ",".join(quant.attention_modules))
+    if use_plugins:
+        log.info("quantized network: the fused LayerNorm%s plugins are used, with Q/DQ before them%s",
+                 "" if fp8_attention else "/attention",
+                 "; the fp8 attention is built as MatMul-SoftMax-MatMul with its Q/DQ pairs" if fp8_attention else "")
+
+
 def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
                   max_batch: int = 32, image_size: Optional[SizeArg] = None, plugins: Union[str, bool] = "auto",
                   seed: int = 0, backend: Optional[str] = None, attention: str = "matmul",
@@ -806,8 +833,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         raise BackendError(f"attention='fused' needs the IAttention layer (INetworkDefinition.add_attention), which "
                            f"{be.label} does not have; use attention='matmul'")
     use_plugins = resolve_plugins(be, plugins)
-    last_stage = 3 if OUTPUT_NAME in wanted else max(STAGE_OUTPUTS.index(o) for o in wanted)
-    mix_strides = [4 * 2 ** s for s in config.mix_stages if s <= last_stage]  # the stages holding attention
+    mix_strides = [4 * 2 ** s for s in config.mix_stages if s <= _last_stage(wanted)]  # the stages holding attention
     if use_plugins and mix_strides:
         from .kernels import FLOAT32, UNSUPPORTED, attention_max_tokens, load_kernel_library
 
@@ -830,27 +856,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     state, source = _state_as_numpy(weights, config, seed)
     quant = _quantization_of(weights, config, quantization)
     if quant is not None:
-        if "fp8" in quant.precisions() and getattr(be.trt, "fp8", None) is None:
-            raise BackendError(f"fp8 quantization needs a TensorRT with the fp8 data type; {be.label} has none")
-        fp8_attention = any(k.endswith(".q_bmm_quantizer") for k in quant.amax)
-        if fp8_attention and mix_strides:
-            if attention == "fused":
-                raise BuildError("attention='fused' (the IAttention layer) with an fp8 file's attention quantizers "
-                                 "is not implemented (IAttention's normalization quantization); use "
-                                 "attention='matmul', the MatMul-SoftMax-MatMul form with a Q/DQ pair on each operand")
-            if not fp16:  # a warning: the engine computes what the file says either way
-                log.warning("fp8 attention in an fp32 network: TensorRT fuses FP8 attention with 16-bit tensors "
-                            "around its Q/DQ pairs (ModelOpt's FP8 MHA export requires them); build with fp16 for it")
-            tokens = (low[0] // max(mix_strides)) * (low[1] // max(mix_strides))  # the fewest
-            if tokens < 16:
-                log.warning("images of %dx%d give %d attention token(s): an fp8 attention product with a dimension "
-                            "below 16 has no efficient FP8 kernel (ModelOpt's ONNX quantizer leaves such products "
-                            "unquantized); quantize with --keep %s for small images", low[0], low[1], tokens,
-                            ",".join(k.rsplit(".", 1)[0] for k in sorted(quant.amax) if k.endswith(".q_bmm_quantizer")))
-        if use_plugins:
-            log.info("quantized network: the fused LayerNorm%s plugins are used, with Q/DQ before them%s",
-                     "" if fp8_attention else "/attention",
-                     "; the fp8 attention is built as MatMul-SoftMax-MatMul with its Q/DQ pairs" if fp8_attention else "")
+        _check_quantized(be, quant, fp16, low, mix_strides, use_plugins)
     start = time.perf_counter()
     trt = be.trt
     logger = CollectingLogger(trt)

@@ -508,6 +508,11 @@ class Quantization:
         return (np.asarray(self.amax[quantizer], dtype=np.float32) / np.float32(self.bound_of(quantizer))
                 ).astype(np.float32)
 
+    @property
+    def attention_modules(self) -> Tuple[str, ...]:
+        """The attention modules the file quantizes (fp8 files: their four quantizers)."""
+        return tuple(sorted(q[:-len(".q_bmm_quantizer")] for q in self.amax if q.endswith(".q_bmm_quantizer")))
+
     def precisions(self) -> Tuple[str, ...]:
         """The precisions the file quantizes to, e.g. ``("int8", "fp8")`` for a mixed file."""
         return tuple(p for p in QUANT_PRECISIONS if any(self.precision_of(q) == p for q in self.amax))
@@ -520,7 +525,7 @@ class Quantization:
     def describe(self) -> str:
         kept = f", keeping {','.join(self.keep)} unquantized" if self.keep else ""
         what = self.precision if self.precision == "int8" else \
-            f"fp8 GEMMs{' and attention' if any('_bmm_quantizer' in q for q in self.amax) else ''}, " \
+            f"fp8 GEMMs{' and attention' if self.attention_modules else ''}, " \
             f"{'int8' if self.conv_precision == 'int8' else 'floating-point'} convolutions"
         return f"{what} ({self.method} calibration on {self.images} images{kept})"
 
