@@ -18,7 +18,7 @@ from torch import nn
 
 from .variants import BN_EPS, IMAGENET_MEAN, IMAGENET_STD, LN_EPS, VARIANTS, VariantConfig, get_config
 
-__all__ = ["TRTViT", "create_model", "count_parameters", "synthetic_images", "photographs", "imagenet_normalize"]
+__all__ = ["TRTViT", "MixBlockA", "MixBlockB", "MixBlockC", "TransformerBlock", "create_model", "count_parameters", "synthetic_images", "photographs", "imagenet_normalize"]
 
 
 # --------------------------------------------------------------------------------------
@@ -128,8 +128,15 @@ class Transformer(nn.Module):
         return self.mlp_residual(self.fc2(self.gelu(self.fc1(self.norm2(z)))), z)
 
 
-class MixBlockC(nn.Module):
-    """Global (Transformer on d = R*C channels) then local (BottleNeck to C - d channels)."""
+class MixBlock(nn.Module):
+    """The layers every mix block has (keys ``reduce``, ``transformer``, ``conv1|2|3``):
+    y = BN(Conv1x1 C -> d)(x), a Transformer on d = R*C channels, and a local BottleNeck
+    d -> m = d/4 -> m -> C - d. The kinds differ in how they wire them (``forward``), so at
+    R = 0.5 their weights have the same keys and shapes: a weights file records which kind
+    it holds (:meth:`~trtvit_native.variants.VariantConfig.architecture`).
+    """
+
+    kind = ""
 
     def __init__(self, channels: int, mix_dim: int, head_dim: int, mlp_ratio: int):
         super().__init__()
@@ -145,15 +152,69 @@ class MixBlockC(nn.Module):
         self.local_add = ResidualAdd() if self.local_residual else None
         self.add = ResidualAdd()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        y = self.reduce(x)
-        d = y.shape[1]
-        t = self.transformer(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, d, h, w)
-        local = self.conv3(self.relu2(self.conv2(self.relu1(self.conv1(t)))))
+    def global_branch(self, y: torch.Tensor) -> torch.Tensor:
+        """The Transformer on the map y (B, d, H, W), as tokens (B, H*W, d); a map again."""
+        b, d, h, w = y.shape
+        return self.transformer(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, d, h, w)
+
+    def local_branch(self, y: torch.Tensor) -> torch.Tensor:
+        """The BottleNeck on y; with C - d = d channels it keeps y as its residual."""
+        local = self.conv3(self.relu2(self.conv2(self.relu1(self.conv1(y)))))
         if self.local_relu is not None:
-            local = self.local_relu(self.local_add(t, local))
-        return self.add(x, torch.cat([t, local], dim=1))
+            local = self.local_relu(self.local_add(y, local))
+        return local
+
+
+class MixBlockA(MixBlock):
+    """Parallel (any R): t = Transformer(y) and b = BottleNeck(y), then x + concat(t, b)."""
+
+    kind = "A"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.reduce(x)
+        return self.add(x, torch.cat([self.global_branch(y), self.local_branch(y)], dim=1))
+
+
+class MixBlockB(MixBlock):
+    """Serial, local then global (R = 0.5): b = BottleNeck(y), t = Transformer(b), then
+    x + concat(b, t)."""
+
+    kind = "B"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = self.local_branch(self.reduce(x))
+        return self.add(x, torch.cat([local, self.global_branch(local)], dim=1))
+
+
+class MixBlockC(MixBlock):
+    """Serial, global then local (any R; TRT-ViT's): t = Transformer(y), b = BottleNeck(t),
+    then x + concat(t, b)."""
+
+    kind = "C"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.global_branch(self.reduce(x))
+        return self.add(x, torch.cat([t, self.local_branch(t)], dim=1))
+
+
+MIX_BLOCK_CLASSES = {cls.kind: cls for cls in (MixBlockA, MixBlockB, MixBlockC)}
+
+
+class TransformerBlock(MixBlock):
+    """A ``T`` stage's block (MixNetV): x + BN(Conv1x1 d -> C)(Transformer(BN(Conv1x1 C -> d)(x))),
+    keys ``reduce``, ``transformer``, ``expand``; no activation after the sum."""
+
+    kind = "T"
+
+    def __init__(self, channels: int, mix_dim: int, head_dim: int, mlp_ratio: int):
+        nn.Module.__init__(self)
+        self.reduce = ConvBN(channels, mix_dim, 1)
+        self.transformer = Transformer(mix_dim, head_dim, mlp_ratio)
+        self.expand = ConvBN(mix_dim, channels, 1)
+        self.add = ResidualAdd()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add(x, self.expand(self.global_branch(self.reduce(x))))
 
 
 class TRTViT(nn.Module):
@@ -181,7 +242,8 @@ class TRTViT(nn.Module):
             if kind == "bottleneck":
                 stages[s].append(BottleNeck(cin, cout, stride))
             else:
-                stages[s].append(MixBlockC(cout, config.mix_dim_of(cout), config.head_dim, config.mlp_ratio))
+                block = TransformerBlock if kind == "transformer" else MIX_BLOCK_CLASSES[config.mix_block]
+                stages[s].append(block(cout, config.mix_dim_of(cout), config.head_dim, config.mlp_ratio))
         last = self.out_indices[-1] if self.features_only else 3
         self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages[:last + 1])
         self.head = None if self.features_only else nn.Linear(config.num_features, self.num_classes)
@@ -267,7 +329,7 @@ def _seeded_init(model: TRTViT, seed: int, calibration_batch: int = 8, image_siz
     Convolutions: Kaiming-normal (fan-out, ReLU gain). Linears: normal(0, 1/sqrt(fan_in)),
     which makes attention logits O(1) so softmax is neither uniform nor saturated.
     BatchNorm affine parameters are randomized around (1, 0) so BN folding is exercised,
-    the last BN of every residual branch is scaled down (0.25) to keep the residual stream
+    the last BN of every residual branch (``conv3``, a ``T`` block's ``expand``) is scaled down (0.25) to keep the residual stream
     bounded, and the running statistics are then calibrated on synthetic images, one
     BatchNorm at a time in network order, so every BN sees the statistics it normalizes.
     """
@@ -283,8 +345,8 @@ def _seeded_init(model: TRTViT, seed: int, calibration_batch: int = 8, image_siz
         elif isinstance(mod, nn.BatchNorm2d):
             mod.weight.copy_(1.0 + 0.2 * (torch.rand(mod.weight.shape, generator=g) - 0.5))
             mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=g))
-            if name.endswith(("conv3.bn", "shortcut.bn")):
-                mod.weight.mul_(0.25 if name.endswith("conv3.bn") else 1.0)
+            if name.endswith(("conv3.bn", "expand.bn")):  # a residual branch's last BN
+                mod.weight.mul_(0.25)
         elif isinstance(mod, nn.LayerNorm):
             mod.weight.copy_(1.0 + 0.2 * (torch.rand(mod.weight.shape, generator=g) - 0.5))
             mod.bias.copy_(0.05 * torch.randn(mod.bias.shape, generator=g))

@@ -593,35 +593,62 @@ def transformer(net: _Net, z: Any, name: str, heads: int, head_dim: int) -> Any:
     return residual_add(net, z, linear(net, h, f"{name}.fc2"), f"{name}.mlp_residual", name)
 
 
-def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig,
-             hw: Optional[Tuple[int, int]]) -> Any:
-    """MixBlockC: global (Transformer on d channels) then local (BottleNeck to C - d).
-
-    ``hw``: the feature map's (H, W), or None where the network's spatial size is dynamic:
-    then the tokens are (B, d, H*W) by a -1 reshape, and the map comes back with the shape
-    of the reduced map read at run time (a shape tensor), never a constant.
-    """
-    d = config.mix_dim_of(channels)
-    y = conv_bn(net, x, f"{name}.reduce")
+def _global_branch(net: _Net, y: Any, name: str, config: VariantConfig, hw: Optional[Tuple[int, int]]) -> Any:
+    """The Transformer ``{name}.transformer`` on the map y (B, d, H, W), as tokens (B, H*W, d),
+    back to a map. ``hw``: the map's (H, W), or None where the network's spatial size is
+    dynamic: then the tokens come from a -1 reshape, and the map from y's shape read at run
+    time (a shape tensor), never a constant."""
+    d = y.shape[1]
     tokens = shuffle(net, y, f"{name}.to_tokens", reshape=(0, d, -1 if hw is None else hw[0] * hw[1]),
                      second=(0, 2, 1))
     tokens = transformer(net, tokens, f"{name}.transformer", d // config.head_dim, config.head_dim)
-    if hw is None:
-        map_shape = net.named(net.network.add_shape(y), f"{name}.map_shape")
-        layer = net.network.add_shuffle(tokens)
-        layer.first_transpose = (0, 2, 1)
-        layer.set_input(1, map_shape)
-        t = net.named(layer, f"{name}.to_map")
-    else:
-        t = shuffle(net, tokens, f"{name}.to_map", first=(0, 2, 1), reshape=(0, d, hw[0], hw[1]))
-    local = relu(net, conv_bn(net, t, f"{name}.conv1"), f"{name}.relu1")
+    if hw is not None:
+        return shuffle(net, tokens, f"{name}.to_map", first=(0, 2, 1), reshape=(0, d, hw[0], hw[1]))
+    map_shape = net.named(net.network.add_shape(y), f"{name}.map_shape")
+    layer = net.network.add_shuffle(tokens)
+    layer.first_transpose = (0, 2, 1)
+    layer.set_input(1, map_shape)
+    return net.named(layer, f"{name}.to_map")
+
+
+def _local_branch(net: _Net, y: Any, name: str, channels: int) -> Any:
+    """The mix block's BottleNeck on y (d channels) to C - d; with C - d = d, y is its residual."""
+    local = relu(net, conv_bn(net, y, f"{name}.conv1"), f"{name}.relu1")
     local = relu(net, conv_bn(net, local, f"{name}.conv2"), f"{name}.relu2")
     local = conv_bn(net, local, f"{name}.conv3")
-    if channels - d == d:
-        local = relu(net, residual_add(net, local, t, f"{name}.local_add"), f"{name}.local_relu")
-    cat = net.network.add_concatenation([t, local])
+    if channels - y.shape[1] == y.shape[1]:
+        local = relu(net, residual_add(net, local, y, f"{name}.local_add"), f"{name}.local_relu")
+    return local
+
+
+def mixblock(net: _Net, x: Any, name: str, channels: int, config: VariantConfig,
+             hw: Optional[Tuple[int, int]]) -> Any:
+    """The mix block of ``config.mix_block`` (the reference's MixBlockA/B/C), x + concat(...):
+
+    * A, parallel: t = Transformer(y), b = BottleNeck(y), concat(t, b);
+    * B, serial, local then global: b = BottleNeck(y), t = Transformer(b), concat(b, t);
+    * C, serial, global then local: t = Transformer(y), b = BottleNeck(t), concat(t, b);
+
+    with y = reduce(x) on d = R*C channels. ``hw`` as in :func:`_global_branch`.
+    """
+    y = conv_bn(net, x, f"{name}.reduce")
+    if config.mix_block == "A":
+        parts = [_global_branch(net, y, name, config, hw), _local_branch(net, y, name, channels)]
+    elif config.mix_block == "B":
+        local = _local_branch(net, y, name, channels)
+        parts = [local, _global_branch(net, local, name, config, hw)]
+    else:
+        t = _global_branch(net, y, name, config, hw)
+        parts = [t, _local_branch(net, t, name, channels)]
+    cat = net.network.add_concatenation(parts)
     cat.axis = 1
     return residual_add(net, net.named(cat, f"{name}.concat"), x, f"{name}.add", name)
+
+
+def transformer_block(net: _Net, x: Any, name: str, config: VariantConfig, hw: Optional[Tuple[int, int]]) -> Any:
+    """A ``T`` stage's block (MixNetV): x + expand(Transformer(reduce(x))), no activation."""
+    t = _global_branch(net, conv_bn(net, x, f"{name}.reduce"), name, config, hw)
+    return residual_add(net, conv_bn(net, t, f"{name}.expand"), x, f"{name}.add", name)
 
 
 def head(net: _Net, x: Any) -> Any:
@@ -659,6 +686,8 @@ def define_network(net: _Net, config: VariantConfig, image_hw: Tuple[int, int], 
         if kind == "bottleneck":
             x = bottleneck(net, x, name, cin, cout, stride)
             hw = None if hw is None else (hw[0] // stride, hw[1] // stride)
+        elif kind == "transformer":
+            x = transformer_block(net, x, name, config, hw)
         else:
             x = mixblock(net, x, name, cout, config, hw)
         stage = int(name.split(".")[1])
@@ -833,7 +862,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
         raise BackendError(f"attention='fused' needs the IAttention layer (INetworkDefinition.add_attention), which "
                            f"{be.label} does not have; use attention='matmul'")
     use_plugins = resolve_plugins(be, plugins)
-    mix_strides = [4 * 2 ** s for s in config.mix_stages if s <= _last_stage(wanted)]  # the stages holding attention
+    mix_strides = [4 * 2 ** s for s in config.transformer_stages if s <= _last_stage(wanted)]  # the stages holding attention
     if use_plugins and mix_strides:
         from .kernels import FLOAT32, UNSUPPORTED, attention_max_tokens, load_kernel_library
 

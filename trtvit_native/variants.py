@@ -11,15 +11,25 @@ What this package builds:
 
 The per-variant depths are this project's choice (the paper's per-variant table was not
 available), set so that trt-vit-c's backbone has the ~65 M parameters published for it.
+
+The paper's design space is data too: a stage pattern (:data:`STAGE_KINDS`: ``C``, ``M``,
+``T``) and the mix block (:data:`MIX_BLOCKS`: ``A``, ``B``, ``C``). MixBlockA, MixBlockB and
+the ``T`` stage are this project's reading of the paper's "parallel", "serial, local then
+global" and MixNetV (its figures were not at hand); :mod:`trtvit_native.model` gives
+their exact definitions. A config can be a JSON file of its fields
+(:func:`get_config`), and a weights file records its architecture
+(:meth:`VariantConfig.architecture`), so a file of one mix block never loads into another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple, Union
+import json
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Tuple, Union
 
 __all__ = ["VariantConfig", "VARIANTS", "register_variant", "get_config", "list_variants", "count_macs",
-           "count_config_parameters",
+           "count_config_parameters", "config_from_json", "STAGE_KINDS", "MIX_BLOCKS",
            "expected_shapes", "BN_EPS", "LN_EPS"]
 
 BN_EPS = 1e-5
@@ -45,8 +55,18 @@ PREPROCESSING = {
 # Block kinds per stage, one letter each in a stage pattern ("C-C-C-M" is TRT-ViT):
 STAGE_KINDS = {
     "C": "BottleNecks only (the first one down-samples, but in stage 1)",
-    "M": "a down-sampling BottleNeck, then MixBlockC blocks",
+    "M": "a down-sampling BottleNeck, then mix blocks (mix_block A, B or C)",
+    "T": "a down-sampling BottleNeck, then Transformer blocks (MixNetV)",
 }
+# The mix block of the M stages:
+MIX_BLOCKS = {
+    "A": "parallel: Transformer and BottleNeck side by side on the reduced map",
+    "B": "serial, local then global: BottleNeck, then Transformer on its output (mix_ratio 0.5 only)",
+    "C": "serial, global then local: Transformer, then BottleNeck on its output (TRT-ViT)",
+}
+# What a weights file records of its config ("config" metadata) and loading compares.
+ARCHITECTURE_FIELDS = ("pattern", "mix_block", "mix_ratio", "depths", "widths", "stem_width", "head_dim",
+                       "mlp_ratio")
 
 
 @dataclass(frozen=True)
@@ -54,9 +74,10 @@ class VariantConfig:
     """Everything that defines a variant's architecture.
 
     ``pattern`` gives each stage's kind (:data:`STAGE_KINDS`), ``-`` between stages.
-    ``depths`` counts each stage's blocks: a ``C`` stage's BottleNecks, an ``M`` stage's
-    MixBlockC blocks after its one down-sampling BottleNeck. In an ``M`` stage of width C
-    the Transformer works on d = ``mix_ratio`` * C channels.
+    ``depths`` counts each stage's blocks: a ``C`` stage's BottleNecks, an ``M`` or ``T``
+    stage's mix or Transformer blocks after its one down-sampling BottleNeck. In an ``M`` or
+    ``T`` stage of width C the Transformer works on d = ``mix_ratio`` * C channels.
+    ``mix_block`` is the kind of the ``M`` stages' blocks (:data:`MIX_BLOCKS`).
     """
 
     name: str
@@ -68,6 +89,7 @@ class VariantConfig:
     mlp_ratio: int = 3
     description: str = ""
     pattern: str = "C-C-C-M"
+    mix_block: str = "C"
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,10 +115,16 @@ class VariantConfig:
             problems.append(f"stem_width must be positive, got {self.stem_width}")
         if self.head_dim <= 0 or self.mlp_ratio <= 0:
             problems.append("head_dim and mlp_ratio must be positive")
+        if self.mix_block not in MIX_BLOCKS:
+            problems.append(f"mix_block {self.mix_block!r} is not one of "
+                            f"{', '.join(f'{k} ({v})' for k, v in MIX_BLOCKS.items())}")
         if not problems and not 0.0 < self.mix_ratio < 1.0:
             problems.append(f"mix_ratio must lie in (0, 1), got {self.mix_ratio}")
+        if not problems and self.mix_block == "B" and self.mix_stages and self.mix_ratio != 0.5:
+            problems.append(f"MixBlockB needs mix_ratio 0.5 (its BottleNeck returns d channels, and "
+                            f"concat(b, t) must have C = 2d), got {self.mix_ratio}")
         if not problems:
-            for s in self.mix_stages:
+            for s in self.transformer_stages:
                 c = self.widths[s]
                 d = self.mix_ratio * c
                 if d != int(d) or int(d) % 4 or int(d) % self.head_dim:
@@ -114,17 +142,28 @@ class VariantConfig:
 
     @property
     def mix_stages(self) -> Tuple[int, ...]:
-        """The stages (0-based) that hold MixBlockC blocks."""
+        """The stages (0-based) that hold mix blocks (``M``)."""
         return tuple(s for s, k in enumerate(self.stage_kinds) if k == "M")
 
+    @property
+    def transformer_stages(self) -> Tuple[int, ...]:
+        """The stages (0-based) that hold a Transformer: ``M`` and ``T`` stages."""
+        return tuple(s for s, k in enumerate(self.stage_kinds) if k in ("M", "T"))
+
     def mix_dim_of(self, channels: int) -> int:
-        """d = R * C, the channel count the Transformer of a MixBlockC of width C works on."""
+        """d = R * C, the channel count the Transformer of a block of width C works on."""
         return int(self.mix_ratio * channels)
 
     @property
     def mix_dim(self) -> int:
-        """d of the last stage's MixBlockC (TRT-ViT's stage 4)."""
+        """d of a Transformer in the last stage (TRT-ViT's stage 4)."""
         return self.mix_dim_of(self.widths[3])
+
+    def architecture(self) -> Dict[str, Any]:
+        """The fields that define the network (:data:`ARCHITECTURE_FIELDS`), JSON-ready: what
+        a weights file records, and what loading it compares."""
+        return {f: (list(v) if isinstance(v, tuple) else v)
+                for f, v in ((f, getattr(self, f)) for f in ARCHITECTURE_FIELDS)}
 
     @property
     def heads(self) -> int:
@@ -135,7 +174,8 @@ class VariantConfig:
         return self.widths[3]
 
     def blocks(self) -> Iterator[Tuple[str, str, int, int, int]]:
-        """Yield (module path, kind, cin, cout, stride) for every block of the four stages."""
+        """Yield (module path, kind, cin, cout, stride) for every block of the four stages;
+        kind is ``bottleneck``, ``mixblock`` (of :attr:`mix_block`) or ``transformer``."""
         cin = self.stem_width
         for s, kind in enumerate(self.stage_kinds):
             cout = self.widths[s]
@@ -144,9 +184,9 @@ class VariantConfig:
                 stride = 2 if (b == 0 and s > 0) else 1
                 yield f"stages.{s}.{b}", "bottleneck", cin, cout, stride
                 cin = cout
-            if kind == "M":
+            if kind in ("M", "T"):
                 for b in range(1, self.depths[s] + 1):
-                    yield f"stages.{s}.{b}", "mixblock", cout, cout, 1
+                    yield f"stages.{s}.{b}", "mixblock" if kind == "M" else "transformer", cout, cout, 1
 
 
 VARIANTS: Dict[str, VariantConfig] = {}
@@ -170,6 +210,8 @@ for _cfg in (
     # the paper's baseline: torchvision's ResNet-50 v1.5 (stride on the 3x3 convolution),
     # 25,557,032 parameters with a 1000-class head
     VariantConfig("resnet50", (3, 4, 6, 3), pattern="C-C-C-C", description="ResNet-50 v1.5 (the paper's baseline)"),
+    # the paper's MixNetV: ResNet-50 with its last stage's blocks replaced by Transformer blocks
+    VariantConfig("mixnet-v", (3, 4, 6, 2), pattern="C-C-C-T", description="MixNetV (Transformer blocks in stage 4)"),
 ):
     register_variant(_cfg)
 
@@ -178,14 +220,52 @@ def list_variants() -> List[str]:
     return sorted(VARIANTS)
 
 
-def get_config(name_or_config: Union[str, VariantConfig]) -> VariantConfig:
-    """Resolve a registered variant name (or pass a config through)."""
+_REQUIRED_FIELDS = ("name", "depths")
+
+
+def config_from_json(fields: Mapping[str, Any], source: str = "config") -> VariantConfig:
+    """A :class:`VariantConfig` from a JSON object of its fields: ``name`` and ``depths`` are
+    required, the rest default to TRT-ViT's; unknown or missing fields are named."""
+    known = VariantConfig.__dataclass_fields__
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"{source}: a variant config is a JSON object of VariantConfig fields, got "
+                         f"{type(fields).__name__}")
+    unknown = sorted(set(fields) - set(known))
+    missing = [f for f in _REQUIRED_FIELDS if f not in fields]
+    if unknown or missing:
+        raise ValueError(f"{source}: " + "; ".join(
+            ([f"unknown field(s) {', '.join(unknown)} (fields: {', '.join(known)})"] if unknown else [])
+            + ([f"missing required field(s) {', '.join(missing)}"] if missing else [])))
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    try:
+        return VariantConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _read_json_config(path: str) -> VariantConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            fields = json.load(f)
+    except OSError as e:
+        raise ValueError(f"variant config {path}: cannot be read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"variant config {path}: not JSON ({e})") from None
+    return config_from_json(fields, f"variant config {path}")
+
+
+def get_config(name_or_config: Union[str, "os.PathLike[str]", VariantConfig]) -> VariantConfig:
+    """Resolve a registered variant name, or a JSON file of :class:`VariantConfig` fields
+    (``name`` and ``depths`` required), or pass a config through."""
     if isinstance(name_or_config, VariantConfig):
         return name_or_config
     if isinstance(name_or_config, str) and name_or_config in VARIANTS:
         return VARIANTS[name_or_config]
+    if isinstance(name_or_config, (str, os.PathLike)) and os.fspath(name_or_config).endswith(".json"):
+        return _read_json_config(os.fspath(name_or_config))
     raise ValueError(
-        f"unknown TRT-ViT variant {name_or_config!r}; known variants: {', '.join(list_variants())}"
+        f"unknown TRT-ViT variant {name_or_config!r}; known variants: {', '.join(list_variants())} "
+        f"(or a JSON file of VariantConfig fields)"
     )
 
 
@@ -215,13 +295,16 @@ def count_macs(name: Union[str, VariantConfig], image_size: int = 224, num_class
             if cin != cout or stride != 1:
                 macs += conv(cin, cout, 1, out_hw)
             hw = out_hw
-        else:
+        else:  # mix and Transformer blocks: reduce, Transformer, then a BottleNeck or expand
             d, m, n = config.mix_dim_of(cout), config.mix_dim_of(cout) // 4, hw * hw
             macs += conv(cout, d, 1, hw)
             macs += n * d * 3 * d + n * d * d + 2 * n * d * config.mlp_ratio * d
             if include_attention:
                 macs += 2 * n * n * d
-            macs += conv(d, m, 1, hw) + conv(m, m, 3, hw) + conv(m, cout - d, 1, hw)
+            if kind == "transformer":
+                macs += conv(d, cout, 1, hw)
+            else:
+                macs += conv(d, m, 1, hw) + conv(m, m, 3, hw) + conv(m, cout - d, 1, hw)
     return macs + config.num_features * num_classes
 
 
@@ -273,6 +356,9 @@ def expected_shapes(name: Union[str, VariantConfig], num_classes: int = 1000) ->
             linear(f"{t}.proj", d, d)
             linear(f"{t}.fc1", d, config.mlp_ratio * d)
             linear(f"{t}.fc2", config.mlp_ratio * d, d)
+            if kind == "transformer":
+                conv_bn(f"{path}.expand", d, cout, 1)
+                continue
             conv_bn(f"{path}.conv1", d, m, 1)
             conv_bn(f"{path}.conv2", m, m, 3)
             conv_bn(f"{path}.conv3", m, cout - d, 1)

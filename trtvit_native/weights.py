@@ -550,10 +550,10 @@ def quantizable_modules(config: Union[str, VariantConfig], num_classes: int = 10
     for path, kind, _, cout, _ in config.blocks():
         if kind == "bottleneck":
             modules[f"{path}.add"] = "add"
-        else:
+        else:  # mix and Transformer blocks
             modules[f"{path}.transformer.attn_residual"] = modules[f"{path}.transformer.mlp_residual"] = "add"
             modules[f"{path}.transformer.attn"] = "attention"
-            if 2 * config.mix_dim_of(cout) == cout:  # MixBlockC's local residual
+            if kind == "mixblock" and 2 * config.mix_dim_of(cout) == cout:  # the mix block's local residual
                 modules[f"{path}.local_add"] = "add"
             modules[f"{path}.add"] = "add"
     return modules
