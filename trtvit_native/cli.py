@@ -282,10 +282,10 @@ def _plugins_arg(value: str):
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .variants import get_config
+    from .weights import resolve_config
     from .network import build_network
 
-    get_config(args.variant)  # fail fast on an unknown name
+    resolve_config(args.variant, args.weights)  # fail fast on an unknown name
     _check_engine_output(args.output)
     check_output_path(args.output)
     args.image_size, size_line = _network_image_size(args)

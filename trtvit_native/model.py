@@ -395,15 +395,14 @@ def create_model(
     class names, in output order) and ``image_size`` (the size it was trained at), each
     None when not recorded.
     """
-    if name is None:
-        from .weights import WeightsError, read_metadata
+    if name is None and not isinstance(weights, (str, os.PathLike)):
+        raise ValueError("create_model needs a variant name, or weights= a weights file whose metadata names it")
+    if name is None or isinstance(weights, (str, os.PathLike)):
+        from .weights import resolve_config
 
-        if not isinstance(weights, (str, os.PathLike)):
-            raise ValueError("create_model needs a variant name, or weights= a weights file whose metadata names it")
-        name = read_metadata(weights).get("arch")
-        if name is None:
-            raise WeightsError(f"{weights}: no 'arch' in the file's metadata; give the variant name")
-    config = get_config(name)
+        config = resolve_config(name, weights)
+    else:
+        config = get_config(name)
     if weights is not None:
         from .weights import WeightsError, load_weights, validate_state_dict  # weights imports nothing from here
 

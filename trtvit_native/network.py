@@ -27,9 +27,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .backend import Backend, BackendError, CollectingLogger, get_backend
-from .variants import BN_EPS, LN_EPS, PREPROCESSING, VariantConfig, get_config
-from .weights import (Quantization, WeightsError, is_quantized, load_arrays, load_quantization, trained_image_size,
-                      validate_arrays)
+from .variants import BN_EPS, LN_EPS, PREPROCESSING, VariantConfig
+from .weights import (Quantization, WeightsError, is_quantized, load_arrays, load_quantization, resolve_config,
+                      trained_image_size, validate_arrays)
 
 __all__ = ["BuiltNetwork", "BuildError", "build_network", "build_engine", "INPUT_NAME", "OUTPUT_NAME",
            "STAGE_OUTPUTS", "OUTPUT_NAMES", "MAX_BATCH_LIMIT", "image_hw", "resolve_outputs"]
@@ -849,7 +849,7 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     :class:`~trtvit_native.weights.Quantization`) does the same for weights given as a
     state dict or an unquantized file.
     """
-    config = get_config(name_or_config)
+    config = resolve_config(name_or_config, weights)
     _check_arguments(fp16, max_batch, plugins, attention)
     trained = trained_image_size(weights) if isinstance(weights, (str, os.PathLike)) else None
     if image_size is None:

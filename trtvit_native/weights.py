@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 
 import numpy as np
 
-from .variants import VARIANTS, VariantConfig, expected_shapes, get_config
+from .variants import ARCHITECTURE_FIELDS, VARIANTS, VariantConfig, config_from_json, expected_shapes, get_config
 
 if TYPE_CHECKING:  # torch is needed only by the functions that return torch tensors
     import torch
@@ -216,9 +216,7 @@ def save_weights(model_or_state_dict: Union["torch.nn.Module", Mapping[str, "tor
     tensors = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in state.items()}
     meta = {"arch": config.name, "format": FORMAT_VERSION,
             "num_classes": str(int(state["head.weight"].shape[0])),
-            "config": json.dumps({"depths": list(config.depths), "widths": list(config.widths),
-                                  "stem_width": config.stem_width, "mix_ratio": config.mix_ratio,
-                                  "head_dim": config.head_dim, "mlp_ratio": config.mlp_ratio})}
+            "config": json.dumps(config.architecture())}
     meta.update(metadata or {})
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -332,9 +330,10 @@ def load_arrays(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None
     if config is None:
         if name is None:
             raise WeightsError(f"{path}: no 'arch' in the file's metadata; pass arch= to say which variant it holds")
-        if name not in VARIANTS:
+        config = VARIANTS.get(name) or _recorded_config(meta, path)
+        if config is None:
             raise WeightsError(f"{path}: unknown arch {name!r}; known variants: {', '.join(sorted(VARIANTS))}")
-        config = VARIANTS[name]
+    _check_architecture(meta, config, path)
     quantized = isinstance(meta, dict) and _QUANT_KEY in meta
     entries = {k: (tuple(info.get("shape", ())), _FILE_DTYPES.get(info.get("dtype"), str(info.get("dtype"))))
                for k, info in header.items() if not k.endswith(_IGNORED_SUFFIX)
@@ -354,6 +353,79 @@ def load_arrays(path: PathLike, arch: Optional[Union[str, VariantConfig]] = None
     if quantized:  # every amax entry is checked whenever the file is read
         _quantization_from(header, meta, mapping, data_start, config, path, arrays)
     return arrays
+
+
+def _recorded_architecture(meta: Mapping[str, str], path: str) -> Optional[Dict[str, Any]]:
+    """The architecture a file records (its ``config`` metadata), or None (older files)."""
+    raw = meta.get("config") if isinstance(meta, dict) else None
+    if raw is None:
+        return None
+    try:
+        fields = json.loads(raw)
+    except json.JSONDecodeError:
+        raise WeightsError(f"{path}: metadata 'config' is not JSON") from None
+    if not isinstance(fields, dict):
+        raise WeightsError(f"{path}: metadata 'config' is not a JSON object of architecture fields")
+    return fields
+
+
+def _recorded_config(meta: Mapping[str, str], path: str) -> Optional[VariantConfig]:
+    """The config of a custom (unregistered) variant, from the architecture its file records."""
+    fields = _recorded_architecture(meta, path)
+    if fields is None or not isinstance(meta.get("arch"), str):
+        return None
+    try:
+        return config_from_json({"name": meta["arch"], **fields}, f"{path}: metadata 'config'")
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+
+
+def _check_architecture(meta: Mapping[str, str], config: VariantConfig, path: str) -> None:
+    """The file's recorded architecture must be ``config``'s: at mix_ratio 0.5, MixBlockA, B
+    and C have the same keys and shapes, so only the record tells them apart. Fields a
+    file does not record (files written before they existed) are not compared."""
+    recorded = _recorded_architecture(meta, path)
+    if recorded is None:
+        return
+    expected = config.architecture()
+    differ = [f"{f} {recorded[f]!r} (the variant has {expected[f]!r})" for f in ARCHITECTURE_FIELDS
+              if f in recorded and recorded[f] != expected[f]]
+    if differ:
+        raise WeightsError(f"{path}: architecture mismatch with {config.name!r}: the file records "
+                           + ", ".join(differ))
+
+
+def config_of_file(path: PathLike) -> VariantConfig:
+    """The config of the variant a weights file holds: a registered one by its ``arch``, or
+    the architecture the file records (a custom variant, e.g. from a JSON config)."""
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    name = meta.get("arch")
+    if name is None:
+        raise WeightsError(f"{path}: no 'arch' in the file's metadata; give the variant name")
+    config = VARIANTS.get(name) or _recorded_config(meta, path)
+    if config is None:
+        raise WeightsError(f"{path}: unknown arch {name!r} and no recorded architecture; known variants: "
+                           f"{', '.join(sorted(VARIANTS))}")
+    return config
+
+
+def resolve_config(variant: Union[None, str, "os.PathLike[str]", VariantConfig],
+                   weights: Any = None) -> VariantConfig:
+    """The config a command or function works with: ``variant`` (a config, a registered
+    name or a JSON config file), or, where ``variant`` is None or names the custom variant
+    a weights file ``weights`` holds, the architecture that file records."""
+    if isinstance(variant, VariantConfig):
+        return variant
+    is_file = isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights)
+    if variant is None:
+        if not is_file:
+            raise WeightsError("a variant name (or JSON config) is needed, or a weights file whose metadata names it")
+        return config_of_file(weights)
+    if isinstance(variant, str) and variant not in VARIANTS and not variant.endswith(".json") and is_file \
+            and read_metadata(weights).get("arch") == variant:
+        return config_of_file(weights)
+    return get_config(variant)
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
@@ -715,7 +787,7 @@ def load_quantization(path: PathLike, arch: Optional[Union[str, VariantConfig]] 
             raise WeightsError(f"{path} is not quantized: it carries no {precision} amax values (trtvit quantize "
                                f"makes a quantized file)")
         return None
-    config = get_config(arch) if arch is not None else VARIANTS[meta["arch"]]
+    config = resolve_config(arch, path)
     mapping = np.memmap(path, dtype=np.uint8, mode="c")
     q = _quantization_from(header, meta, mapping, data_start, config, path, arrays)
     if precision is not None and precision != q.precision:
