@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+
+import numpy as np
 
 import pytest
 
@@ -140,3 +143,45 @@ class DLPackOnly:
 
     def __dlpack_device__(self):
         return self._device or self._t.__dlpack_device__()
+
+
+# the attributes of the layer kinds the networks use that define what a layer computes
+_FINGERPRINT_ATTRIBUTES = ("kernel", "bias", "weights", "shape", "kernel_size_nd", "stride_nd", "padding_nd",
+                           "dilation_nd", "num_groups", "num_output_maps", "first_transpose", "second_transpose",
+                           "reshape_dims", "zero_is_placeholder", "axes", "axis", "keep_dims", "op", "operation",
+                           "type", "alpha", "beta", "epsilon", "to_type", "window_size_nd", "pooling_type",
+                           "average_count_excludes_padding", "compute_precision", "transpose_a", "transpose_b")
+
+
+def network_fingerprint(built) -> str:
+    """SHA-256 of a built network's definition: each layer's name, type, inputs, outputs
+    (name, shape, dtype) and the attributes that define what it computes (weights by their
+    bytes); independent of the builder's own choices, which make plans differ between builds."""
+    from trtvit_native.interpreter import _HANDLERS
+
+    trt = built.backend.trt
+    h = hashlib.sha256()
+    network = built.network
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        type_name = str(layer.type).split(".")[-1]
+        h.update(f"{layer.name}|{type_name}|".encode())
+        for j in range(layer.num_inputs):
+            t = layer.get_input(j)
+            h.update(f"in:{None if t is None else t.name}|".encode())
+        for j in range(layer.num_outputs):
+            t = layer.get_output(j)
+            h.update(f"out:{t.name}:{tuple(t.shape)}:{str(t.dtype).split('.')[-1]}|".encode())
+        if type_name in _HANDLERS:
+            layer.__class__ = getattr(trt, _HANDLERS[type_name][0])
+        for attr in _FINGERPRINT_ATTRIBUTES:
+            try:
+                value = getattr(layer, attr)
+            except Exception:
+                continue
+            if isinstance(value, trt.Weights):
+                value = hashlib.sha256(np.ascontiguousarray(np.array(value)).tobytes()).hexdigest()
+            elif hasattr(value, "__len__") and not isinstance(value, str):
+                value = tuple(value)
+            h.update(f"{attr}={str(value).split('.')[-1]}|".encode())
+    return h.hexdigest()

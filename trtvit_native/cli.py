@@ -179,7 +179,16 @@ def _parser() -> _Parser:
     run.add_argument("--check", action="store_true",
                      help="also compare every output of the engine with the PyTorch reference on the same GPU "
                           "(needs ENGINE.json from trtvit build)")
-    sub.add_parser("info", help="list variants with parameters and GMACs")
+    info = sub.add_parser("info", help="list variants with parameters and GMACs, or a weights file's")
+    info.add_argument("weights", nargs="?", help="a weights file: its variant's architecture, parameters and MACs")
+    prof = sub.add_parser("profile", help="parameters, MACs and output shape per block (the paper's measures); "
+                                          "--blocks: its Table 1 of block kinds")
+    prof.add_argument("variant", nargs="?", help="variant name or JSON config (not with --blocks)")
+    prof.add_argument("--image-size", type=int, default=224)
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--blocks", action="store_true", help="BottleNeck, Transformer, MixBlockA/B/C alone at each "
+                                                            "stage's feature size and width")
+    prof.add_argument("--json", action="store_true", help="print JSON")
     _add_train_arguments(sub.add_parser("train", help="train or fine-tune on an ImageFolder tree (see "
                                                        "trtvit_native.train)"))
     tx = sub.add_parser("export-triton", help="write a Triton model repository entry for an engine")
@@ -250,13 +259,56 @@ def _reference_and_weights(variant: str, weights: Optional[str]):
 def _cmd_info(args: argparse.Namespace) -> int:
     from .variants import VARIANTS, count_config_parameters, count_macs  # data: no torch
 
-    print(f"{'variant':12s} {'depths':>14s} {'params (backbone)':>18s} {'params (+head)':>15s} {'GMACs@224':>10s}")
+    if args.weights is not None:
+        from .weights import config_of_file, load_arrays, trained_image_size
+
+        cfg = config_of_file(args.weights)
+        arrays = load_arrays(args.weights, config=cfg)
+        num_classes = int(arrays["head.weight"].shape[0])
+        size = trained_image_size(args.weights) or 224
+        print(f"file         {args.weights}")
+        print(f"variant      {cfg.name}: " + ", ".join(f"{k} {v}" for k, v in cfg.architecture().items()))
+        print(f"parameters   {count_config_parameters(cfg, num_classes=num_classes):,d} ({num_classes} classes; "
+              f"backbone {count_config_parameters(cfg, include_head=False):,d})")
+        print(f"GMACs        {count_macs(cfg, size, num_classes) / 1e9:.2f} at {size}x{size}")
+        return 0
+
+    print(f"{'variant':12s} {'pattern':>10s} {'depths':>14s} {'params (backbone)':>18s} {'params (+head)':>15s} "
+          f"{'GMACs@224':>10s}")
     for name in sorted(VARIANTS):
         cfg = VARIANTS[name]
-        print(f"{name:12s} {str(tuple(cfg.depths)):>14s} {count_config_parameters(name, include_head=False):>18,d} "
+        pattern = cfg.pattern.replace("M", f"M{cfg.mix_block}") if cfg.mix_stages else cfg.pattern
+        print(f"{name:12s} {pattern:>10s} {str(tuple(cfg.depths)):>14s} "
+              f"{count_config_parameters(name, include_head=False):>18,d} "
               f"{count_config_parameters(name):>15,d} {count_macs(name) / 1e9:>10.2f}")
     print("Depths are this project's choice (the paper published no per-variant table of them); "
           "GMACs count convolutions and matrix products, attention included.")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import NO_LATENCY, block_table, format_rows, profile_variant
+
+    if args.blocks == (args.variant is not None):
+        raise ValueError("trtvit profile needs a variant, or --blocks (the block kinds alone), not both")
+    if args.blocks:
+        result = block_table(args.image_size, args.batch)
+        table = format_rows(result["blocks"], ["kind", "feature_size", "channels"])
+        title = f"block kinds alone, batch {args.batch}, fp16, at the stages' sizes of a {args.image_size}² input"
+    else:
+        result = profile_variant(args.variant, args.image_size, args.batch)
+        table = format_rows(result["blocks"], ["module", "kind"])
+        mix = f", mix block {result['mix_block']}" if "M" in result["pattern"] else ""
+        title = (f"{result['variant']} ({result['pattern']}{mix}), batch {args.batch}, "
+                 f"{args.image_size}²: {result['params']:,d} parameters, {result['macs'] / 1e9:.3f} GMACs "
+                 f"(FlopCounterMode; from the config: {result['config_macs'] / 1e9:.3f})")
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(title)
+    print(table)
+    if any(r["latency_ms"] is None for r in result["blocks"]):
+        print(f"latency, TeraParams, TeraFLOPS: {NO_LATENCY}")
     return 0
 
 
@@ -709,7 +761,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             raise _UsageError("a command is required: build, run, info, parity, train, quantize, eval, predict, "
                               "export-triton or triton-env (see trtvit --help)")
-        commands = {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "parity": _cmd_parity,
+        commands = {"build": _cmd_build, "run": _cmd_run, "info": _cmd_info, "profile": _cmd_profile, "parity": _cmd_parity,
                     "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "triton-env": _cmd_triton_env,
                     "export-triton": _cmd_export_triton, "quantize": _cmd_quantize}
         return commands[args.command](args)
