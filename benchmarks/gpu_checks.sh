@@ -23,10 +23,15 @@
 #      standalone Q/DQ kernel remains), `trtvit run --check` of each,
 #      latency and throughput at batch 1 and 32 (target: fp8 >= 1.5x fp16 images/s at
 #      batch 32 on an H100), and the digits-trained trt-vit-a int8/fp8 engines' top-1
-#      agreement on the GPU (trtvit eval --engine).
+#      agreement on the GPU (trtvit eval --engine);
+#   8. design_space: `trtvit profile --blocks` (the paper's Table 1: BottleNeck, Transformer,
+#      MixBlockA/B/C alone at 56², 28², 14², 7², fp16, TensorRT latency, TeraParams and
+#      TeraFLOPS) and `trtvit profile` of trt-vit-a, trt-vit-c, resnet50 and mixnet-v, at
+#      batch 1 and 8, as JSON (design_space_*.json).
 #
 # TRTVIT_GPU_STEPS="cpp_example kernels" runs only the named steps of build, cpp_example,
-# pytest_gpu, host_gpu, runtime_streams, kernels, engine, triton and quantized (the build runs whenever a later step needs it), for
+# pytest_gpu, host_gpu, runtime_streams, kernels, engine, triton, quantized and design_space (the build runs whenever a
+# later step needs it), for
 # machines that limit how long one command may take.
 # TRTVIT_WHEELS=DIR installs every wheel in DIR first (pip --no-deps), for machines
 # without network access (the TensorRT-RTX wheels, for instance).
@@ -44,7 +49,7 @@ summary="$out/summary.txt"
 : > "$summary"
 failed=0
 
-steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu runtime_streams kernels engine triton quantized}
+steps=${TRTVIT_GPU_STEPS:-build cpp_example pytest_gpu host_gpu runtime_streams kernels engine triton quantized design_space}
 wanted() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -145,6 +150,11 @@ if "$py" -c "import trtvit_native as tv; tv.get_backend()" > /dev/null 2>&1; the
   step triton 600 "$py" benchmarks/triton_cpu.py --gpu --requests 50 --pipeline-requests 50
   export root
   step quantized 1800 bash -c "$(declare -f quantized_engines); quantized_engines '$py' '$out/quantized'"
+  # the paper's Table 1 on this GPU (each block kind alone, fp16) and every preset's blocks, batch 1 and 8
+  step design_space 1200 bash -c "for b in 1 8; do '$py' -m trtvit_native profile --blocks --batch \$b --json \
+    > '$out/design_space_blocks_b'\$b.json || exit 1; for v in trt-vit-a trt-vit-c resnet50 mixnet-v; do \
+    '$py' -m trtvit_native profile \$v --batch \$b --json > '$out/design_space_'\$v'_b'\$b.json || exit 1; done; done; \
+    '$py' -m trtvit_native profile --blocks"
 else
   echo "engine         skipped: no TensorRT Python module (tensorrt or tensorrt_rtx)" | tee -a "$summary"
 fi

@@ -180,7 +180,9 @@ def network_fingerprint(built) -> str:
             except Exception:
                 continue
             if isinstance(value, trt.Weights):
-                value = hashlib.sha256(np.ascontiguousarray(np.array(value)).tobytes()).hexdigest()
+                value = value.numpy()
+            if isinstance(value, np.ndarray):  # weights: by their bytes (str() would summarize them)
+                value = f"{value.dtype}{value.shape}" + hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
             elif hasattr(value, "__len__") and not isinstance(value, str):
                 value = tuple(value)
             h.update(f"{attr}={str(value).split('.')[-1]}|".encode())

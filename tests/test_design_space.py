@@ -88,9 +88,9 @@ def test_profile_blocks_json_fills_everything_but_the_latency(capsys):
 
 
 def test_profile_bad_input_is_one_line(capsys):
-    assert main(["profile", "--blocks", "--image-size", "200"]) == 2
+    assert main(["profile", "--blocks", "--image-size", "200"]) == 1
     assert "not multiples of 56, 28, 14 and 7" in capsys.readouterr().err
-    assert main(["profile"]) == 2
+    assert main(["profile"]) == 1
     assert "needs a variant, or --blocks" in capsys.readouterr().err
 
 
@@ -238,8 +238,8 @@ def _t_residual_dropped(self, x):
 DEFECTS = {
     "A: branches swapped in the concat": ("A", _a_branches_swapped, BLOCK),
     "A: BottleNeck fed by the Transformer (C's wiring)": ("A", _a_read_serially, f"{BLOCK}.conv1"),
-    "B: local residual dropped": ("B", _b_local_residual_dropped, f"{BLOCK}.local_relu"),
-    "B: Transformer first (global then local)": ("B", _b_global_first, f"{BLOCK}.transformer.norm1"),
+    "B: local residual dropped": ("B", _b_local_residual_dropped, f"{BLOCK}.local_add"),  # never called
+    "B: Transformer first (global then local)": ("B", _b_global_first, f"{BLOCK}.conv1"),  # fed t, not y
     "T: expand's BatchNorm missing": ("T", _t_expand_bn_missing, f"{BLOCK}.expand"),
     "T: residual dropped": ("T", _t_residual_dropped, BLOCK),
 }
@@ -285,3 +285,31 @@ def test_the_fingerprint_sees_the_mix_kind_and_a_weight():
     state["stages.3.1.conv2.bn.bias"][0] += 1e-3
     changed = tv.build_network("trt-vit-a", state, fp16=False, max_batch=4)
     assert network_fingerprint(changed) != network_fingerprint(c)
+
+
+def test_one_block_alone_builds_for_every_kind():
+    """``trtvit profile`` times blocks built alone; each kind builds (TensorRT-RTX builds
+    engines without a GPU) with the block's layers named as in a whole network."""
+    from trtvit_native.model import MIX_BLOCK_CLASSES, BottleNeck, TransformerBlock
+    from trtvit_native.network import build_block_plan
+
+    blocks = {("bottleneck", "C"): BottleNeck(128, 128, 1), ("transformer", "C"): TransformerBlock(128, 64, 32, 3),
+              **{("mixblock", k): cls(128, 64, 32, 3) for k, cls in MIX_BLOCK_CLASSES.items()}}
+    for (kind, mix), block in blocks.items():
+        config = tv.VariantConfig("block", (1, 1, 1, 1), mix_block=mix)
+        state = {f"block.{k}": v.detach().numpy() for k, v in block.state_dict().items()}
+        plan = build_block_plan(config, kind, 128, 7, 2, state, fp16=True)
+        assert isinstance(plan, bytes) and len(plan) > 2 * sum(v.size for v in state.values()) * 0.9
+    with pytest.raises(ValueError, match="block kind must be one of"):
+        build_block_plan(config, "mix", 128, 7, 2, state)
+
+
+@pytest.mark.gpu
+def test_profile_times_every_block_kind_on_a_gpu(capsys):
+    from conftest import engine_backend_or_skip
+
+    engine_backend_or_skip(needs_cuda_python=True)
+    assert main(["profile", "--blocks", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["blocks"]
+    for r in rows:
+        assert r["latency_ms"] > 0 and r["tera_flops"] == pytest.approx(2 * r["macs"] / r["latency_ms"] / 1e9)

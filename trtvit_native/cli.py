@@ -337,7 +337,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .weights import resolve_config
     from .network import build_network
 
-    resolve_config(args.variant, args.weights)  # fail fast on an unknown name
+    variant = resolve_config(args.variant, args.weights)  # fails fast on an unknown name
     _check_engine_output(args.output)
     check_output_path(args.output)
     args.image_size, size_line = _network_image_size(args)
@@ -346,9 +346,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.no_parity and args.weights:
         model, weights = None, args.weights  # numpy from the file: no torch on this path
     else:
-        model, weights = _reference_and_weights(args.variant, args.weights)
+        model, weights = _reference_and_weights(variant, args.weights)
     t_weights = time.perf_counter() - t0
-    built = build_network(args.variant, weights, fp16=args.fp16, max_batch=args.max_batch,
+    built = build_network(variant, weights, fp16=args.fp16, max_batch=args.max_batch,
                           image_size=args.image_size, plugins=_plugins_arg(args.plugins), attention=args.attention,
                           outputs=_outputs(args.outputs), min_image_size=args.min_image_size,
                           max_image_size=args.max_image_size)
@@ -560,8 +560,11 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be in 1..{MAX_BATCH_LIMIT}, got {args.batch}")
     args.image_size, size_line = _network_image_size(args)
     print(f"image size {size_line}", flush=True)
-    model, state = _reference_and_weights(args.variant, args.weights)
-    built = build_network(args.variant, state, fp16=args.fp16, max_batch=args.batch, image_size=args.image_size,
+    from .weights import resolve_config
+
+    variant = resolve_config(args.variant, args.weights)
+    model, state = _reference_and_weights(variant, args.weights)
+    built = build_network(variant, state, fp16=args.fp16, max_batch=args.batch, image_size=args.image_size,
                           plugins=_plugins_arg(args.plugins), attention=args.attention,
                           outputs=_outputs(args.outputs), min_image_size=args.min_image_size,
                           max_image_size=args.max_image_size)

@@ -183,7 +183,11 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
         check_output_path(confusion_png)
     image_size, size_line = resolve_image_size(weights, image_size)
     image_hw(image_size, "--image-size")
-    model = _unquantized_reference(variant, weights)
+    from .weights import resolve_config
+
+    config = resolve_config(variant, weights)  # a name, a JSON config, or the custom variant the file holds
+    variant = config.name
+    model = _unquantized_reference(config, weights)
     folder = ImageFolder.read(data)
     if model.num_classes != len(folder.classes):
         raise ValueError(f"{weights} has {model.num_classes} classes, {data} has {len(folder.classes)}")
@@ -191,11 +195,11 @@ def evaluate(variant: str, weights: str, data: str, image_size: Optional[int] = 
     if names is not None and names != folder.classes:
         raise ValueError(f"the classes of {data} ({', '.join(folder.classes)}) are not those {weights} was "
                          f"trained on ({', '.join(names)})")
-    runner, label, batch_size = _runner(variant, weights, network, engine, fp16, batch_size, image_size)
+    runner, label, batch_size = _runner(config, weights, network, engine, fp16, batch_size, image_size)
     # A quantized file's network is also compared with the fake-quantized reference (the
     # reference ``model`` above is the unquantized fp32 one).
-    quant = load_quantization(weights, variant) if runner is not None else None
-    fake = create_model(variant, weights=weights) if quant is not None else None
+    quant = load_quantization(weights, config) if runner is not None else None
+    fake = create_model(config, weights=weights) if quant is not None else None
     totals = {"images": 0, "top1": 0, "top5": 0, "ref_top1": 0, "ref_top5": 0, "agree": 0, "fake_top1": 0,
               "fake_agree": 0}
     max_diff, seconds = 0.0, 0.0  # seconds: of the model measured (the runner, else the reference)

@@ -914,6 +914,39 @@ def build_network(name_or_config: Union[str, VariantConfig], weights: WeightsArg
     )
 
 
+BLOCK_KINDS = ("bottleneck", "transformer", "mixblock")
+
+
+def build_block_plan(config: VariantConfig, kind: str, channels: int, side: int, batch: int,
+                     state: Mapping[str, np.ndarray], fp16: bool = True, backend: Optional[str] = None) -> bytes:
+    """The serialized engine of one block alone (``trtvit profile``'s latency): input
+    ``block_input`` (batch, channels, side, side) and output ``block_output`` in the compute
+    dtype, the block's layers as in a whole network (``kind``: :data:`BLOCK_KINDS`, a mix
+    block of ``config.mix_block``), ``state`` its weights under the module path ``block``.
+    Native layers only: the timing is of what the block's layers cost, not of a plugin."""
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"block kind must be one of {', '.join(BLOCK_KINDS)}, got {kind!r}")
+    be = get_backend(backend)
+    trt = be.trt
+    builder = trt.Builder(CollectingLogger(trt))
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    net = _Net(be, network, state, fp16)
+    x = network.add_input("block_input", net.dtype, (batch, channels, side, side))
+    if kind == "bottleneck":
+        y = bottleneck(net, x, "block", channels, channels, 1)
+    elif kind == "transformer":
+        y = transformer_block(net, x, "block", config, (side, side))
+    else:
+        y = mixblock(net, x, "block", channels, config, (side, side))
+    y.name = "block_output"
+    network.mark_output(y)
+    builder_config = builder.create_builder_config()
+    plan = builder.build_serialized_network(network, builder_config)
+    if plan is None:
+        raise BuildError(f"TensorRT could not build the {kind} block at {channels}x{side}x{side}")
+    return bytes(plan)
+
+
 def build_engine(name_or_config: Union[str, VariantConfig], weights: WeightsArg = None, fp16: bool = True,
                  max_batch: int = 32, image_size: Optional[SizeArg] = None, plugins: Union[str, bool] = "auto",
                  seed: int = 0, backend: Optional[str] = None, attention: str = "matmul",

@@ -3,9 +3,11 @@
 Per block: parameters, MACs and output shape, the MACs counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on the reference block run alone at its
 feature size (a library count, cross-checked against :func:`~trtvit_native.variants.count_macs`).
-The paper's density measures need the TensorRT latency of each block built alone, which
-needs a GPU: TeraParams = parameters / latency, TeraFLOPS = FLOPs / latency. Without a
-latency the rows say so and carry everything else.
+The paper's density measures need the TensorRT latency of each block built alone
+(:func:`~trtvit_native.network.build_block_plan`, fp16, timed by CUDA events), which needs a
+GPU: TeraParams = parameters / latency, TeraFLOPS = FLOPs / latency (FLOPs = 2 MACs). Without
+a GPU the rows say so and carry everything else. In a variant, the blocks that change their
+shape (a stage's first) are not timed alone.
 
 ``block_table`` is the paper's Table 1 for this hardware: a BottleNeck, a Transformer
 block (a ``T`` stage's), MixBlockA, B and C at the feature sizes of the four stages (56², 28²,
@@ -37,6 +39,26 @@ def _count(module: nn.Module, x: torch.Tensor) -> Dict[str, Any]:
             "output_shape": list(y.shape)}, y
 
 
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def block_latency_ms(config: VariantConfig, kind: str, module: nn.Module, channels: int, side: int, batch: int,
+                     fp16: bool = True, repeats: int = 20) -> float:
+    """The median GPU time of ``module`` (a block of ``kind``) built alone as a TensorRT engine."""
+    from .network import build_block_plan
+    from .runtime import EngineRunner, cuda_times_ms
+
+    state = {f"block.{k}": v.detach().float().numpy() for k, v in module.state_dict().items()}
+    plan = build_block_plan(config, kind, channels, side, batch, state, fp16)
+    runner = EngineRunner(plan, stream=torch.cuda.current_stream())  # queued with torch's work
+    x = torch.randn(batch, channels, side, side, device="cuda", dtype=torch.float16 if fp16 else torch.float32)
+    out = runner(x)
+    torch.cuda.synchronize()
+    times = sorted(cuda_times_ms(lambda: runner(x, out=out), repeats, inner=10, stream=runner.stream))
+    return times[len(times) // 2]
+
+
 def _with_latency(row: Dict[str, Any], latency_ms: Optional[float]) -> Dict[str, Any]:
     if latency_ms is None:
         row.update(latency_ms=None, tera_params=None, tera_flops=None, note=NO_LATENCY)
@@ -63,9 +85,14 @@ def profile_variant(variant: Union[str, VariantConfig], image_size: int = 224, b
     row, x = _count(model.stem, x)
     rows.append(_with_latency({"module": "stem", "kind": "stem", **row}, None))
     kinds = {"bottleneck": "BottleNeck", "transformer": "Transformer (T)", "mixblock": f"MixBlock{config.mix_block}"}
-    for path, kind, _, _, _ in config.blocks():
-        row, x = _count(model.get_submodule(path), x)
-        rows.append(_with_latency({"module": path, "kind": kinds[kind], **row}, None))
+    gpu = gpu_available()
+    for path, kind, cin, cout, stride in config.blocks():
+        block = model.get_submodule(path)
+        latency = None
+        if gpu and cin == cout and stride == 1:  # blocks that keep their shape are timed alone
+            latency = block_latency_ms(config, kind, block, cout, x.shape[-1], batch)
+        row, x = _count(block, x)
+        rows.append(_with_latency({"module": path, "kind": kinds[kind], **row}, latency))
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.head)
     row, _ = _count(head, x)
     rows.append(_with_latency({"module": "head", "kind": "head", **row}, None))
@@ -87,6 +114,8 @@ def block_table(image_size: int = 224, batch: int = 1, mix_ratio: float = 0.5, h
         raise ValueError(f"profile --blocks: image size {image_size!r} gives feature maps that are not multiples of "
                          f"56, 28, 14 and 7 (the paper's sizes at 224); use a multiple of 224")
     rows = []
+    gpu = gpu_available()
+    kinds = {"BottleNeck": "bottleneck", "Transformer": "transformer"}
     for stage, width in enumerate(STAGE_WIDTHS):
         side = image_size // (4 * 2 ** stage)
         d = int(mix_ratio * width)
@@ -94,8 +123,13 @@ def block_table(image_size: int = 224, batch: int = 1, mix_ratio: float = 0.5, h
                   "Transformer": TransformerBlock(width, d, head_dim, mlp_ratio),
                   **{f"MixBlock{k}": cls(width, d, head_dim, mlp_ratio) for k, cls in MIX_BLOCK_CLASSES.items()}}
         for kind, block in blocks.items():
+            latency = None
+            if gpu:
+                config = VariantConfig("block", (1, 1, 1, 1), mix_ratio=mix_ratio, head_dim=head_dim,
+                                       mlp_ratio=mlp_ratio, mix_block=kind[-1] if kind.startswith("MixBlock") else "C")
+                latency = block_latency_ms(config, kinds.get(kind, "mixblock"), block.eval(), width, side, batch)
             row, _ = _count(block.eval(), torch.zeros(batch, width, side, side))
-            rows.append(_with_latency({"kind": kind, "feature_size": side, "channels": width, **row}, None))
+            rows.append(_with_latency({"kind": kind, "feature_size": side, "channels": width, **row}, latency))
     return {"image_size": image_size, "batch": batch, "mix_ratio": mix_ratio, "precision": "fp16", "blocks": rows}
 
 
