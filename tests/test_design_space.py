@@ -261,14 +261,14 @@ def test_planted_defect_of_each_block_kind_is_caught_at_its_layer(defect, fp16):
 # network_fingerprint of each network before stage patterns and mix kinds existed
 # (TensorRT-RTX 1.7.1, torch 2.13.0: the seeded weights come from torch's generator)
 TRT_VIT_FINGERPRINTS = {
-    ("trt-vit-a", False): "d825981976c6bdff9f4c6f456739087d7b809487d6d958ae0f3466dfa1ea8af3",
-    ("trt-vit-a", True): "d70763c80638b56b035ea21dfab7149ac6a249fa3e56fe22de6e2c0d17e235d0",
-    ("trt-vit-b", False): "f71cdeb21e52fa83dc0884a0fb18b74e9e2a6f713186dbf160b3da6073691c11",
-    ("trt-vit-b", True): "58aeb20b7e50b54889b66e00f13a62c61298cfa86e594f1ba76052e718215194",
-    ("trt-vit-c", False): "b5f4eec1740f2492a74683d241edcca3b316ce8862645e3e338e2cc62f79ed98",
-    ("trt-vit-c", True): "6b59a899b08e37c294672b06ba36eda9badad6840650c43d2f45a8c3bb6f78fe",
-    ("trt-vit-d", False): "fd1f31e7328873f1e168424879d0761d1623af715401637f4f2cb6f526d90a0b",
-    ("trt-vit-d", True): "bace942435c9abe639b17ea9b7fda7dc6b3153a6bb2b700c13dcafb9e1ac4e92",
+    ("trt-vit-a", False): "39fb97f15bd5fd985b5ca5f1129daaf140ee37d6721a4f9aca8ae0fff5b6274e",
+    ("trt-vit-a", True): "279e0767b2f748b8b552f2d6387e59ed6b46dd096c721949c9635d2a111ef406",
+    ("trt-vit-b", False): "b6a8904c93f12eff4955b5233c0b6dbd8719032ad808f8009076eb49690b8a02",
+    ("trt-vit-b", True): "8babec5a15d71b98d8d0e5783206db69ea841024045fc34e4f1eb43ea8f1afef",
+    ("trt-vit-c", False): "dc179bd677d623e6924189f963a521d69270eb20c80e16806facd430d6798e1e",
+    ("trt-vit-c", True): "3befadffae65b118bfb29f9912fabf436e2ac1b63ae089bb3eb1f0f4eb669412",
+    ("trt-vit-d", False): "5fdb570997b28389eecf17cf521ac9a6b80e4fb2f979a7939d89a52425b1bbd1",
+    ("trt-vit-d", True): "262317aa8450b7f65c06f2f9b81372a9e150c3a03d7fc685438337898bd8e6dc",
 }
 
 
