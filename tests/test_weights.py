@@ -101,7 +101,7 @@ def test_unknown_arch_and_arch_mismatch_and_missing_arch(tmp_path, tmp_weights):
     with pytest.raises(tv.WeightsError, match="arch mismatch: the file holds 'trt-vit-a' weights, 'trt-vit-b'"):
         tv.load_weights(path, arch="trt-vit-b")
     _write_raw(tmp_path / "u.safetensors", state, {"arch": "trt-vit-q"})
-    with pytest.raises(tv.WeightsError, match="unknown arch 'trt-vit-q'; known variants: resnet50, trt-vit-a"):
+    with pytest.raises(tv.WeightsError, match="unknown arch 'trt-vit-q'; known variants: mixnet-v, resnet50, trt-vit-a"):
         tv.load_weights(tmp_path / "u.safetensors")
     _write_raw(tmp_path / "n.safetensors", state, {})
     with pytest.raises(tv.WeightsError, match="no 'arch' in the file's metadata"):
