@@ -16,7 +16,7 @@ block (a ``T`` stage's), MixBlockA, B and C at the feature sizes of the four sta
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,8 +30,9 @@ __all__ = ["profile_variant", "block_table", "format_rows", "NO_LATENCY"]
 NO_LATENCY = "needs a GPU: the TensorRT latency of a block built alone (benchmarks/gpu_checks.sh step design_space)"
 
 
-def _count(module: nn.Module, x: torch.Tensor) -> Dict[str, Any]:
-    """Parameters, MACs (FlopCounterMode's FLOPs / 2) and output shape of ``module`` on ``x``."""
+def _count(module: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, Any], torch.Tensor]:
+    """Parameters, MACs (FlopCounterMode's FLOPs / 2) and output shape of ``module`` on ``x``,
+    and its output (the next block's input)."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         y = module(x)
@@ -103,8 +104,7 @@ def profile_variant(variant: Union[str, VariantConfig], image_size: int = 224, b
             "config_macs": count_macs(config, image_size, num_classes) * batch}
 
 
-BLOCK_KINDS = ("BottleNeck", "Transformer", "MixBlockA", "MixBlockB", "MixBlockC")
-STAGE_WIDTHS = (256, 512, 1024, 2048)
+STAGE_WIDTHS = VariantConfig.__dataclass_fields__["widths"].default  # TRT-ViT's (and ResNet-50's) stage widths
 
 
 def block_table(image_size: int = 224, batch: int = 1, mix_ratio: float = 0.5, head_dim: int = 32,
